@@ -1,0 +1,106 @@
+"""The ``p2p-mirror`` command: one click group, one subcommand per role."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mirror import __version__
+from mirror.config import AgentConfig, ConfigError, SeederConfig, load_config
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def load_or_exit(cls: type, config: Path | None, overrides: dict[str, Any]) -> Any:
+    """Load a role's config; a bad value ends the process with a message naming the key."""
+    try:
+        return load_config(cls, config, overrides)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+
+
+config_option = click.option(
+    "--config", type=click.Path(path_type=Path), help="YAML config file; flags override it."
+)
+registry_option = click.option(
+    "--registry",
+    "registries",
+    multiple=True,
+    metavar="NAME=URL",
+    help="Map a registry name to its real endpoint (repeatable); unmapped names use https://NAME.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="p2p-mirror")
+def main() -> None:
+    """P2P container image distribution: registry mirror agent, seeder, tracker, installer."""
+
+
+@main.command()
+@config_option
+@click.option("--listen", metavar="HOST:PORT", help="Mirror address [127.0.0.1:5004].")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Blob cache directory.")
+@click.option("--seeder", "seeder", multiple=True, metavar="URL", help="Seeder URL (repeatable).")
+@click.option("--bt-listen", metavar="HOST:PORT", help="BitTorrent address [0.0.0.0:6881].")
+@registry_option
+@click.option("--default-registry", metavar="NAME", help="Upstream when the client names none.")
+@click.option("--cache-max-bytes", metavar="SIZE", help="LRU cache cap, e.g. 20GiB (0: none).")
+@click.option("--download-rate-limit", metavar="RATE", help="Swarm download bytes/s (0: none).")
+@click.option("--upload-rate-limit", metavar="RATE", help="Swarm upload bytes/s (0: none).")
+@click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error [info].")
+def agent(config: Path | None, **flags: Any) -> None:
+    """Run the node agent: an OCI pull-only registry mirror fed by the BitTorrent swarm.
+
+    Point containerd at it with hosts.toml (see `p2p-mirror install`). The upstream registry
+    comes from containerd's ?ns= parameter, a /v2/<registry>/<repo> path prefix (skopeo,
+    podman), or --default-registry. If the seeder, tracker or swarm fail, blobs come from the
+    origin registry directly.
+    """
+    from mirror.agent import run_agent
+
+    cfg = load_or_exit(AgentConfig, config, flags)
+    setup_logging(cfg.log_level)
+    run_agent(cfg)
+
+
+@main.command()
+@config_option
+@click.option("--listen", metavar="HOST:PORT", help="Metainfo API address [0.0.0.0:5005].")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Blob store directory.")
+@click.option("--tracker", "tracker", multiple=True, metavar="URL", help="Tracker announce URL.")
+@click.option("--bt-listen", metavar="HOST:PORT", help="BitTorrent address [0.0.0.0:6882].")
+@registry_option
+@click.option("--segment-size", metavar="SIZE", help="Blob segment per torrent [64MiB].")
+@click.option("--cache-max-bytes", metavar="SIZE", help="LRU cache cap (0: none).")
+@click.option("--upload-rate-limit", metavar="RATE", help="Swarm upload bytes/s (0: none).")
+@click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error [info].")
+def seeder(config: Path | None, **flags: Any) -> None:
+    """Run a seeder: pulls each blob from the origin once, makes its torrents, seeds them."""
+    from mirror.seeder import run_seeder
+
+    cfg = load_or_exit(SeederConfig, config, flags)
+    setup_logging(cfg.log_level)
+    run_seeder(cfg)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in the sibling packages (tracker, installer)."""
+    from installer.cli import install, uninstall
+    from tracker.cli import tracker
+
+    for command in (tracker, install, uninstall):
+        main.add_command(command)
+
+
+_register_optional_commands()

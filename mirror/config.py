@@ -1,0 +1,301 @@
+"""Typed configuration for every role, loaded from YAML (and CLI flags) in one place.
+
+Each role has a dataclass; every field carries a parser in its metadata, so a bad value
+is reported with the key that holds it (``agent config: cache_max_bytes: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_ENDPOINT = "https://registry-1.docker.io"
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", str(text).strip())
+        if not m:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4))
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} out of range")
+        if m.group(1):
+            ipaddress.IPv6Address(host)
+        return cls(host, port)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a registry name really lives: ``registry.example.test`` -> ``http://127.0.0.1:5000``."""
+
+    name: str
+    url: str
+    verify_tls: bool = True
+
+    @classmethod
+    def default_for(cls, name: str) -> Upstream:
+        if name == DOCKER_HUB:
+            return cls(name, DOCKER_HUB_ENDPOINT)
+        return cls(name, f"https://{name}")
+
+
+REGISTRY_NAME = re.compile(r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::\d+)?$")
+
+
+def parse_url(text: str) -> str:
+    parts = urlsplit(str(text).strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"URL must not have a query or fragment: {text!r}")
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def parse_registry_name(text: str) -> str:
+    name = str(text).strip()
+    if not REGISTRY_NAME.match(name):
+        raise ValueError(f"invalid registry name {text!r}")
+    return name
+
+
+def parse_registry_flag(text: str) -> Upstream:
+    """``NAME=URL`` (or just ``NAME``, reached at ``https://NAME``)."""
+    name, sep, url = str(text).partition("=")
+    name = parse_registry_name(name)
+    return Upstream(name, parse_url(url)) if sep else Upstream.default_for(name)
+
+
+def parse_registries(value: Any) -> dict[str, Upstream]:
+    """YAML mapping ``name: url`` / ``name: {url:, verify_tls:}``, or a list of ``NAME=URL``."""
+    out: dict[str, Upstream] = {}
+    if value is None:
+        return out
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            up = item if isinstance(item, Upstream) else parse_registry_flag(item)
+            out[up.name] = up
+        return out
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping of registry name to URL")
+    for raw_name, spec in value.items():
+        name = parse_registry_name(raw_name)
+        if isinstance(spec, Upstream):
+            out[name] = spec
+        elif isinstance(spec, str):
+            out[name] = Upstream(name, parse_url(spec))
+        elif isinstance(spec, Mapping):
+            unknown = set(spec) - {"url", "verify_tls"}
+            if unknown:
+                raise ValueError(f"{name}: unknown keys {sorted(unknown)}")
+            url = parse_url(spec.get("url", f"https://{name}"))
+            out[name] = Upstream(name, url, parse_bool(spec.get("verify_tls", True)))
+        else:
+            raise ValueError(f"{name}: expected a URL or a mapping")
+    return out
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*(?:/s)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``1048576``, ``64MiB``, ``10GB``, ``50MB/s`` (rates are bytes per second)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size like 512MiB or 10GB, got {value!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    base = unit.rstrip("b").rstrip("i")
+    if "i" in unit:
+        if not base:
+            raise ValueError(f"expected a size like 512MiB or 10GB, got {value!r}")
+        return int(number * 1024 ** ("kmgt".index(base) + 1))
+    return int(number * _UNITS[base])
+
+
+def parse_seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected seconds, got {value!r}")
+    try:
+        seconds = float(str(value).rstrip("s")) if isinstance(value, str) else float(value)
+    except ValueError:
+        raise ValueError(f"expected seconds, got {value!r}") from None
+    if seconds <= 0:
+        raise ValueError("must be positive")
+    return seconds
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_log_level(value: Any) -> str:
+    level = str(value).strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"expected debug, info, warning or error, got {value!r}")
+    return level
+
+
+def parse_urls(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value or [])
+    return [parse_url(v) for v in items]
+
+
+def parse_path(value: Any) -> Path:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return Path(text).expanduser().absolute()
+
+
+def parse_fraction(value: Any) -> float:
+    text = str(value).strip()
+    frac = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 <= frac < 1:
+        raise ValueError(f"expected a fraction in [0, 1) or a percentage, got {value!r}")
+    return frac
+
+
+def _opt(default: Any, parse: Callable[[Any], Any], doc: str) -> Any:
+    kw: dict[str, Any] = {"metadata": {"parse": parse, "doc": doc}}
+    if callable(default) and not isinstance(default, type):
+        kw["default_factory"] = default
+    else:
+        kw["default"] = default
+    return field(**kw)
+
+
+def _required(parse: Callable[[Any], Any], doc: str) -> Any:
+    return field(metadata={"parse": parse, "doc": doc, "required": True}, default=None)
+
+
+@dataclass
+class TrackerConfig:
+    listen: HostPort = _opt(HostPort("0.0.0.0", 6969), HostPort.parse, "HTTP announce/scrape address")
+    interval: float = _opt(30.0, parse_seconds, "announce interval told to peers")
+    peer_ttl: float = _opt(0.0, float, "forget a peer after this many seconds (0: 3 x interval)")
+    max_numwant: int = _opt(200, int, "most peers returned per announce")
+    log_level: str = _opt("INFO", parse_log_level, "log level")
+
+
+@dataclass
+class SeederConfig:
+    data_dir: Path = _required(parse_path, "blob store and torrent state")
+    tracker: list[str] = _required(parse_urls, "tracker announce URL(s)")
+    listen: HostPort = _opt(HostPort("0.0.0.0", 5005), HostPort.parse, "HTTP metainfo API")
+    bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6882), HostPort.parse, "BitTorrent listen")
+    registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
+    segment_size: int = _opt(64 * MiB, parse_size, "blob segment (one torrent each)")
+    piece_size: int = _opt(1 * MiB, parse_size, "torrent piece size")
+    cache_max_bytes: int = _opt(0, parse_size, "evict LRU blobs above this (0: no cap)")
+    min_free_disk: float = _opt(0.05, parse_fraction, "evict below this free-disk fraction")
+    upload_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
+    download_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
+    origin_timeout: float = _opt(300.0, parse_seconds, "origin request timeout")
+    log_level: str = _opt("INFO", parse_log_level, "log level")
+
+
+@dataclass
+class AgentConfig:
+    data_dir: Path = _required(parse_path, "blob cache and torrent state")
+    seeder: list[str] = _opt(list, parse_urls, "seeder metainfo URL(s); empty: origin only")
+    listen: HostPort = _opt(HostPort("127.0.0.1", 5004), HostPort.parse, "registry mirror address")
+    bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6881), HostPort.parse, "BitTorrent listen")
+    registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
+    default_registry: str = _opt(DOCKER_HUB, parse_registry_name, "upstream when no ns= given")
+    cache_max_bytes: int = _opt(20 * GiB, parse_size, "evict LRU blobs above this (0: no cap)")
+    min_free_disk: float = _opt(0.05, parse_fraction, "evict below this free-disk fraction")
+    upload_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
+    download_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
+    swarm_timeout: float = _opt(30.0, parse_seconds, "give up on seeder/swarm start after this")
+    stall_timeout: float = _opt(15.0, parse_seconds, "fall back to origin after no progress")
+    auth_cache_ttl: float = _opt(30.0, parse_seconds, "cache origin access checks this long")
+    origin_timeout: float = _opt(300.0, parse_seconds, "origin request timeout")
+    log_level: str = _opt("INFO", parse_log_level, "log level")
+
+    def upstream(self, name: str) -> Upstream:
+        return self.registries.get(name) or Upstream.default_for(name)
+
+
+def upstream_for(registries: Mapping[str, Upstream], name: str) -> Upstream:
+    return registries.get(name) or Upstream.default_for(name)
+
+
+def load_config(cls: type, path: Path | str | None, overrides: Mapping[str, Any] | None = None):
+    """Build ``cls`` from a YAML file and flag overrides (``None`` values are ignored)."""
+    role = cls.__name__.removesuffix("Config").lower()
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"{role} config {path}: cannot read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{role} config {path}: not valid YAML: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{role} config {path}: expected a mapping of keys")
+        raw.update({str(k).replace("-", "_"): v for k, v in data.items()})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{role} config: unknown key(s) {', '.join(unknown)} (known: {', '.join(fields)})"
+        )
+    for key, value in (overrides or {}).items():
+        if value is None or value == () or value == []:
+            continue
+        if key == "registries" and key in raw:
+            merged = parse_registries(raw[key])
+            merged.update(parse_registries(value))
+            value = merged
+        raw[key] = value
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.metadata.get("required"):
+                raise ConfigError(f"{role} config: {name} is required ({f.metadata['doc']})")
+            continue
+        try:
+            kwargs[name] = f.metadata["parse"](raw[name])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{role} config: {name}: {e}") from None
+    return cls(**kwargs)
