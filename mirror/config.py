@@ -64,7 +64,8 @@ class Upstream:
         return cls(name, f"https://{name}")
 
 
-REGISTRY_NAME = re.compile(r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::\d+)?$")
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+REGISTRY_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*(?::\d+)?$")
 
 
 def parse_url(text: str) -> str:
@@ -208,7 +209,7 @@ def _required(parse: Callable[[Any], Any], doc: str) -> Any:
 
 @dataclass
 class TrackerConfig:
-    listen: HostPort = _opt(HostPort("0.0.0.0", 6969), HostPort.parse, "HTTP announce/scrape address")
+    listen: HostPort = _opt(HostPort("0.0.0.0", 6969), HostPort.parse, "announce/scrape address")
     interval: float = _opt(30.0, parse_seconds, "announce interval told to peers")
     peer_ttl: float = _opt(0.0, float, "forget a peer after this many seconds (0: 3 x interval)")
     max_numwant: int = _opt(200, int, "most peers returned per announce")

@@ -1,0 +1,333 @@
+"""Getting one blob onto this node: from the swarm first, from the origin if that fails.
+
+A ``BlobFetch`` produces the blob's bytes in order into its store directory and advances
+``available`` as a contiguous, already-hashed prefix grows; any number of client responses
+read that prefix while it grows. Swarm trouble (no seeder, no torrent, no progress within a
+deadline) hands over to the origin at the current offset, so the pull still succeeds. The
+blob enters the cache only when the whole of it matched its digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from mirror.config import MiB, Upstream
+from mirror.metrics import Metrics
+from mirror.oci import Digest, OCIError
+from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_headers
+from mirror.store import BlobLayout, BlobStore, segment_name
+from mirror.swarm import Metainfo, Swarm, SwarmError, Transfer
+
+log = logging.getLogger("p2p_mirror.fetch")
+READ_CHUNK = 4 * MiB
+DEFAULT_SEGMENT = 64 * MiB
+
+
+class Fallback(Exception):
+    """The swarm path gave up; the reason is the message (used as a metric label too)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class BlobFetch:
+    """One blob being fetched; readers wait on ``available`` bytes."""
+
+    digest: Digest
+    size: int
+    upstream: Upstream
+    name: str
+    headers: Mapping[str, str]
+    layout: BlobLayout | None = None
+    available: int = 0
+    done: bool = False
+    error: OCIError | None = None
+    metas: list[Metainfo] = field(default_factory=list)
+    transfers: list[Transfer] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def advance(self, n: int) -> None:
+        self.available += n
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def finish(self, error: OCIError | None = None) -> None:
+        self.error = error
+        self.done = error is None
+        self._changed.set()
+
+    async def wait_beyond(self, offset: int) -> None:
+        """Until bytes past ``offset`` are available, or the fetch ended."""
+        while self.available <= offset and not self.done and self.error is None:
+            await self._changed.wait()
+        if self.error is not None and self.available <= offset:
+            raise self.error
+
+
+class SeederClient:
+    """Asks seeders for a blob's segment torrents, trying each configured seeder in turn."""
+
+    def __init__(self, urls: list[str], timeout: float) -> None:
+        self.urls = urls
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def blob_info(
+        self, digest: Digest, registry: str, name: str, headers: Mapping[str, str]
+    ) -> tuple[str, dict]:
+        """(seeder URL, info) from the first seeder that knows or fetched the blob."""
+        errors = []
+        params = {"registry": registry, "repo": name}
+        send = forward_headers(headers)
+        for url in self.urls:
+            try:
+                async with self.session.get(
+                    f"{url}/v1/blobs/{digest}", params=params, headers=send
+                ) as resp:
+                    if resp.status == 200:
+                        return url, await resp.json()
+                    errors.append(f"{url}: {resp.status} {(await resp.text())[:200]}")
+            except (aiohttp.ClientError, TimeoutError) as e:
+                errors.append(f"{url}: {e or type(e).__name__}")
+        raise Fallback("seeder", "; ".join(errors))
+
+    async def torrent(self, url: str, digest: Digest, index: int, timeout: float) -> bytes:
+        try:
+            async with self.session.get(
+                f"{url}/v1/blobs/{digest}/torrents/{index}",
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                if resp.status != 200:
+                    raise Fallback("seeder", f"torrent {index}: {resp.status}")
+                return await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise Fallback("seeder", f"torrent {index}: {e or type(e).__name__}") from None
+
+
+@dataclass
+class Fetcher:
+    """Runs ``BlobFetch``es: swarm first, origin on failure, verify, cache, keep seeding."""
+
+    store: BlobStore
+    origin: Origin
+    swarm: Swarm | None
+    seeders: SeederClient | None
+    metrics: Metrics
+    swarm_timeout: float
+    stall_timeout: float
+    on_cached: Callable[[Digest], None] = lambda digest: None
+    active: dict[Digest, BlobFetch] = field(default_factory=dict)
+    seeding: dict[Digest, list[Transfer]] = field(default_factory=dict)
+
+    def start(
+        self, digest: Digest, size: int, upstream: Upstream, name: str, headers: Mapping[str, str]
+    ) -> BlobFetch:
+        """The running fetch of ``digest`` (concurrent requests share it), or a new one."""
+        fetch = self.active.get(digest)
+        if fetch is not None and fetch.error is None and not fetch.done:
+            return fetch
+        fetch = BlobFetch(digest, size, upstream, name, dict(headers))
+        self.active[digest] = fetch
+        task = asyncio.create_task(self._run(fetch))
+        task.add_done_callback(lambda t: self.active.pop(digest, None))
+        return fetch
+
+    async def _run(self, fetch: BlobFetch) -> None:
+        hasher = fetch.digest.hasher()
+        try:
+            if self.swarm is not None and self.seeders is not None and fetch.size > 0:
+                try:
+                    await self._from_swarm(fetch, hasher)
+                except (Fallback, SwarmError) as e:
+                    reason = e.reason if isinstance(e, Fallback) else "swarm"
+                    self.metrics.inc("fallbacks_total", reason=reason)
+                    log.warning(
+                        "blob %s: swarm failed at %d/%d bytes (%s); continuing from origin",
+                        fetch.digest, fetch.available, fetch.size, e,
+                    )
+            if fetch.available < fetch.size or fetch.layout is None:
+                await self._from_origin(fetch, hasher)
+            if hasher.hexdigest() != fetch.digest.hex:
+                raise OCIError("DIGEST_INVALID", "blob bytes do not match the digest")
+            assert fetch.layout is not None
+            self.store.commit(fetch.layout)
+            self._seed(fetch)
+            fetch.finish()
+            self.on_cached(fetch.digest)
+            log.info("cached %s (%d bytes)", fetch.digest, fetch.size)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the waiting readers
+            error = e if isinstance(e, OCIError) else OCIError("UNAVAILABLE", str(e) or repr(e))
+            if isinstance(e, OriginUnavailable):
+                error = OCIError("UNAVAILABLE", f"origin unavailable: {e}")
+            log.warning("blob %s failed: %s", fetch.digest, error)
+            self.metrics.inc("blob_failures_total", code=error.code)
+            for transfer in fetch.transfers:
+                self.swarm and self.swarm.remove(transfer)
+            self.store.discard(fetch.digest)
+            fetch.finish(error)
+
+    async def _from_swarm(self, fetch: BlobFetch, hasher) -> None:
+        assert self.swarm is not None and self.seeders is not None
+        try:
+            url, info = await asyncio.wait_for(
+                self.seeders.blob_info(
+                    fetch.digest, fetch.upstream.name, fetch.name, fetch.headers
+                ),
+                self.swarm_timeout,
+            )
+        except TimeoutError:
+            raise Fallback("seeder", "timed out") from None
+        if info.get("size") != fetch.size or int(info.get("segment_size", 0)) <= 0:
+            raise Fallback("seeder", f"seeder disagrees on size: {info}")
+        layout = self.store.begin(fetch.digest, fetch.size, int(info["segment_size"]))
+        fetch.layout = layout
+        peers = [(await _resolve(urlsplit(url).hostname or ""), int(info["bt_port"]))]
+        # Ask for every segment's torrent at once and join each swarm as soon as it is
+        # published, ahead of the reader: joining late costs ~1 s per segment.
+        getters = [
+            asyncio.create_task(self._join(fetch, url, i, peers)) for i in range(layout.count)
+        ]
+        try:
+            for index, getter in enumerate(getters):
+                try:
+                    transfer = await asyncio.wait_for(asyncio.shield(getter), self.swarm_timeout)
+                except TimeoutError:
+                    raise Fallback("seeder", f"segment {index} torrent timed out") from None
+                await self._consume(fetch, hasher, index, transfer)
+        finally:
+            for getter in getters:
+                getter.cancel()
+
+    async def _join(self, fetch: BlobFetch, url: str, index: int, peers) -> Transfer:
+        assert self.swarm is not None and self.seeders is not None and fetch.layout is not None
+        data = await self.seeders.torrent(url, fetch.digest, index, self.swarm_timeout)
+        meta = Metainfo.parse(data)
+        expected = segment_name(fetch.digest, index, fetch.layout.count)
+        if meta.name != expected or meta.size != fetch.layout.segment_len(index):
+            raise Fallback("seeder", f"torrent {index} does not describe segment {expected}")
+        fetch.layout.torrent_path(index).write_bytes(data)
+        fetch.metas.append(meta)
+        transfer = self.swarm.add(meta, fetch.layout.dir, seed=False, peers=peers)
+        fetch.transfers.append(transfer)
+        return transfer
+
+    async def _consume(self, fetch: BlobFetch, hasher, index: int, transfer: Transfer) -> None:
+        """Advance through segment ``index`` piece by piece as the swarm completes them."""
+        layout = fetch.layout
+        assert layout is not None
+        base = index * layout.segment_size
+        for piece in range(transfer.meta.num_pieces):
+            if not await transfer.wait_piece(piece, self.stall_timeout):
+                raise Fallback("stall", f"no progress for {self.stall_timeout:.0f}s")
+            start, end = transfer.meta.piece_range(piece)
+            if base + end <= fetch.available:
+                continue
+            data = await transfer.read_piece(piece)
+            await asyncio.to_thread(hasher.update, data)
+            self.metrics.inc("blob_bytes_total", len(data), source="swarm")
+            fetch.advance(len(data))
+
+    async def _from_origin(self, fetch: BlobFetch, hasher) -> None:
+        """Fetch the rest of the blob from the origin, writing it where the swarm would have."""
+        if self.swarm is not None:
+            for transfer in fetch.transfers:
+                self.swarm.remove(transfer)  # nothing else may write these files now
+        if fetch.layout is None:
+            fetch.layout = self.store.begin(fetch.digest, fetch.size, DEFAULT_SEGMENT)
+        layout = fetch.layout
+        offset = fetch.available
+        resp = await self.origin.open_blob(
+            fetch.upstream, fetch.name, fetch.digest, forward_headers(fetch.headers), offset
+        )
+        try:
+            if resp.status not in (200, 206):
+                raise error_for_status(resp.status, "blobs")
+            skip = offset if resp.status == 200 else 0
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                if skip:
+                    drop = min(skip, len(chunk))
+                    chunk, skip = chunk[drop:], skip - drop
+                    if not chunk:
+                        continue
+                if fetch.available + len(chunk) > fetch.size:
+                    raise OCIError("DIGEST_INVALID", "origin sent more bytes than the blob has")
+                await asyncio.to_thread(layout.write, fetch.available, chunk)
+                await asyncio.to_thread(hasher.update, chunk)
+                self.metrics.inc("blob_bytes_total", len(chunk), source="origin")
+                fetch.advance(len(chunk))
+        finally:
+            resp.release()
+        if fetch.available != fetch.size:
+            raise OCIError("UNAVAILABLE", f"origin sent {fetch.available} of {fetch.size} bytes")
+        if fetch.size == 0:
+            await asyncio.to_thread(layout.write, 0, b"")
+
+    def _seed(self, fetch: BlobFetch) -> None:
+        """Keep sharing a cached blob whose torrents we know (re-added if we fell back)."""
+        if self.swarm is None or fetch.layout is None:
+            return
+        layout = fetch.layout
+        if len(fetch.metas) != layout.count:
+            for transfer in fetch.transfers:
+                self.swarm.remove(transfer)
+            return
+        transfers = []
+        for meta in fetch.metas:
+            current = self.swarm.get(meta.info_hash)
+            if current is None or current.error:
+                current = self.swarm.add(meta, layout.dir, seed=True)
+            transfers.append(current)
+        self.seeding[fetch.digest] = transfers
+
+    def reseed(self) -> int:
+        """At start: share every cached blob whose segment torrents are on disk."""
+        if self.swarm is None:
+            return 0
+        count = 0
+        for entry in self.store.entries():
+            layout = self.store.layout(entry.digest)
+            if layout is None:
+                continue
+            paths = [layout.torrent_path(i) for i in range(layout.count)]
+            if not all(p.exists() for p in paths):
+                continue
+            with contextlib.suppress(SwarmError, OSError):
+                metas = [Metainfo.parse(p.read_bytes()) for p in paths]
+                self.seeding[entry.digest] = [
+                    self.swarm.add(m, layout.dir, seed=True) for m in metas
+                ]
+                count += 1
+        return count
+
+    def stop_seeding(self, digest: Digest) -> None:
+        for transfer in self.seeding.pop(digest, []):
+            if self.swarm is not None:
+                self.swarm.remove(transfer)
+
+
+async def _resolve(host: str) -> str:
+    """An IP literal for libtorrent's connect_peer (seeder URLs may name a host)."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+    return str(infos[0][4][0])

@@ -1,0 +1,271 @@
+"""The seeder: pulls each blob from the origin once, cuts it into segment torrents, seeds them.
+
+Agents ask ``GET /v1/blobs/<digest>?registry=R&repo=NAME`` (with the client's credentials)
+and get the blob's size and segment count at once; each segment's torrent is published at
+``/v1/blobs/<digest>/torrents/<i>`` as soon as its bytes have arrived from the origin, so
+peers start before the whole blob is here. The last segment is published only after the
+whole blob matched its digest, so no peer can ever complete a blob that fails it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from mirror.config import SeederConfig, upstream_for
+from mirror.metrics import Metrics
+from mirror.oci import Digest, OCIError, validate_name
+from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_headers
+from mirror.service import healthz, serve, wait_for_signal
+from mirror.store import BlobLayout, BlobStore
+from mirror.swarm import Metainfo, Swarm, make_torrent
+
+log = logging.getLogger("p2p_mirror.seeder")
+CHUNK = 1024 * 1024
+
+
+@dataclass
+class SeedJob:
+    """One blob being (or already) seeded; torrents resolve as segments become available."""
+
+    digest: Digest
+    layout: BlobLayout | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    torrents: list[asyncio.Future[bytes]] = field(default_factory=list)
+    error: OCIError | None = None
+    task: asyncio.Task[None] | None = None
+
+    def fail(self, error: OCIError) -> None:
+        self.error = error
+        self.ready.set()
+        for fut in self.torrents:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # mark retrieved: agents may never ask for it
+
+
+class Seeder:
+    def __init__(self, cfg: SeederConfig) -> None:
+        self.cfg = cfg
+        self.store = BlobStore(cfg.data_dir)
+        self.origin = Origin(cfg.origin_timeout, "seeder")
+        self.swarm = Swarm(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit)
+        self.jobs: dict[Digest, SeedJob] = {}
+        self.metrics = Metrics()
+        self.metrics.describe("origin_bytes_total", "Blob bytes fetched from origin registries")
+        self.metrics.describe("seed_jobs_total", "Blob seeding jobs by result")
+
+    async def start(self) -> None:
+        self.store.recover()
+        await self.swarm.start()
+        for entry in self.store.entries():
+            layout = self.store.layout(entry.digest)
+            if layout and all(layout.torrent_path(i).exists() for i in range(layout.count)):
+                job = SeedJob(entry.digest, layout)
+                for i in range(layout.count):
+                    data = layout.torrent_path(i).read_bytes()
+                    self.swarm.add(Metainfo.parse(data), layout.dir, seed=True)
+                    job.torrents.append(_resolved(data))
+                job.ready.set()
+                self.jobs[entry.digest] = job
+        self.metrics.gauge("torrents", lambda: len(self.swarm.transfers), "Torrents in session")
+        self.metrics.gauge("upload_bytes", lambda: self.swarm.totals()[1], "Payload seeded")
+
+    async def close(self) -> None:
+        for job in self.jobs.values():
+            if job.task:
+                job.task.cancel()
+        await self.swarm.close()
+        await self.origin.close()
+
+    async def ensure(self, digest: Digest, registry: str, name: str, headers) -> SeedJob:
+        """The job for ``digest``, started if needed; returns once its size is known."""
+        job = self.jobs.get(digest)
+        if job is None or job.error is not None:
+            job = SeedJob(digest)
+            self.jobs[digest] = job
+            upstream = upstream_for(self.cfg.registries, registry)
+            job.task = asyncio.create_task(self._fetch(job, upstream, name, headers))
+        await job.ready.wait()
+        if job.error:
+            raise job.error
+        return job
+
+    async def _fetch(self, job: SeedJob, upstream, name: str, headers) -> None:
+        try:
+            await self._download(job, upstream, name, headers)
+            self.metrics.inc("seed_jobs_total", result="ok")
+        except OCIError as e:
+            self.metrics.inc("seed_jobs_total", result=e.code)
+            log.warning("blob %s from %s/%s: %s", job.digest, upstream.name, name, e)
+            job.fail(e)
+        except OriginUnavailable as e:
+            self.metrics.inc("seed_jobs_total", result="origin_unavailable")
+            log.warning("blob %s: origin unavailable: %s", job.digest, e)
+            job.fail(OCIError("UNAVAILABLE", str(e)))
+        except Exception as e:  # noqa: BLE001 - a disk error must fail the job, not the server
+            self.metrics.inc("seed_jobs_total", result="error")
+            log.exception("blob %s failed", job.digest)
+            job.fail(OCIError("UNAVAILABLE", f"seeder error: {e}"))
+        if job.error is not None:
+            for fut in job.torrents:
+                if fut.done() and not fut.exception():
+                    transfer = self.swarm.get(Metainfo.parse(fut.result()).info_hash)
+                    if transfer:
+                        self.swarm.remove(transfer)
+            self.store.discard(job.digest)
+
+    async def _download(self, job: SeedJob, upstream, name: str, headers) -> None:
+        resp = await self.origin.open_blob(upstream, name, job.digest, forward_headers(headers))
+        try:
+            if resp.status != 200:
+                raise error_for_status(resp.status, "blobs")
+            if resp.content_length is None:
+                raise OCIError("UNAVAILABLE", "origin sent no Content-Length")
+            layout = self.store.begin(job.digest, resp.content_length, self.cfg.segment_size)
+            job.layout = layout
+            loop = asyncio.get_running_loop()
+            job.torrents = [loop.create_future() for _ in range(layout.count)]
+            job.ready.set()
+            hasher = job.digest.hasher()
+            offset = 0
+            index = 0
+            seg = open(layout.segment_path(0), "wb")  # noqa: SIM115 - closed per segment below
+            try:
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    if offset + len(chunk) > layout.size:
+                        raise OCIError("DIGEST_INVALID", "origin sent more bytes than announced")
+                    hasher.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        room = layout.segment_len(index) - (offset - index * layout.segment_size)
+                        seg.write(view[:room])
+                        offset += min(room, len(view))
+                        view = view[room:]
+                        if offset == (index + 1) * layout.segment_size and offset < layout.size:
+                            seg.close()
+                            await self._publish(job, index)
+                            index += 1
+                            seg = open(layout.segment_path(index), "wb")  # noqa: SIM115
+                    self.metrics.inc("origin_bytes_total", len(chunk))
+            finally:
+                seg.close()
+        finally:
+            resp.release()
+        if offset != layout.size:
+            raise OCIError("UNAVAILABLE", f"origin sent {offset} of {layout.size} bytes")
+        if hasher.hexdigest() != job.digest.hex:
+            raise OCIError("DIGEST_INVALID", "origin bytes do not match the digest")
+        self.store.commit(layout)
+        await self._publish(job, layout.count - 1)
+        log.info("seeding %s (%d bytes, %d segments)", job.digest, layout.size, layout.count)
+
+    async def _publish(self, job: SeedJob, index: int) -> None:
+        """Make segment ``index``'s torrent, seed it, and hand it to waiting agents."""
+        layout = job.layout
+        assert layout is not None
+        path = layout.segment_path(index)
+        data = await asyncio.to_thread(make_torrent, path, self.cfg.tracker, self.cfg.piece_size)
+        tmp = layout.torrent_path(index).with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, layout.torrent_path(index))
+        self.swarm.add(Metainfo.parse(data), layout.dir, seed=True)
+        job.torrents[index].set_result(data)
+
+    async def gc(self) -> None:
+        active = {d for d, j in self.jobs.items() if j.task and not j.task.done()}
+        for digest in self.store.gc(self.cfg.cache_max_bytes, self.cfg.min_free_disk, active):
+            job = self.jobs.pop(digest, None)
+            for fut in job.torrents if job else []:
+                if fut.done() and not fut.exception():
+                    transfer = self.swarm.get(Metainfo.parse(fut.result()).info_hash)
+                    if transfer:
+                        self.swarm.remove(transfer)
+            log.info("evicted %s", digest)
+
+    # --- HTTP API -------------------------------------------------------------------------
+
+    async def handle_blob(self, request: web.Request) -> web.Response:
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+            name = validate_name(request.query.get("repo", ""))
+            registry = request.query.get("registry", "")
+            if not registry:
+                raise OCIError("NAME_INVALID", "registry parameter required")
+            job = await self.ensure(digest, registry, name, request.headers)
+        except OCIError as e:
+            return e.response()
+        layout = job.layout
+        assert layout is not None
+        return web.json_response(
+            {
+                "digest": str(digest),
+                "size": layout.size,
+                "segment_size": layout.segment_size,
+                "segments": layout.count,
+                "bt_port": self.swarm.port,
+            }
+        )
+
+    async def handle_torrent(self, request: web.Request) -> web.Response:
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+        except OCIError as e:
+            return e.response()
+        job = self.jobs.get(digest)
+        index = int(request.match_info["index"])
+        if job is None or not job.ready.is_set() or index >= len(job.torrents):
+            return OCIError("BLOB_UNKNOWN", "no such blob or segment").response()
+        try:
+            data = await asyncio.wait_for(
+                asyncio.shield(job.torrents[index]), self.cfg.origin_timeout
+            )
+        except OCIError as e:
+            return e.response()
+        except TimeoutError:
+            return OCIError("UNAVAILABLE", "segment not ready in time").response()
+        return web.Response(body=data, content_type="application/x-bittorrent")
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(r"/v1/blobs/{digest}", self.handle_blob)
+        app.router.add_get(r"/v1/blobs/{digest}/torrents/{index:\d+}", self.handle_torrent)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", self.metrics.handler)
+        return app
+
+
+def _resolved(data: bytes) -> asyncio.Future[bytes]:
+    fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    fut.set_result(data)
+    return fut
+
+
+async def _main(cfg: SeederConfig) -> None:
+    seeder = Seeder(cfg)
+    await seeder.start()
+    runner = await serve(seeder.app(), cfg.listen.host, cfg.listen.port, "seeder", log)
+    log.info("seeder BitTorrent on %s:%d", cfg.bt_listen.host, seeder.swarm.port)
+
+    async def gc_loop() -> None:
+        while True:
+            await asyncio.sleep(60)
+            with contextlib.suppress(Exception):
+                await seeder.gc()
+
+    gc_task = asyncio.create_task(gc_loop())
+    try:
+        await wait_for_signal()
+    finally:
+        gc_task.cancel()
+        await runner.cleanup()
+        await seeder.close()
+
+
+def run_seeder(cfg: SeederConfig) -> None:
+    asyncio.run(_main(cfg))

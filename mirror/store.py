@@ -1,0 +1,213 @@
+"""The blob store shared by agent and seeder: blobs by digest, cut into segment files.
+
+A blob lives in ``blobs/<alg>/<hex>/`` as one file per segment (each segment is one
+torrent, so the swarm reads and writes these files in place). The directory only counts as
+a cached blob once its ``verified`` marker exists; the marker is written atomically after
+the whole blob matched its digest. A directory without the marker is a download in
+progress (or a crash leftover, removed at start): it is never served from the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from mirror.oci import Digest
+
+MARKER = "verified"
+
+
+def segment_name(digest: Digest, index: int, count: int) -> str:
+    """Deterministic file name of a segment, so torrents of the same bytes share an info-hash."""
+    return digest.hex if count == 1 else f"{digest.hex}.{index:04d}"
+
+
+@dataclass(frozen=True)
+class BlobLayout:
+    """Where a blob's bytes are: ``size`` bytes in segments of ``segment_size``."""
+
+    digest: Digest
+    size: int
+    segment_size: int
+    dir: Path
+
+    @property
+    def count(self) -> int:
+        return max(1, -(-self.size // self.segment_size))
+
+    def segment_path(self, index: int) -> Path:
+        return self.dir / segment_name(self.digest, index, self.count)
+
+    def torrent_path(self, index: int) -> Path:
+        return self.dir / (segment_name(self.digest, index, self.count) + ".torrent")
+
+    def segment_len(self, index: int) -> int:
+        return min(self.segment_size, self.size - index * self.segment_size)
+
+    def paths(self) -> list[Path]:
+        return [self.segment_path(i) for i in range(self.count)]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` across segment files (blocking: use a thread)."""
+        out = bytearray()
+        while length > 0:
+            index, inner = divmod(offset, self.segment_size)
+            take = min(length, self.segment_len(index) - inner)
+            fd = os.open(self.segment_path(index), os.O_RDONLY)
+            try:
+                chunk = os.pread(fd, take, inner)
+            finally:
+                os.close(fd)
+            if len(chunk) != take:
+                raise OSError(f"short read in {self.segment_path(index)}")
+            out += chunk
+            offset += take
+            length -= take
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write bytes at ``offset`` across segment files (origin fallback; blocking)."""
+        view = memoryview(data)
+        while view:
+            index, inner = divmod(offset, self.segment_size)
+            take = min(len(view), self.segment_len(index) - inner)
+            fd = os.open(self.segment_path(index), os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                written = os.pwrite(fd, view[:take], inner)
+            finally:
+                os.close(fd)
+            view = view[written:]
+            offset += written
+
+
+@dataclass(frozen=True)
+class Entry:
+    digest: Digest
+    size: int
+    last_used: float
+
+
+class BlobStore:
+    """Blobs by digest under one root; nothing is read or written outside it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.absolute()
+        self.blobs = self.root / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+
+    def blob_dir(self, digest: Digest) -> Path:
+        # Digest.parse allowed only [a-z0-9] algorithms and hex values: no path tricks.
+        return self.blobs / digest.algorithm / digest.hex
+
+    def recover(self) -> list[Digest]:
+        """Remove unverified leftovers of interrupted downloads (call at start only)."""
+        removed = []
+        for digest, path in self._dirs():
+            if not (path / MARKER).exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(digest)
+        return removed
+
+    def layout(self, digest: Digest) -> BlobLayout | None:
+        """The verified blob, or None."""
+        path = self.blob_dir(digest)
+        try:
+            meta = json.loads((path / MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        layout = BlobLayout(digest, int(meta["size"]), int(meta["segment_size"]), path)
+        if not all(p.exists() for p in layout.paths()):
+            return None
+        return layout
+
+    def begin(self, digest: Digest, size: int, segment_size: int) -> BlobLayout:
+        """A fresh, empty, unverified blob directory (segment files appear as data arrives)."""
+        path = self.blob_dir(digest)
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return BlobLayout(digest, size, segment_size, path)
+
+    def commit(self, layout: BlobLayout) -> None:
+        """Mark a fully verified blob as cached (atomic: write, fsync, rename)."""
+        for seg in layout.paths():
+            fd = os.open(seg, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        meta = {"digest": str(layout.digest), "size": layout.size,
+                "segment_size": layout.segment_size, "verified_at": time.time()}
+        tmp = layout.dir / f".{MARKER}.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, layout.dir / MARKER)
+
+    def discard(self, digest: Digest) -> None:
+        shutil.rmtree(self.blob_dir(digest), ignore_errors=True)
+
+    def touch(self, digest: Digest) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.blob_dir(digest) / MARKER)
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for digest, path in self._dirs():
+            layout = self.layout(digest)
+            if layout is None:
+                continue
+            with contextlib.suppress(OSError):
+                out.append(Entry(digest, layout.size, (path / MARKER).stat().st_mtime))
+        return out
+
+    def usage(self) -> int:
+        return sum(e.size for e in self.entries())
+
+    def gc(
+        self,
+        max_bytes: int,
+        min_free: float,
+        protected: Iterable[Digest] = (),
+        before_evict: Callable[[Digest], None] = lambda digest: None,
+    ) -> list[Digest]:
+        """Evict least recently used blobs while over ``max_bytes`` or under ``min_free`` disk.
+
+        ``before_evict`` runs first for each victim (stop seeding it before its files go).
+        """
+        keep = set(protected)
+        entries = sorted(self.entries(), key=lambda e: e.last_used)
+        total = sum(e.size for e in entries)
+        evicted: list[Digest] = []
+        for entry in entries:
+            over = max_bytes and total > max_bytes
+            disk = psutil.disk_usage(str(self.root))
+            low = min_free and disk.free < min_free * disk.total
+            if not (over or low):
+                break
+            if entry.digest in keep:
+                continue
+            before_evict(entry.digest)
+            self.discard(entry.digest)
+            total -= entry.size
+            evicted.append(entry.digest)
+        return evicted
+
+    def _dirs(self) -> list[tuple[Digest, Path]]:
+        out = []
+        for alg_dir in self.blobs.iterdir():
+            if not alg_dir.is_dir():
+                continue
+            for path in alg_dir.iterdir():
+                try:
+                    digest = Digest.parse(f"{alg_dir.name}:{path.name}")
+                except Exception:  # noqa: BLE001 - foreign file in our tree: leave it alone
+                    continue
+                out.append((digest, path))
+        return out

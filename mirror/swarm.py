@@ -1,0 +1,306 @@
+"""The only module that touches libtorrent: a session with a small asyncio interface.
+
+A ``Swarm`` seeds and downloads single-file torrents. Callers wait for pieces with
+``Transfer.wait_piece`` (driven by libtorrent's alerts, so a finished piece wakes the
+reader at once) and read the bytes from the file themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libtorrent as lt
+
+from mirror.config import HostPort, MiB
+
+log = logging.getLogger(__name__)
+
+
+class SwarmError(RuntimeError):
+    """The torrent failed (disk error, bad metainfo): the caller falls back to the origin."""
+
+
+@dataclass(frozen=True)
+class Metainfo:
+    """A parsed torrent: its bytes (to hand to peers) and what readers need to know."""
+
+    data: bytes
+    info_hash: str
+    name: str
+    size: int
+    piece_length: int
+    num_pieces: int
+    piece_hashes: tuple[bytes, ...]
+
+    @classmethod
+    def parse(cls, data: bytes) -> Metainfo:
+        try:
+            ti = lt.torrent_info(lt.bdecode(data))
+        except Exception as e:  # noqa: BLE001 - libtorrent raises RuntimeError or TypeError
+            raise SwarmError(f"invalid torrent: {e}") from None
+        if ti.num_files() != 1:
+            raise SwarmError("torrent must hold exactly one file")
+        return cls(
+            data=data,
+            info_hash=str(ti.info_hashes().v1),
+            name=ti.files().file_path(0),
+            size=ti.total_size(),
+            piece_length=ti.piece_length(),
+            num_pieces=ti.num_pieces(),
+            piece_hashes=tuple(ti.hash_for_piece(i) for i in range(ti.num_pieces())),
+        )
+
+    def piece_range(self, piece: int) -> tuple[int, int]:
+        """File bytes [start, end) of ``piece``."""
+        start = piece * self.piece_length
+        return start, min(start + self.piece_length, self.size)
+
+    def piece_ok(self, piece: int, data: bytes) -> bool:
+        return hashlib.sha1(data).digest() == self.piece_hashes[piece]
+
+
+def make_torrent(path: Path, trackers: Iterable[str], piece_size: int) -> bytes:
+    """A v1 torrent of one file; the info-hash depends only on name, size, piece size, bytes."""
+    fs = lt.file_storage()
+    fs.add_file(path.name, path.stat().st_size)
+    ct = lt.create_torrent(fs, piece_size, lt.create_torrent.v1_only)
+    for tier, url in enumerate(trackers):
+        ct.add_tracker(url, tier)
+    ct.set_creator("p2p-mirror")
+    lt.set_piece_hashes(ct, str(path.parent))
+    return lt.bencode(ct.generate())
+
+
+@dataclass
+class Transfer:
+    """One torrent in the session, seeding or downloading into ``save_dir``."""
+
+    meta: Metainfo
+    handle: lt.torrent_handle
+    save_dir: Path
+    done: set[int] = field(default_factory=set)
+    error: str | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def path(self) -> Path:
+        return self.save_dir / self.meta.name
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == self.meta.num_pieces
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_piece(self, piece: int, timeout: float) -> bool:
+        """True once ``piece`` is downloaded and verified; False after ``timeout`` without it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while piece not in self.done:
+            if self.error:
+                raise SwarmError(self.error)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
+
+    def connect(self, peers: Iterable[tuple[str, int]]) -> None:
+        for host, port in peers:
+            with contextlib.suppress(Exception):
+                self.handle.connect_peer((host, port))
+
+    async def read_piece(self, piece: int, timeout: float = 5.0) -> bytes:
+        """The bytes of a finished piece, checked against its hash.
+
+        libtorrent reports a piece finished once hashed, possibly before its blocks reached
+        the file, so re-read (asking for a flush) until the file holds the verified bytes.
+        """
+        start, end = self.meta.piece_range(piece)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.005
+        while True:
+            data = await asyncio.to_thread(_pread, self.path, start, end - start)
+            if await asyncio.to_thread(self.meta.piece_ok, piece, data):
+                return data
+            if loop.time() > deadline:
+                raise SwarmError(f"piece {piece} of {self.meta.name} never reached the disk")
+            with contextlib.suppress(Exception):
+                self.handle.flush_cache()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def payload_downloaded(self) -> int:
+        return self.handle.status().total_payload_download
+
+
+class Swarm:
+    """A libtorrent session tuned for a LAN swarm of registry blobs (TCP only, no DHT)."""
+
+    def __init__(
+        self,
+        listen: HostPort,
+        upload_rate_limit: int = 0,
+        download_rate_limit: int = 0,
+    ) -> None:
+        self.listen = listen
+        self.session = lt.session(
+            {
+                "listen_interfaces": str(listen),
+                "enable_dht": False,
+                "enable_lsd": False,
+                "enable_upnp": False,
+                "enable_natpmp": False,
+                "enable_outgoing_utp": False,
+                "enable_incoming_utp": False,
+                "allow_multiple_connections_per_ip": True,
+                "alert_mask": (
+                    lt.alert_category.status
+                    | lt.alert_category.error
+                    | lt.alert_category.piece_progress
+                    | lt.alert_category.storage
+                ),
+                "tick_interval": 100,
+                "max_queued_disk_bytes": 16 * MiB,
+                "send_socket_buffer_size": 4 * MiB,
+                "recv_socket_buffer_size": 4 * MiB,
+                "send_buffer_watermark": 4 * MiB,
+                "upload_rate_limit": upload_rate_limit,
+                "download_rate_limit": download_rate_limit,
+                "active_downloads": -1,
+                "active_seeds": -1,
+                "active_limit": -1,
+                "active_checking": 8,
+                "unchoke_slots_limit": 64,
+                "connections_limit": 1000,
+                "torrent_connect_boost": 50,
+                "connection_speed": 200,
+                "min_reconnect_time": 1,
+                # libtorrent's default (300 s) overrides the tracker's interval; peers would
+                # expire from our tracker between announces.
+                "min_announce_interval": 10,
+                "stop_tracker_timeout": 1,
+                "announce_to_all_trackers": True,
+                "announce_to_all_tiers": True,
+                "user_agent": "p2p-mirror",
+            }
+        )
+        self.transfers: dict[str, Transfer] = {}
+        self.hash_failures = 0
+        self._wake = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        return self.session.listen_port()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.session.set_alert_notify(lambda: loop.call_soon_threadsafe(self._wake.set))
+        self._pump = asyncio.create_task(self._pump_alerts())
+
+    async def close(self) -> None:
+        if self._pump:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+        self.session.set_alert_notify(lambda: None)
+        for transfer in list(self.transfers.values()):
+            self.remove(transfer)
+        self.session.pause()
+
+    def get(self, info_hash: str) -> Transfer | None:
+        return self.transfers.get(info_hash)
+
+    def add(
+        self,
+        meta: Metainfo,
+        save_dir: Path,
+        seed: bool,
+        peers: Iterable[tuple[str, int]] = (),
+    ) -> Transfer:
+        """Seed a verified file (no re-check) or download sequentially; reuse a known torrent."""
+        existing = self.transfers.get(meta.info_hash)
+        if existing and existing.save_dir == save_dir and not existing.error:
+            existing.connect(peers)
+            return existing
+        if existing:
+            self.remove(existing)
+        atp = lt.add_torrent_params()
+        atp.ti = lt.torrent_info(lt.bdecode(meta.data))
+        atp.save_path = str(save_dir)
+        flags = lt.torrent_flags.seed_mode if seed else lt.torrent_flags.sequential_download
+        atp.flags = flags | lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
+        handle = self.session.add_torrent(atp)
+        transfer = Transfer(meta, handle, save_dir)
+        if seed:
+            transfer.done = set(range(meta.num_pieces))
+        self.transfers[meta.info_hash] = transfer
+        transfer.connect(peers)
+        return transfer
+
+    def remove(self, transfer: Transfer) -> None:
+        """Stop sharing a torrent; its file stays on disk."""
+        if self.transfers.get(transfer.meta.info_hash) is transfer:
+            del self.transfers[transfer.meta.info_hash]
+        with contextlib.suppress(Exception):
+            self.session.remove_torrent(transfer.handle)
+        transfer.error = transfer.error or "removed"
+        transfer._notify()
+
+    def totals(self) -> tuple[int, int]:
+        """Payload bytes (downloaded, uploaded) over all torrents in the session."""
+        down = up = 0
+        for transfer in list(self.transfers.values()):
+            with contextlib.suppress(Exception):
+                status = transfer.handle.status()
+                down += status.total_payload_download
+                up += status.total_payload_upload
+        return down, up
+
+    async def _pump_alerts(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.5)
+            self._wake.clear()
+            for alert in self.session.pop_alerts():
+                self._dispatch(alert)
+
+    def _dispatch(self, alert: lt.alert) -> None:
+        if isinstance(alert, lt.hash_failed_alert):
+            self.hash_failures += 1
+            log.warning("piece %d failed its hash check (corrupt or lying peer)", alert.piece_index)
+            return
+        handle = getattr(alert, "handle", None)
+        if handle is None:
+            return
+        try:
+            info_hash = str(handle.info_hashes().v1)
+        except Exception:  # noqa: BLE001 - handle of a torrent already removed
+            return
+        transfer = self.transfers.get(info_hash)
+        if transfer is None:
+            return
+        if isinstance(alert, lt.piece_finished_alert):
+            transfer.done.add(alert.piece_index)
+            transfer._notify()
+        elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)):
+            transfer.error = alert.message()
+            log.error("torrent %s: %s", transfer.meta.name, transfer.error)
+            transfer._notify()
+
+
+def _pread(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
