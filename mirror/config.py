@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ def parse_registries(value: Any) -> dict[str, Upstream]:
             unknown = set(spec) - {"url", "verify_tls"}
             if unknown:
                 raise ValueError(f"{name}: unknown keys {sorted(unknown)}")
-            url = parse_url(spec.get("url", f"https://{name}"))
+            url = parse_url(spec["url"]) if "url" in spec else Upstream.default_for(name).url
             out[name] = Upstream(name, url, parse_bool(spec.get("verify_tls", True)))
         else:
             raise ValueError(f"{name}: expected a URL or a mapping")
@@ -151,8 +152,8 @@ def parse_seconds(value: Any) -> float:
         seconds = float(str(value).rstrip("s")) if isinstance(value, str) else float(value)
     except ValueError:
         raise ValueError(f"expected seconds, got {value!r}") from None
-    if seconds <= 0:
-        raise ValueError("must be positive")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {value!r}")
     return seconds
 
 
@@ -196,7 +197,7 @@ def parse_fraction(value: Any) -> float:
 
 def _opt(default: Any, parse: Callable[[Any], Any], doc: str) -> Any:
     kw: dict[str, Any] = {"metadata": {"parse": parse, "doc": doc}}
-    if callable(default) and not isinstance(default, type):
+    if callable(default):  # list, dict: a fresh one per instance
         kw["default_factory"] = default
     else:
         kw["default"] = default

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -39,13 +40,13 @@ class Metrics:
         for name, series in sorted(self._counters.items()):
             full = f"{self.prefix}_{name}"
             if name in self._help:
-                lines.append(f"# HELP {full} {self._help[name]}")
+                lines.append(f"# HELP {full} {_help(self._help[name])}")
             lines.append(f"# TYPE {full} counter")
             for labels, value in sorted(series.items()):
                 lines.append(f"{full}{_labels(labels)} {_number(value)}")
         for name, read in sorted(self._gauges.items()):
             full = f"{self.prefix}_{name}"
-            lines.append(f"# HELP {full} {self._help[name]}")
+            lines.append(f"# HELP {full} {_help(self._help[name])}")
             lines.append(f"# TYPE {full} gauge")
             lines.append(f"{full} {_number(read())}")
         return "\n".join(lines) + "\n"
@@ -65,5 +66,15 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _help(text: str) -> str:
+    """HELP text escapes only backslash and newline (the exposition format's rule)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    number = float(value)
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "+Inf" if number > 0 else "-Inf"
+    return str(int(value)) if number.is_integer() else repr(number)

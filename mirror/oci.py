@@ -57,7 +57,7 @@ class OCIError(Exception):
 
 
 def validate_name(name: str) -> str:
-    if len(name) > MAX_NAME or not NAME_RE.match(name):
+    if len(name) > MAX_NAME or not NAME_RE.fullmatch(name):
         raise OCIError("NAME_INVALID", "invalid repository name", {"name": name[:300]})
     return name
 
@@ -76,7 +76,7 @@ class Digest:
     @classmethod
     def parse(cls, text: str) -> Digest:
         """A digest we can verify: sha256 or sha512, lower-case hex of the right length."""
-        m = DIGEST_RE.match(text)
+        m = DIGEST_RE.fullmatch(text)
         if not m:
             raise OCIError("DIGEST_INVALID", "invalid digest", {"digest": text[:200]})
         algorithm, value = m.groups()
@@ -96,7 +96,7 @@ def validate_reference(ref: str) -> str:
     if ":" in ref:
         Digest.parse(ref)
         return ref
-    if not TAG_RE.match(ref):
+    if not TAG_RE.fullmatch(ref):
         raise OCIError("MANIFEST_UNKNOWN", "invalid tag", {"reference": ref[:200]})
     return ref
 

@@ -76,6 +76,9 @@ class BlobLayout:
     def write(self, offset: int, data: bytes) -> None:
         """Write bytes at ``offset`` across segment files (origin fallback; blocking)."""
         view = memoryview(data)
+        if not view and self.size == 0:
+            # An empty blob still has its (empty) segment file, or commit() cannot find it.
+            os.close(os.open(self.segment_path(0), os.O_WRONLY | os.O_CREAT, 0o644))
         while view:
             index, inner = divmod(offset, self.segment_size)
             take = min(len(view), self.segment_len(index) - inner)
@@ -121,9 +124,11 @@ class BlobStore:
         path = self.blob_dir(digest)
         try:
             meta = json.loads((path / MARKER).read_text())
-        except (OSError, ValueError):
+            layout = BlobLayout(digest, int(meta["size"]), int(meta["segment_size"]), path)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no marker, or a damaged one: not a verified blob
+        if layout.segment_size <= 0 or layout.size < 0:
             return None
-        layout = BlobLayout(digest, int(meta["size"]), int(meta["segment_size"]), path)
         if not all(p.exists() for p in layout.paths()):
             return None
         return layout

@@ -1,0 +1,345 @@
+"""Benchmark: direct vs pull-through cache vs p2p-mirror, N nodes pulling one image at once.
+
+Every run is a fresh ``Cluster`` (namespaces, shaped links, real docker-registry, containerd
+and p2p-mirror processes); nodes, origin, cache and seeder all get the same link rate, so the
+figures compare distribution strategies, not hardware. Results go to ``bench/results/``:
+``distribute.md`` (tables + the exact command), ``distribute.png`` and ``distribute.json``.
+
+Run as root from the repository root::
+
+    python bench/distribute.py                       # the defaults, ~15-20 min on 2 cores
+    python bench/distribute.py --nodes 1,2 --sizes 8MiB --modes direct,cache   # quick look
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+from mirror.config import parse_size  # noqa: E402
+from mirror.lab.cluster import MODES, Cluster, NodeResult, Progress  # noqa: E402
+from mirror.lab.images import ImageLayout, build_image, push_image  # noqa: E402
+from mirror.lab.netns import cleanup_stale, exit_on_signals  # noqa: E402
+from mirror.lab.registry import Registry  # noqa: E402
+
+MiB = 1024 * 1024
+RESULTS = REPO_ROOT / "bench" / "results"
+REPO, TAG = "bench/image", "v1"
+
+
+@dataclass
+class RunResult:
+    """One (mode, N, image size) run, with the figures the report needs."""
+
+    mode: str
+    nodes: int
+    image_bytes: int
+    rate_mbit: float
+    ok: bool
+    all_done_s: float
+    p50_s: float
+    p99_s: float
+    origin_egress_bytes: int
+    lower_bound_s: float
+    setup_s: float
+    error: str = ""
+    swarm_bytes: int = 0
+    agent_origin_bytes: int = 0
+    node_upload_bytes: int = 0
+    node_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def egress_ratio(self) -> float:
+        return self.origin_egress_bytes / self.image_bytes
+
+    @property
+    def lb_ratio(self) -> float:
+        return self.all_done_s / self.lower_bound_s if self.lower_bound_s else math.nan
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in 0..100) of a small sample."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def lower_bound(image_bytes: int, nodes: int, rate_mbit: float) -> float:
+    """Physical floor: every node must download the image over its own link, and N copies must
+    be uploaded by the origin plus the nodes: max(S / slowest link, N*S / total upload)."""
+    rate = rate_mbit * 1e6 / 8
+    return max(image_bytes / rate, nodes * image_bytes / ((nodes + 1) * rate))
+
+
+def layer_sizes(total: int, layers: int) -> list[int]:
+    """``layers`` near-equal layer payloads adding up to ``total`` bytes."""
+    base = total // layers
+    return [base + (1 if i < total % layers else 0) for i in range(layers)]
+
+
+def prepare_image(workdir: Path, size: int, layers: int, seed: int) -> tuple[ImageLayout, Path]:
+    """Build the image and push it once into a registry storage the origins are seeded from."""
+    layout = build_image(workdir / "oci", layer_sizes(size, layers), seed)
+    seed_reg = Registry(workdir / "seed")
+    with seed_reg:
+        push_image(layout, seed_reg.hostport, REPO, TAG)
+    return layout, seed_reg.storage
+
+
+def _progress_printer(label: str) -> object:
+    last = [0.0]
+
+    def show(samples: list[Progress]) -> None:
+        now = time.monotonic()
+        if now - last[0] < 1.0:
+            return
+        last[0] = now
+        cells = []
+        for p in samples:
+            pct = 100 * p.rx_bytes / p.expected if p.expected else 0
+            cells.append("done" if p.done else f"{min(pct, 99.9):4.0f}%")
+        t = max(p.seconds for p in samples)
+        line = f"  {label} t={t:6.1f}s " + " ".join(cells)
+        if sys.stderr.isatty():
+            sys.stderr.write("\r" + line[:200] + "\x1b[K")
+        else:
+            sys.stderr.write(line[:200] + "\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def run_one(
+    workdir: Path,
+    mode: str,
+    nodes: int,
+    layout: ImageLayout,
+    storage: Path,
+    rate_mbit: float,
+    timeout: float,
+) -> RunResult:
+    """One fresh cluster, one simultaneous pull on every node."""
+    size = layout.total_size
+    label = f"{mode:6s} N={nodes:<2d} {size / MiB:6.1f}MiB"
+    t0 = time.monotonic()
+    shutil.rmtree(workdir, ignore_errors=True)
+    with Cluster(workdir, nodes, mode=mode, rate_mbit=rate_mbit, origin_storage=storage) as c:
+        setup = time.monotonic() - t0
+        ref = c.ref(REPO, TAG)
+        mark = c.origin_mark()
+        results: list[NodeResult] = c.pull_all(
+            ref,
+            expected_digest=layout.manifest_digest,
+            expected_bytes=size,
+            progress=_progress_printer(label),  # type: ignore[arg-type]
+            timeout=timeout,
+        )
+        egress = c.origin_egress(mark)
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+        failed = [r for r in results if not r.ok]
+        error = ""
+        if failed:
+            error = f"{len(failed)}/{nodes} failed; {failed[0].node}: {failed[0].error[-300:]}"
+            for name, tail in c.logs():
+                if tail.strip():
+                    print(f"--- {name}\n{tail}", file=sys.stderr)
+    secs = [r.seconds for r in results]
+    res = RunResult(
+        mode=mode,
+        nodes=nodes,
+        image_bytes=size,
+        rate_mbit=rate_mbit,
+        ok=not failed,
+        all_done_s=max(secs),
+        p50_s=percentile(secs, 50),
+        p99_s=percentile(secs, 99),
+        origin_egress_bytes=egress,
+        lower_bound_s=lower_bound(size, nodes, rate_mbit),
+        setup_s=setup,
+        error=error,
+        swarm_bytes=sum(r.sources.get("swarm", 0) for r in results),
+        agent_origin_bytes=sum(r.sources.get("origin", 0) for r in results),
+        node_upload_bytes=sum(r.tx_bytes for r in results),
+        node_seconds=secs,
+    )
+    print(
+        f"{label}: all done {res.all_done_s:6.2f}s p50 {res.p50_s:6.2f}s "
+        f"egress {res.egress_ratio:5.2f}x image, {res.lb_ratio:5.2f}x lower bound"
+        + ("" if res.ok else f"  FAILED: {error}"),
+        flush=True,
+    )
+    return res
+
+
+def fmt_size(n: int) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+def write_markdown(path: Path, runs: list[RunResult], command: str, meta: dict[str, str]) -> None:
+    lines = [
+        "# Distribution benchmark: direct vs pull-through cache vs p2p-mirror",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        *[f"- {k}: {v}" for k, v in meta.items()],
+        "",
+        "Every run is a fresh cluster of network namespaces; each node, the origin, the cache and",
+        "the seeder have the same `tc tbf` link (rate both ways). All N nodes start `ctr image",
+        "pull` at the same instant. *all done*: until the last node finished; *egress*: bytes",
+        "the origin registry sent (its access log) divided by the image size; *lower bound*:",
+        "max(image / link rate, N x image / ((N+1) x link rate)), TCP/IP overhead not removed",
+        "(~4%); *peers*: share of the agents' blob bytes that came from the swarm (seeder",
+        "included); *node upload*: bytes all pulling nodes sent on their links (what they served",
+        "each other, plus request overhead), divided by the image size.",
+        "",
+    ]
+    for size in sorted({r.image_bytes for r in runs}):
+        lines += [
+            f"## Image {fmt_size(size)}",
+            "",
+            "| mode | N | all done (s) | p50 (s) | p99 (s) | origin egress / image | "
+            "lower bound (s) | all done / lower bound | from peers | node upload / image "
+            "| status |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in sorted((r for r in runs if r.image_bytes == size),
+                        key=lambda r: (MODES.index(r.mode), r.nodes)):  # fmt: skip
+            total = r.swarm_bytes + r.agent_origin_bytes
+            peers = f"{100 * r.swarm_bytes / total:.0f}%" if r.mode == "p2p" and total else "-"
+            status = "ok" if r.ok else f"FAILED: {r.error[:120]}".replace("|", "/")
+            lines.append(
+                f"| {r.mode} | {r.nodes} | {r.all_done_s:.2f} | {r.p50_s:.2f} | {r.p99_s:.2f} | "
+                f"{r.egress_ratio:.2f} | {r.lower_bound_s:.2f} | {r.lb_ratio:.2f} | {peers} | "
+                f"{r.node_upload_bytes / r.image_bytes:.2f} | {status} |"
+            )
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def write_plot(path: Path, runs: list[RunResult]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r.image_bytes for r in runs})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        sub = [r for r in runs if r.image_bytes == size]
+        for mode in MODES:
+            pts = sorted((r.nodes, r.all_done_s) for r in sub if r.mode == mode and r.ok)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
+        ns = sorted({r.nodes for r in sub})
+        lb = [lower_bound(size, n, sub[0].rate_mbit) for n in ns]
+        ax.plot(ns, lb, linestyle="--", color="grey", label="lower bound")
+        ax.set_title(f"image {fmt_size(size)}, {sub[0].rate_mbit:g} Mbit/s links")
+        ax.set_xlabel("nodes pulling at once (N)")
+        ax.set_ylabel("time until all nodes done (s)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _csv(kind: type, text: str) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--nodes", default="1,2,4,8,16", show_default=True, help="Comma-separated N.")
+@click.option("--sizes", default="16MiB,64MiB", show_default=True, help="Image sizes.")
+@click.option("--modes", default=",".join(MODES), show_default=True)
+@click.option("--rate-mbit", default=50.0, show_default=True, help="Every link, both ways.")
+@click.option("--layers", default=4, show_default=True, help="Layers per image.")
+@click.option("--seed", default=42, show_default=True)
+@click.option("--timeout", default=900.0, show_default=True, help="Per pull, seconds.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Scratch space [a temp dir under /var/tmp].")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
+@click.option("--keep-workdir", is_flag=True, help="Keep logs and data for inspection.")
+def main(
+    nodes: str, sizes: str, modes: str, rate_mbit: float, layers: int, seed: int,
+    timeout: float, workdir: Path | None, out: Path, keep_workdir: bool,
+) -> None:  # fmt: skip
+    """Run direct / cache / p2p side by side for each N and image size; write the report."""
+    if os.geteuid() != 0:
+        raise click.UsageError("needs root (network namespaces, tc, containerd)")
+    exit_on_signals()
+    cleanup_stale()  # leftovers of crashed runs (dead PIDs, our prefix only)
+    node_counts = _csv(int, nodes)
+    image_sizes = [parse_size(s) for s in sizes.split(",") if s.strip()]
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = set(mode_list) - set(MODES)
+    if bad:
+        raise click.UsageError(f"unknown modes {sorted(bad)}; choose from {MODES}")
+    command = "python " + " ".join(shlex.quote(a) for a in [
+        os.path.relpath(sys.argv[0], REPO_ROOT) if sys.argv[0] else "bench/distribute.py",
+        *sys.argv[1:]])  # fmt: skip
+    scratch = workdir or Path(tempfile.mkdtemp(prefix="p2pm-bench-", dir="/var/tmp"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[RunResult] = []
+    started = time.monotonic()
+    try:
+        for i, size in enumerate(image_sizes):
+            img_dir = scratch / f"image{i}"
+            shutil.rmtree(img_dir, ignore_errors=True)
+            layout, storage = prepare_image(img_dir, size, layers, seed + i)
+            print(f"image {fmt_size(layout.total_size)} ({layers} layers) ready", flush=True)
+            for n in node_counts:
+                for mode in mode_list:
+                    runs.append(run_one(scratch / "run", mode, n, layout, storage, rate_mbit,
+                                        timeout))  # fmt: skip
+                    _write_all(out, runs, command, rate_mbit, started)
+    finally:
+        if runs:
+            _write_all(out, runs, command, rate_mbit, started)
+            print(f"wrote {out}/distribute.md, .png, .json", flush=True)
+        if not keep_workdir and workdir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_all(out: Path, runs: list[RunResult], command: str, rate: float, t0: float) -> None:
+    meta = {
+        "machine": f"{os.cpu_count()} cores, Linux {platform.release()}, "
+        f"Python {platform.python_version()}",
+        "links": f"{rate:g} Mbit/s each way (tbf) on every node",
+        "wall time of the whole benchmark": f"{(time.monotonic() - t0) / 60:.1f} min",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    write_markdown(out / "distribute.md", runs, command, meta)
+    (out / "distribute.json").write_text(json.dumps(
+        {"command": command, **meta, "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
+    write_plot(out / "distribute.png", runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""What every runtime adapter (containerd, dockerd) offers the install engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class InstallError(RuntimeError):
+    """The installer refuses to go on; nothing was changed (or everything was restored)."""
+
+
+@dataclass
+class Change:
+    """A file to write: its host path (``/etc/...``) and the bytes it should hold."""
+
+    path: str
+    new: bytes
+
+
+@dataclass
+class Plan:
+    changes: list[Change] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Runtime(Protocol):
+    """A container runtime the installer can point at the mirror."""
+
+    name: str  # "containerd" or "dockerd"
+    unit: str  # systemd unit to restart
+
+    def plan(self) -> Plan:
+        """The files to write, computed from what is on disk now (read-only)."""
+        ...
+
+    def baseline(self) -> None:
+        """Note what is healthy now, before the restart, to compare against afterwards."""
+        ...
+
+    def health(self) -> str | None:
+        """None if the runtime answers and loaded its config, else a short reason."""
+        ...

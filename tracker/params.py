@@ -1,0 +1,180 @@
+"""Announce and scrape query parsing: raw percent-encoded bytes in, validated values out.
+
+``info_hash`` and ``peer_id`` are arbitrary bytes percent-encoded in the query string, so they
+are decoded from the raw query with ``unquote_to_bytes``, never through a str-decoding parser
+(which would mangle bytes that are not UTF-8). Every problem raises ``RequestError`` whose
+message goes back to the client as the bencoded ``failure reason``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+V1_HASH_LEN = 20
+V2_HASH_LEN = 32
+PEER_ID_LEN = 20
+EVENTS = ("started", "completed", "stopped", "paused", "")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class RequestError(ValueError):
+    """The request is malformed; the message is sent as the ``failure reason``."""
+
+
+@dataclass(frozen=True)
+class Announce:
+    """One validated announce (BEP 3, with BEP 7/23/52 extras)."""
+
+    info_hash: bytes  # swarm key: always 20 bytes (a 32-byte v2 hash is truncated, BEP 52)
+    peer_id: bytes
+    ip: IPAddress
+    port: int
+    left: int
+    uploaded: int
+    downloaded: int
+    event: str
+    numwant: int | None  # None: the tracker's default
+    compact: bool
+    no_peer_id: bool
+
+    @property
+    def seeder(self) -> bool:
+        return self.left == 0
+
+
+def parse_query(raw_query: str) -> dict[str, list[bytes]]:
+    """Split a raw (still percent-encoded) query string into name -> list of byte values.
+
+    ``+`` is kept literally: BitTorrent clients percent-encode every reserved byte, so a bare
+    ``+`` inside ``info_hash`` is the byte 0x2B, not a space.
+    """
+    out: dict[str, list[bytes]] = {}
+    for part in raw_query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        key = unquote_to_bytes(name).decode("latin-1")
+        out.setdefault(key, []).append(unquote_to_bytes(value))
+    return out
+
+
+def swarm_key(info_hash: bytes) -> bytes:
+    """The swarm a hash names: v1 hashes as is, v2 hashes truncated to 20 bytes (BEP 52)."""
+    return info_hash[:V1_HASH_LEN]
+
+
+def check_info_hash(value: bytes) -> bytes:
+    if len(value) not in (V1_HASH_LEN, V2_HASH_LEN):
+        raise RequestError(
+            f"invalid info_hash: expected 20 (v1) or 32 (v2) bytes, got {len(value)}"
+        )
+    return value
+
+
+def _single(query: dict[str, list[bytes]], name: str, required: bool = True) -> bytes | None:
+    values = query.get(name)
+    if not values:
+        if required:
+            raise RequestError(f"missing {name}")
+        return None
+    if len(values) > 1:
+        raise RequestError(f"{name} given more than once")
+    return values[0]
+
+
+def _text(value: bytes, name: str) -> str:
+    try:
+        return value.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise RequestError(f"invalid {name}: not ASCII") from None
+
+
+def _int(query: dict[str, list[bytes]], name: str, default: int | None) -> int | None:
+    raw = _single(query, name, required=default is None)
+    if raw is None:
+        return default
+    text = _text(raw, name)
+    if not text.lstrip("-").isdigit() or len(text) > 20:
+        raise RequestError(f"invalid {name}: expected an integer, got {text[:32]!r}")
+    return int(text)
+
+
+def _non_negative(query: dict[str, list[bytes]], name: str, default: int | None) -> int:
+    value = _int(query, name, default)
+    assert value is not None
+    if value < 0:
+        raise RequestError(f"invalid {name}: must not be negative")
+    return value
+
+
+def _flag(query: dict[str, list[bytes]], name: str, default: bool) -> bool:
+    raw = _single(query, name, required=False)
+    if raw is None:
+        return default
+    text = _text(raw, name)
+    if text not in ("0", "1"):
+        raise RequestError(f"invalid {name}: expected 0 or 1")
+    return text == "1"
+
+
+def parse_ip(text: str) -> IPAddress:
+    """An IP literal (never a hostname: the tracker does no DNS), IPv4-mapped unwrapped."""
+    try:
+        addr = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        raise RequestError(
+            f"invalid ip: expected an IP address literal, got {text[:64]!r}"
+        ) from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified or addr.is_multicast:
+        raise RequestError(f"invalid ip: {addr} is not a unicast address")
+    return addr
+
+
+def parse_announce(raw_query: str, source_ip: str | None) -> Announce:
+    """Validate an announce; the peer's address is ``ip=`` if given, else the source IP."""
+    query = parse_query(raw_query)
+    info_hash = check_info_hash(_single(query, "info_hash") or b"")
+    peer_id = _single(query, "peer_id") or b""
+    if len(peer_id) != PEER_ID_LEN:
+        raise RequestError(f"invalid peer_id: expected 20 bytes, got {len(peer_id)}")
+    port = _int(query, "port", None)
+    assert port is not None
+    if not 1 <= port <= 65535:
+        raise RequestError(f"invalid port: {port} is not in 1-65535")
+    event = _text(_single(query, "event", required=False) or b"", "event")
+    if event == "empty":
+        event = ""
+    if event not in EVENTS:
+        raise RequestError(f"invalid event {event[:32]!r}: expected started, completed or stopped")
+    numwant = _int(query, "numwant", -1)
+    ip_param = _single(query, "ip", required=False)
+    if ip_param is not None:
+        ip = parse_ip(_text(ip_param, "ip"))
+    elif source_ip:
+        ip = parse_ip(source_ip)
+    else:
+        raise RequestError("cannot tell the peer's address: pass ip=")
+    return Announce(
+        info_hash=swarm_key(info_hash),
+        peer_id=peer_id,
+        ip=ip,
+        port=port,
+        left=_non_negative(query, "left", None),
+        uploaded=_non_negative(query, "uploaded", 0),
+        downloaded=_non_negative(query, "downloaded", 0),
+        event=event,
+        numwant=None if numwant is None or numwant < 0 else numwant,
+        compact=_flag(query, "compact", True),
+        no_peer_id=_flag(query, "no_peer_id", False),
+    )
+
+
+def parse_scrape(raw_query: str) -> list[bytes]:
+    """The requested info-hashes (each 20 or 32 bytes), in order, duplicates dropped."""
+    hashes = [check_info_hash(v) for v in parse_query(raw_query).get("info_hash", [])]
+    return list(dict.fromkeys(hashes))
