@@ -130,7 +130,7 @@ class Agent:
     # --- routing -------------------------------------------------------------------------
 
     def parse_target(self, request: web.Request) -> Target:
-        m = ROUTE.match(request.path)
+        m = ROUTE.fullmatch(request.path)
         if not m:
             raise OCIError("NAME_UNKNOWN", "unsupported path")
         name, kind, ref = m.group("name"), m.group("kind"), m.group("ref")
@@ -143,7 +143,10 @@ class Agent:
         else:
             first, _, rest = name.partition("/")
             if rest and looks_like_registry(first):
-                registry, name = parse_registry_name(first), rest
+                try:
+                    registry, name = parse_registry_name(first), rest
+                except ValueError:
+                    raise OCIError("NAME_INVALID", "invalid registry in path") from None
             else:
                 registry = self.cfg.default_registry
         validate_name(name)
@@ -334,10 +337,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """A single ``bytes=a-b`` range as [start, end); None for no (or a multi-) range."""
     if not header:
         return None
+    if not header.strip().startswith("bytes=") or "," in header:
+        return None  # another unit, or several ranges: RFC 9110 lets us send the whole blob
     m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
     if not m or (not m.group(1) and not m.group(2)):
-        if header.strip().startswith("bytes=") and "," in header:
-            return None
         raise OCIError("RANGE_INVALID", "invalid Range header")
     if not m.group(1):
         length = int(m.group(2))

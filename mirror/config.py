@@ -80,8 +80,11 @@ def parse_url(text: str) -> str:
 
 def parse_registry_name(text: str) -> str:
     name = str(text).strip()
-    if not REGISTRY_NAME.match(name):
+    if not REGISTRY_NAME.fullmatch(name):
         raise ValueError(f"invalid registry name {text!r}")
+    host, _, port = name.partition(":")
+    if port and not 0 < int(port) <= 65535:
+        raise ValueError(f"invalid registry name {text!r}: port out of range")
     return name
 
 

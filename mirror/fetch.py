@@ -158,7 +158,7 @@ class Fetcher:
             if self.swarm is not None and self.seeders is not None and fetch.size > 0:
                 try:
                     await self._from_swarm(fetch, hasher)
-                except (Fallback, SwarmError) as e:
+                except Exception as e:  # noqa: BLE001 - whatever broke in P2P, the origin remains
                     reason = e.reason if isinstance(e, Fallback) else "swarm"
                     self.metrics.inc("fallbacks_total", reason=reason)
                     log.warning(

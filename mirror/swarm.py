@@ -49,7 +49,7 @@ class Metainfo:
         return cls(
             data=data,
             info_hash=str(ti.info_hashes().v1),
-            name=ti.files().file_path(0),
+            name=ti.name(),
             size=ti.total_size(),
             piece_length=ti.piece_length(),
             num_pieces=ti.num_pieces(),
@@ -67,9 +67,8 @@ class Metainfo:
 
 def make_torrent(path: Path, trackers: Iterable[str], piece_size: int) -> bytes:
     """A v1 torrent of one file; the info-hash depends only on name, size, piece size, bytes."""
-    fs = lt.file_storage()
-    fs.add_file(path.name, path.stat().st_size)
-    ct = lt.create_torrent(fs, piece_size, lt.create_torrent.v1_only)
+    entry = lt.create_file_entry(path.name, path.stat().st_size)
+    ct = lt.create_torrent([entry], piece_size, lt.create_torrent.v1_only)
     for tier, url in enumerate(trackers):
         ct.add_tracker(url, tier)
     ct.set_creator("p2p-mirror")
@@ -130,8 +129,11 @@ class Transfer:
         deadline = loop.time() + timeout
         delay = 0.005
         while True:
-            data = await asyncio.to_thread(_pread, self.path, start, end - start)
-            if await asyncio.to_thread(self.meta.piece_ok, piece, data):
+            try:
+                data = await asyncio.to_thread(_pread, self.path, start, end - start)
+            except FileNotFoundError:  # not even created yet: the blocks are still in memory
+                data = b""
+            if data and await asyncio.to_thread(self.meta.piece_ok, piece, data):
                 return data
             if loop.time() > deadline:
                 raise SwarmError(f"piece {piece} of {self.meta.name} never reached the disk")

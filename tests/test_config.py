@@ -154,7 +154,7 @@ def test_registry_flag_docker_hub_uses_its_real_endpoint() -> None:
     "text",
     ["", "bad/name=http://x", "-bad.io", "bad_.io", "a..b", "UPPER CASE", "x.io:port",
      "x.io=", "x.io=ftp://x", "x.io=http://", "x.io=http://h/p?q=1", "x.io=http://h/#frag",
-     "x.io=not a url"],
+     "x.io=not a url", "x.io:0", "x.io:65536", "x.io:99999999999"],
 )
 def test_registry_flag_rejects(text: str) -> None:
     with pytest.raises(ValueError):

@@ -22,7 +22,7 @@ from mirror.lab.containerd import Containerd
 from mirror.lab.images import PushedImage, build_image, push_image
 from mirror.lab.registry import Registry
 from mirror.lab.stack import AgentProc, LocalStack
-from tests.conftest import require_binaries
+from tests.conftest import failed, require_binaries
 
 REG = "registry.example.test"
 REF = f"{REG}/library/demo:v1"
@@ -60,11 +60,15 @@ def error_code(body: bytes) -> str:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, registry: Registry, image: PushedImage) -> Iterator[LocalStack]:
+def stack(
+    tmp_path: Path, registry: Registry, image: PushedImage, request: pytest.FixtureRequest
+) -> Iterator[LocalStack]:
     require_binaries("docker-registry")
     # 2 MiB segments: the 3 MiB layer is cut in two torrents, exercising the segment path.
     with LocalStack(tmp_path / "stack", {REG: registry.url}, segment_size="2MiB") as st:
         yield st
+        if failed(request):
+            st.dump_logs()
 
 
 def check_unpacked(containerd: Containerd, image: PushedImage) -> None:

@@ -121,6 +121,11 @@ class LocalStack:
     def close(self) -> None:
         self.procs.close()
 
+    def dump_logs(self, lines: int = 40) -> None:
+        """Print every role's log tail (pytest shows it for a failed test)."""
+        for proc in self.procs.procs:
+            print(f"----- {proc.log.name} -----\n{proc.tail(lines)}")
+
     def __enter__(self) -> LocalStack:
         return self.start()
 
