@@ -29,7 +29,7 @@ from mirror.oci import (
     validate_reference,
 )
 from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_headers
-from mirror.service import healthz, serve, wait_for_signal
+from mirror.service import background, every, healthz, serve, wait_for_signal
 from mirror.store import BlobLayout, BlobStore
 from mirror.swarm import Swarm
 
@@ -362,7 +362,8 @@ async def _main(cfg: AgentConfig) -> None:
     else:
         log.info("no seeder configured: blobs come from the origin (and the cache)")
     try:
-        await wait_for_signal()
+        async with background(every(60, agent.gc, log)):
+            await wait_for_signal()
     finally:
         await runner.cleanup()
         await agent.close()

@@ -94,6 +94,23 @@ def seeder(config: Path | None, **flags: Any) -> None:
     run_seeder(cfg)
 
 
+@main.command()
+@click.option("--agent", "url", default="http://127.0.0.1:5004", show_default=True,
+              help="The agent (or seeder/tracker) base URL.")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for answers.")
+def status(url: str, timeout: float) -> None:
+    """Show whether a role is healthy and what its counters say; exit 1 if it is not."""
+    from mirror.status import fetch_status
+
+    try:
+        lines = fetch_status(url.rstrip("/"), timeout)
+    except OSError as e:
+        click.echo(f"{url}: unreachable ({e})", err=True)
+        sys.exit(1)
+    for line in lines:
+        click.echo(line)
+
+
 def _register_optional_commands() -> None:
     """Commands that live in the sibling packages (tracker, installer)."""
     from installer.cli import install, uninstall

@@ -10,7 +10,6 @@ whole blob matched its digest, so no peer can ever complete a blob that fails it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from mirror.config import SeederConfig, upstream_for
 from mirror.metrics import Metrics
 from mirror.oci import Digest, OCIError, validate_name
 from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_headers
-from mirror.service import healthz, serve, wait_for_signal
+from mirror.service import background, every, healthz, serve, wait_for_signal
 from mirror.store import BlobLayout, BlobStore
 from mirror.swarm import Metainfo, Swarm, make_torrent
 
@@ -252,17 +251,10 @@ async def _main(cfg: SeederConfig) -> None:
     runner = await serve(seeder.app(), cfg.listen.host, cfg.listen.port, "seeder", log)
     log.info("seeder BitTorrent on %s:%d", cfg.bt_listen.host, seeder.swarm.port)
 
-    async def gc_loop() -> None:
-        while True:
-            await asyncio.sleep(60)
-            with contextlib.suppress(Exception):
-                await seeder.gc()
-
-    gc_task = asyncio.create_task(gc_loop())
     try:
-        await wait_for_signal()
+        async with background(every(60, seeder.gc, log)):
+            await wait_for_signal()
     finally:
-        gc_task.cancel()
         await runner.cleanup()
         await seeder.close()
 

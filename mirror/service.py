@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -32,3 +34,27 @@ async def wait_for_signal() -> None:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
+
+
+async def every(seconds: float, job: Callable[[], object], log: logging.Logger) -> None:
+    """Run ``job`` every ``seconds`` until cancelled; a failing run is logged, not fatal."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            result = job()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:  # noqa: BLE001 - housekeeping must not kill the service
+            log.exception("periodic job failed")
+
+
+@contextlib.asynccontextmanager
+async def background(coro):  # type: ignore[no-untyped-def]
+    """Run a coroutine as a task for the duration of a block."""
+    task = asyncio.create_task(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

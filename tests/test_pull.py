@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from installer.hosts import render_new
+from mirror.lab.cluster import p2p_mirror_argv
 from mirror.lab.containerd import Containerd
 from mirror.lab.images import PushedImage, build_image, push_image
 from mirror.lab.registry import Registry
@@ -126,6 +127,14 @@ def test_cached_blob_is_served_again_from_disk(
     assert status == 206
     assert body == first[2][2097100:2097200]
     assert headers["Content-Range"] == f"bytes 2097100-2097199/{layer.size}"
+
+    # The operator's view of the same agent.
+    shown = subprocess.run(
+        [*p2p_mirror_argv(), "status", "--agent", agent.url],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert shown.splitlines()[0] == f"{agent.url}: ok"
+    assert 'p2p_mirror_blob_bytes_total{source="cache"}' in shown
 
 
 def test_skopeo_copies_through_a_registries_conf_mirror(
