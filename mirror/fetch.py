@@ -199,6 +199,7 @@ class Fetcher:
             raise Fallback("seeder", "timed out") from None
         if info.get("size") != fetch.size or int(info.get("segment_size", 0)) <= 0:
             raise Fallback("seeder", f"seeder disagrees on size: {info}")
+        log.debug("blob %s: seeder %s has it: %s", fetch.digest, url, info)
         layout = self.store.begin(fetch.digest, fetch.size, int(info["segment_size"]))
         fetch.layout = layout
         peers = [(await _resolve(urlsplit(url).hostname or ""), int(info["bt_port"]))]
@@ -214,6 +215,7 @@ class Fetcher:
                 except TimeoutError:
                     raise Fallback("seeder", f"segment {index} torrent timed out") from None
                 await self._consume(fetch, hasher, index, transfer)
+                log.debug("blob %s: segment %d streamed", fetch.digest, index)
         finally:
             for getter in getters:
                 getter.cancel()
@@ -227,6 +229,7 @@ class Fetcher:
             raise Fallback("seeder", f"torrent {index} does not describe segment {expected}")
         fetch.layout.torrent_path(index).write_bytes(data)
         fetch.metas.append(meta)
+        log.debug("blob %s: joining segment %d swarm (%s)", fetch.digest, index, meta.info_hash)
         transfer = self.swarm.add(meta, fetch.layout.dir, seed=False, peers=peers)
         fetch.transfers.append(transfer)
         return transfer
