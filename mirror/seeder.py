@@ -25,7 +25,6 @@ from mirror.store import BlobLayout, BlobStore
 from mirror.swarm import Metainfo, Swarm, make_torrent
 
 log = logging.getLogger("p2p_mirror.seeder")
-CHUNK = 1024 * 1024
 
 
 @dataclass
@@ -136,7 +135,7 @@ class Seeder:
             index = 0
             seg = open(layout.segment_path(0), "wb")  # noqa: SIM115 - closed per segment below
             try:
-                async for chunk in resp.content.iter_chunked(CHUNK):
+                async for chunk in resp.content.iter_any():
                     if offset + len(chunk) > layout.size:
                         raise OCIError("DIGEST_INVALID", "origin sent more bytes than announced")
                     hasher.update(chunk)

@@ -57,6 +57,13 @@ class BlobLayout:
 
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` across segment files (blocking: use a thread)."""
+        index, inner = divmod(offset, self.segment_size)
+        if inner + length <= self.segment_len(index):  # the common case: one file, no copy
+            with open(self.segment_path(index), "rb", buffering=0) as f:
+                chunk = os.pread(f.fileno(), length, inner)
+            if len(chunk) != length:
+                raise OSError(f"short read in {self.segment_path(index)}")
+            return chunk
         out = bytearray()
         while length > 0:
             index, inner = divmod(offset, self.segment_size)

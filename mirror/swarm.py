@@ -129,11 +129,8 @@ class Transfer:
         deadline = loop.time() + timeout
         delay = 0.005
         while True:
-            try:
-                data = await asyncio.to_thread(_pread, self.path, start, end - start)
-            except FileNotFoundError:  # not even created yet: the blocks are still in memory
-                data = b""
-            if data and await asyncio.to_thread(self.meta.piece_ok, piece, data):
+            data = await asyncio.to_thread(self._read_verified, piece, start, end)
+            if data is not None:
                 return data
             if loop.time() > deadline:
                 raise SwarmError(f"piece {piece} of {self.meta.name} never reached the disk")
@@ -141,6 +138,14 @@ class Transfer:
                 self.handle.flush_cache()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
+
+    def _read_verified(self, piece: int, start: int, end: int) -> bytes | None:
+        """The piece's bytes from the file if they match its hash yet (blocking)."""
+        try:
+            data = _pread(self.path, start, end - start)
+        except FileNotFoundError:  # not even created yet: the blocks are still in memory
+            return None
+        return data if self.meta.piece_ok(piece, data) else None
 
     def payload_downloaded(self) -> int:
         return self.handle.status().total_payload_download
