@@ -183,7 +183,8 @@ class Fetcher:
             self.metrics.inc("blob_failures_total", code=error.code)
             for transfer in fetch.transfers:
                 self.swarm and self.swarm.remove(transfer)
-            self.store.discard(fetch.digest)
+            if fetch.layout is not None:
+                self.store.abandon(fetch.layout)
             fetch.finish(error)
 
     async def _from_swarm(self, fetch: BlobFetch, hasher) -> None:
@@ -215,7 +216,8 @@ class Fetcher:
                 except TimeoutError:
                     raise Fallback("seeder", f"segment {index} torrent timed out") from None
                 await self._consume(fetch, hasher, index, transfer)
-                log.debug("blob %s: segment %d streamed", fetch.digest, index)
+                log.debug("blob %s: segment %d streamed; peers: %s", fetch.digest, index,
+                         transfer.peer_summary())
         finally:
             for getter in getters:
                 getter.cancel()
@@ -254,10 +256,12 @@ class Fetcher:
         """Fetch the rest of the blob from the origin, writing it where the swarm would have."""
         if self.swarm is not None:
             for transfer in fetch.transfers:
-                self.swarm.remove(transfer)  # nothing else may write these files now
+                self.swarm.remove(transfer)
         if fetch.layout is None:
             fetch.layout = self.store.begin(fetch.digest, fetch.size, DEFAULT_SEGMENT)
         layout = fetch.layout
+        # A removed torrent may still flush blocks into its files: write to new inodes.
+        await asyncio.to_thread(layout.detach_from, fetch.available)
         offset = fetch.available
         resp = await self.origin.open_blob(
             fetch.upstream, fetch.name, fetch.digest, forward_headers(fetch.headers), offset

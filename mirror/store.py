@@ -1,10 +1,12 @@
 """The blob store shared by agent and seeder: blobs by digest, cut into segment files.
 
-A blob lives in ``blobs/<alg>/<hex>/`` as one file per segment (each segment is one
-torrent, so the swarm reads and writes these files in place). The directory only counts as
-a cached blob once its ``verified`` marker exists; the marker is written atomically after
-the whole blob matched its digest. A directory without the marker is a download in
-progress (or a crash leftover, removed at start): it is never served from the cache.
+Each download of a blob gets a private directory ``blobs/<alg>/<hex>/<id>/`` holding one
+file per segment (each segment is one torrent, so the swarm reads and writes these files in
+place). A download directory only counts as the cached blob once its ``verified`` marker
+exists; the marker is written atomically after the whole blob matched its digest. Without
+the marker it is a download in progress (or a crash leftover, removed at start) and is never
+served from the cache. Private directories mean a failed download's late readers, or a
+retried download, can never see each other's bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -97,6 +100,28 @@ class BlobLayout:
             view = view[written:]
             offset += written
 
+    def detach_from(self, offset: int) -> None:
+        """Give every segment from ``offset`` on a new file, keeping the bytes before it.
+
+        Used when the origin takes over from the swarm: a torrent being removed may still
+        flush blocks into its old files, and those writes must land in inodes nobody reads.
+        """
+        first = offset // self.segment_size
+        for index in range(first, self.count):
+            path = self.segment_path(index)
+            keep = offset - index * self.segment_size if index == first else 0
+            prefix = b""
+            if keep > 0 and path.exists():
+                with open(path, "rb") as f:
+                    prefix = f.read(keep)
+                if len(prefix) != keep:
+                    raise OSError(f"short read in {path}")
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            if prefix:
+                with open(path, "wb") as f:
+                    f.write(prefix)
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -121,14 +146,23 @@ class BlobStore:
         """Remove unverified leftovers of interrupted downloads (call at start only)."""
         removed = []
         for digest, path in self._dirs():
-            if not (path / MARKER).exists():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(digest)
+            for download in _subdirs(path):
+                if not (download / MARKER).exists():
+                    shutil.rmtree(download, ignore_errors=True)
+                    removed.append(digest)
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if nothing verified is left in it
         return removed
 
     def layout(self, digest: Digest) -> BlobLayout | None:
         """The verified blob, or None."""
-        path = self.blob_dir(digest)
+        for download in _subdirs(self.blob_dir(digest)):
+            layout = self._verified(digest, download)
+            if layout is not None:
+                return layout
+        return None
+
+    def _verified(self, digest: Digest, path: Path) -> BlobLayout | None:
         try:
             meta = json.loads((path / MARKER).read_text())
             layout = BlobLayout(digest, int(meta["size"]), int(meta["segment_size"]), path)
@@ -141,10 +175,8 @@ class BlobStore:
         return layout
 
     def begin(self, digest: Digest, size: int, segment_size: int) -> BlobLayout:
-        """A fresh, empty, unverified blob directory (segment files appear as data arrives)."""
-        path = self.blob_dir(digest)
-        if path.exists():
-            shutil.rmtree(path)
+        """A new private, empty, unverified download directory (segment files appear later)."""
+        path = self.blob_dir(digest) / secrets.token_hex(6)
         path.mkdir(parents=True)
         return BlobLayout(digest, size, segment_size, path)
 
@@ -163,20 +195,29 @@ class BlobStore:
         os.replace(tmp, layout.dir / MARKER)
 
     def discard(self, digest: Digest) -> None:
+        """Forget a blob: every download directory of it, verified or not."""
         shutil.rmtree(self.blob_dir(digest), ignore_errors=True)
 
-    def touch(self, digest: Digest) -> None:
+    def abandon(self, layout: BlobLayout) -> None:
+        """Drop one failed download (others of the same blob are left alone)."""
+        shutil.rmtree(layout.dir, ignore_errors=True)
         with contextlib.suppress(OSError):
-            os.utime(self.blob_dir(digest) / MARKER)
+            layout.dir.parent.rmdir()
+
+    def touch(self, digest: Digest) -> None:
+        layout = self.layout(digest)
+        if layout is not None:
+            with contextlib.suppress(OSError):
+                os.utime(layout.dir / MARKER)
 
     def entries(self) -> list[Entry]:
         out = []
-        for digest, path in self._dirs():
+        for digest, _ in self._dirs():
             layout = self.layout(digest)
             if layout is None:
                 continue
             with contextlib.suppress(OSError):
-                out.append(Entry(digest, layout.size, (path / MARKER).stat().st_mtime))
+                out.append(Entry(digest, layout.size, (layout.dir / MARKER).stat().st_mtime))
         return out
 
     def usage(self) -> int:
@@ -223,3 +264,10 @@ class BlobStore:
                     continue
                 out.append((digest, path))
         return out
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir())
+    except OSError:
+        return []

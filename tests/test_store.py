@@ -158,7 +158,9 @@ class TestBlobStoreContract:
                                         '{"size": 5, "segment_size": 0}'])
     def test_damaged_marker_is_not_a_verified_blob(self, store: BlobStore, marker: str) -> None:
         digest = put(store, payload(5))
-        (store.blob_dir(digest) / MARKER).write_text(marker)
+        layout = store.layout(digest)
+        assert layout is not None
+        (layout.dir / MARKER).write_text(marker)
         assert store.layout(digest) is None
         assert store.entries() == []
 
@@ -170,6 +172,30 @@ class TestBlobStoreContract:
         (old.dir / "stray").write_text("x")
         new = store.begin(digest, 20, 10)
         assert list(new.dir.iterdir()) == []
+        assert new.dir != old.dir  # a retry never shares files with the download it replaces
+        store.abandon(old)
+        assert not old.dir.exists() and new.dir.exists()
+
+    def test_detach_from_keeps_the_prefix_in_new_files(self, store: BlobStore) -> None:
+        data = payload(25)
+        layout = store.begin(Digest.of(data), 25, 10)
+        layout.write(0, data)
+        old_inodes = [p.stat().st_ino for p in layout.paths()]
+        held = [open(p, "r+b") for p in layout.paths()]  # noqa: SIM115 - held like a torrent
+        try:
+            layout.detach_from(13)
+            for f in held[1:]:  # late writes of the removed torrent land in the old inodes
+                f.write(b"X" * 5)
+                f.flush()
+        finally:
+            for f in held:
+                f.close()
+        assert layout.paths()[0].stat().st_ino == old_inodes[0]
+        assert layout.paths()[1].stat().st_ino != old_inodes[1]
+        assert not layout.paths()[2].exists()
+        assert layout.paths()[1].read_bytes() == data[10:13]
+        layout.write(13, data[13:])
+        assert layout.read(10, 15) == data[10:]
 
     def test_recover_removes_unverified_keeps_verified(self, store: BlobStore) -> None:
         kept = put(store, payload(15, 1))
