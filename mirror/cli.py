@@ -114,9 +114,10 @@ def status(url: str, timeout: float) -> None:
 def _register_optional_commands() -> None:
     """Commands that live in the sibling packages (tracker, installer)."""
     from installer.cli import install, uninstall
+    from mirror.demo import demo
     from tracker.cli import tracker
 
-    for command in (tracker, install, uninstall):
+    for command in (tracker, install, uninstall, demo):
         main.add_command(command)
 
 

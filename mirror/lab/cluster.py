@@ -69,6 +69,27 @@ def hosts_toml(server: str, mirror: str | None) -> str:
     return render_new(mirror, server)
 
 
+def install_hosts(containerd: Containerd, server: str, mirror: str | None) -> Path:
+    """Let ``p2p-mirror install`` write the node's hosts.toml, under a per-node host root.
+
+    The node's containerd is not running yet, so the installer is told not to restart it;
+    the pulls then use the ``certs.d`` the installer wrote.
+    """
+    root = containerd.workdir / "host"
+    config = root / "etc" / "containerd" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("version = 2\n")
+    argv = [*p2p_mirror_argv(), "install", "--root", str(root), "--runtime", "containerd",
+            "--registry", f"{REGISTRY_NAME}={server}", "--no-restart"]
+    if mirror is not None:
+        argv += ["--mirror", mirror]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                         cwd=REPO_ROOT, env={**os.environ, **Cluster._env()})  # fmt: skip
+    if out.returncode != 0:
+        raise LabError(f"p2p-mirror install failed ({out.returncode}): {out.stderr[-2000:]}")
+    return root / "etc" / "containerd" / "certs.d"
+
+
 def parse_blob_sources(metrics_text: str) -> dict[str, int]:
     """``{"swarm": n, "origin": n, "cache": n}`` from the agent's Prometheus text."""
     out: dict[str, int] = {}
@@ -119,8 +140,9 @@ class Cluster:
     shapes origin, cache and seeder, so "origin link = node link" unless told otherwise.
     ``origin_storage`` seeds the origin's registry storage (hard links) so a benchmark does
     not re-push the image through the shaped link for every run. ``write_hosts(containerd,
-    server, mirror)`` replaces the built-in hosts.toml writer (e.g. to run the installer); it
-    is called before that node's containerd starts, ``mirror`` is None outside p2p mode.
+    server, mirror)`` replaces the built-in hosts.toml writer (e.g. ``install_hosts``, the
+    real installer); it is called before that node's containerd starts, ``mirror`` is None
+    outside p2p mode, and it may return the hosts directory the node's pulls should use.
     """
 
     def __init__(
@@ -134,7 +156,7 @@ class Cluster:
         agent_args: Sequence[str] = (),
         seeder_args: Sequence[str] = (),
         log: Callable[[str], None] | None = None,
-        write_hosts: Callable[[Containerd, str, str | None], None] | None = None,
+        write_hosts: Callable[[Containerd, str, str | None], Path | None] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -297,7 +319,7 @@ class Cluster:
             ctd = Containerd(self.workdir / name / "ctd", netns=self.net.node(name).netns)
             hosts_dir = ctd.certs_dir
             if self.write_hosts is not None:
-                self.write_hosts(ctd, server, mirror)
+                hosts_dir = self.write_hosts(ctd, server, mirror) or hosts_dir
             else:
                 (hosts_dir / REGISTRY_NAME).mkdir(parents=True, exist_ok=True)
                 (hosts_dir / REGISTRY_NAME / "hosts.toml").write_text(hosts_toml(server, mirror))
