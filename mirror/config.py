@@ -227,7 +227,7 @@ class SeederConfig:
     listen: HostPort = _opt(HostPort("0.0.0.0", 5005), HostPort.parse, "HTTP metainfo API")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6882), HostPort.parse, "BitTorrent listen")
     registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
-    segment_size: int = _opt(16 * MiB, parse_size, "blob segment (one torrent each)")
+    segment_size: int = _opt(16 * MiB, parse_size, "largest blob segment (one torrent each)")
     super_seeding: bool = _opt(False, parse_bool, "hand each piece out once (BEP 16)")
     piece_size: int = _opt(256 * 1024, parse_size, "torrent piece size")
     unchoke_slots: int = _opt(2, int, "peers fed at once (few: distinct pieces, no duplicates)")

@@ -134,7 +134,9 @@ class Seeder:
                 raise error_for_status(resp.status, "blobs")
             if resp.content_length is None:
                 raise OCIError("UNAVAILABLE", "origin sent no Content-Length")
-            layout = self.store.begin(job.digest, resp.content_length, self.cfg.segment_size)
+            size = resp.content_length
+            segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
+            layout = self.store.begin(job.digest, size, segment)
             job.layout = layout
             loop = asyncio.get_running_loop()
             job.torrents = [loop.create_future() for _ in range(layout.count)]
@@ -250,6 +252,17 @@ class Seeder:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", self.metrics.handler)
         return app
+
+
+def segment_size_for(size: int, largest: int, piece: int, parts: int = 4) -> int:
+    """Cut every blob in at least ``parts`` segments (whole pieces, at most ``largest``).
+
+    Peers can start on a segment as soon as the seeder has it, so even a small layer's
+    distribution overlaps with its origin download; large blobs stay at ``largest`` per
+    torrent so the tracker does not see thousands of swarms.
+    """
+    quarter = -(-size // parts)
+    return max(piece, min(largest, -(-quarter // piece) * piece))
 
 
 def _resolved(data: bytes) -> asyncio.Future[bytes]:

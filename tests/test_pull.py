@@ -189,7 +189,7 @@ def test_corrupt_seeder_data_is_never_served(
     assert get(f"{stack.seeder_url}/v1/blobs/{layer.digest}/torrents/{last}")[0] == 200
     blob_dir = stack.workdir / "seeder" / "blobs" / "sha256" / layer.digest.split(":")[1]
     segments = [p for p in blob_dir.glob(f"*/{layer.digest[7:]}*") if p.suffix != ".torrent"]
-    assert len(segments) == info["segments"] == 2
+    assert len(segments) == info["segments"] >= 2
     for segment in segments:
         with open(segment, "r+b") as f:
             f.write(b"\0" * 4096)
