@@ -32,7 +32,13 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
 from mirror.config import parse_size  # noqa: E402
-from mirror.lab.cluster import MODES, Cluster, NodeResult, Progress  # noqa: E402
+from mirror.lab.cluster import (  # noqa: E402
+    MODES,
+    Cluster,
+    NodeResult,
+    Progress,
+    progress_cells,
+)
 from mirror.lab.images import ImageLayout, build_image, push_image  # noqa: E402
 from mirror.lab.netns import cleanup_stale, exit_on_signals  # noqa: E402
 from mirror.lab.registry import Registry  # noqa: E402
@@ -112,12 +118,8 @@ def _progress_printer(label: str) -> object:
         if now - last[0] < 1.0:
             return
         last[0] = now
-        cells = []
-        for p in samples:
-            pct = 100 * p.rx_bytes / p.expected if p.expected else 0
-            cells.append("done" if p.done else f"{min(pct, 99.9):4.0f}%")
         t = max(p.seconds for p in samples)
-        line = f"  {label} t={t:6.1f}s " + " ".join(cells)
+        line = f"  {label} t={t:6.1f}s " + progress_cells(samples)
         if sys.stderr.isatty():
             sys.stderr.write("\r" + line[:200] + "\x1b[K")
         else:

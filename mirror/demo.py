@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from mirror.lab.cluster import Cluster, NodeResult, Progress, install_hosts
+from mirror.lab.cluster import Cluster, NodeResult, Progress, install_hosts, progress_cells
 from mirror.lab.images import build_image
 from mirror.lab.netns import cleanup_stale, exit_on_signals
 from mirror.status import human_bytes
@@ -39,19 +39,17 @@ def check_machine() -> None:
 
 
 def progress_printer(echo: Callable[[str], None]) -> Callable[[list[Progress]], None]:
-    """One line per second: each node's share of the image received so far."""
+    """A header, then one line per second: each node's share of the image received so far."""
     last = [-1.0]
 
     def show(samples: list[Progress]) -> None:
         now = max(s.seconds for s in samples)
         if now - last[0] < 1.0:
             return
+        if last[0] < 0:
+            echo("    time" + "".join(f"{s.node:>7}" for s in samples))
         last[0] = now
-        cells = []
-        for s in samples:
-            pct = 100 * s.rx_bytes / s.expected if s.expected else 0
-            cells.append(f"{s.node}:{'done' if s.done else f'{min(pct, 100):3.0f}%'}")
-        echo(f"  t={now:5.1f}s  " + "  ".join(cells))
+        echo(f"  {now:5.1f}s" + "".join(f"{c:>7}" for c in progress_cells(samples).split()))
 
     return show
 

@@ -125,6 +125,15 @@ class Progress:
     seconds: float
 
 
+def progress_cells(samples: Sequence[Progress]) -> str:
+    """Each node's share of the image so far (``done`` once pulled), for a live line."""
+    cells = []
+    for p in samples:
+        pct = 100 * p.rx_bytes / p.expected if p.expected else 0
+        cells.append("done" if p.done else f"{min(pct, 99.9):4.0f}%")
+    return " ".join(cells)
+
+
 @dataclass
 class _NodeParts:
     name: str
