@@ -7,7 +7,7 @@ sendfile from disk) and a second cold agent once the seeder and the first agent 
 Everything shares this machine's 2 cores, so the swarm rows are CPU-bound here.
 The agent's peak RSS is sampled with psutil during the swarm run.
 
-    python bench/stream.py --size 256MiB --segment-size 64MiB
+    python bench/stream.py --size 256MiB --segment-size 16MiB
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class CpuTime:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="256MiB", help="blob size")
-    parser.add_argument("--segment-size", default="64MiB", help="seeder segment size")
+    parser.add_argument("--segment-size", default="16MiB", help="seeder segment size")
     parser.add_argument("--log-level", default="info", help="agent log level")
     parser.add_argument("--workdir", type=Path, help="keep logs and data here")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write results")
