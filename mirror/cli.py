@@ -41,6 +41,21 @@ registry_option = click.option(
 )
 
 
+cache_option = click.option(
+    "--cache-max-bytes", metavar="SIZE", help="LRU cache cap, e.g. 20GiB (0: none)."
+)
+upload_option = click.option(
+    "--upload-rate-limit", metavar="RATE", help="Swarm upload bytes/s (0: none)."
+)
+log_level_option = click.option(
+    "--log-level", metavar="LEVEL", help="debug, info, warning, error [info]."
+)
+
+
+def data_dir_option(what: str) -> Any:
+    return click.option("--data-dir", type=click.Path(path_type=Path), help=f"{what} directory.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="p2p-mirror")
 def main() -> None:
@@ -50,15 +65,15 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--listen", metavar="HOST:PORT", help="Mirror address [127.0.0.1:5004].")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Blob cache directory.")
+@data_dir_option("Blob cache")
 @click.option("--seeder", "seeder", multiple=True, metavar="URL", help="Seeder URL (repeatable).")
 @click.option("--bt-listen", metavar="HOST:PORT", help="BitTorrent address [0.0.0.0:6881].")
 @registry_option
 @click.option("--default-registry", metavar="NAME", help="Upstream when the client names none.")
-@click.option("--cache-max-bytes", metavar="SIZE", help="LRU cache cap, e.g. 20GiB (0: none).")
+@cache_option
 @click.option("--download-rate-limit", metavar="RATE", help="Swarm download bytes/s (0: none).")
-@click.option("--upload-rate-limit", metavar="RATE", help="Swarm upload bytes/s (0: none).")
-@click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error [info].")
+@upload_option
+@log_level_option
 def agent(config: Path | None, **flags: Any) -> None:
     """Run the node agent: an OCI pull-only registry mirror fed by the BitTorrent swarm.
 
@@ -77,14 +92,14 @@ def agent(config: Path | None, **flags: Any) -> None:
 @main.command()
 @config_option
 @click.option("--listen", metavar="HOST:PORT", help="Metainfo API address [0.0.0.0:5005].")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Blob store directory.")
+@data_dir_option("Blob store")
 @click.option("--tracker", "tracker", multiple=True, metavar="URL", help="Tracker announce URL.")
 @click.option("--bt-listen", metavar="HOST:PORT", help="BitTorrent address [0.0.0.0:6882].")
 @registry_option
-@click.option("--segment-size", metavar="SIZE", help="Blob segment per torrent [64MiB].")
-@click.option("--cache-max-bytes", metavar="SIZE", help="LRU cache cap (0: none).")
-@click.option("--upload-rate-limit", metavar="RATE", help="Swarm upload bytes/s (0: none).")
-@click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error [info].")
+@click.option("--segment-size", metavar="SIZE", help="Largest segment per torrent [16MiB].")
+@cache_option
+@upload_option
+@log_level_option
 def seeder(config: Path | None, **flags: Any) -> None:
     """Run a seeder: pulls each blob from the origin once, makes its torrents, seeds them."""
     from mirror.seeder import run_seeder
