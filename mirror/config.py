@@ -258,7 +258,7 @@ class AgentConfig:
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
     def upstream(self, name: str) -> Upstream:
-        return self.registries.get(name) or Upstream.default_for(name)
+        return upstream_for(self.registries, name)
 
 
 def upstream_for(registries: Mapping[str, Upstream], name: str) -> Upstream:

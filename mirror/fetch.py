@@ -181,8 +181,9 @@ class Fetcher:
                 error = OCIError("UNAVAILABLE", f"origin unavailable: {e}")
             log.warning("blob %s failed: %s", fetch.digest, error)
             self.metrics.inc("blob_failures_total", code=error.code)
-            for transfer in fetch.transfers:
-                self.swarm and self.swarm.remove(transfer)
+            if self.swarm is not None:
+                for transfer in fetch.transfers:
+                    self.swarm.remove(transfer)
             if fetch.layout is not None:
                 self.store.abandon(fetch.layout)
             fetch.finish(error)
@@ -315,11 +316,11 @@ class Fetcher:
             layout = self.store.layout(entry.digest)
             if layout is None:
                 continue
-            paths = [layout.torrent_path(i) for i in range(layout.count)]
-            if not all(p.exists() for p in paths):
+            torrents = layout.saved_torrents()
+            if torrents is None:
                 continue
-            with contextlib.suppress(SwarmError, OSError):
-                metas = [Metainfo.parse(p.read_bytes()) for p in paths]
+            with contextlib.suppress(SwarmError):
+                metas = [Metainfo.parse(data) for data in torrents]
                 self.seeding[entry.digest] = [
                     self.swarm.add(m, layout.dir, seed=True) for m in metas
                 ]

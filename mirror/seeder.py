@@ -22,7 +22,7 @@ from mirror.oci import Digest, OCIError, validate_name
 from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_headers
 from mirror.service import background, every, healthz, serve, wait_for_signal
 from mirror.store import BlobLayout, BlobStore
-from mirror.swarm import Metainfo, Swarm, make_torrent
+from mirror.swarm import Metainfo, Swarm, Transfer, make_torrent
 
 log = logging.getLogger("p2p_mirror.seeder")
 
@@ -35,6 +35,7 @@ class SeedJob:
     layout: BlobLayout | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     torrents: list[asyncio.Future[bytes]] = field(default_factory=list)
+    transfers: list[Transfer] = field(default_factory=list)
     error: OCIError | None = None
     task: asyncio.Task[None] | None = None
 
@@ -56,9 +57,8 @@ class Seeder:
             cfg.bt_listen,
             cfg.upload_rate_limit,
             cfg.download_rate_limit,
-            # Few upload slots: the seeder feeds distinct pieces to a couple of peers, who
-            # trade them on, instead of sending the same piece to every node at once
-            # (measured: 4 nodes, 2 slots -> 1.07x the blob leaves the seeder; 8+ -> ~2x).
+            # Measured: 2 slots sent one torrent out ~1x (no duplicates), but starved blobs
+            # of several segments into origin fallbacks at N=8; the default is 16.
             unchoke_slots=cfg.unchoke_slots,
         )
         self.jobs: dict[Digest, SeedJob] = {}
@@ -71,14 +71,15 @@ class Seeder:
         await self.swarm.start()
         for entry in self.store.entries():
             layout = self.store.layout(entry.digest)
-            if layout and all(layout.torrent_path(i).exists() for i in range(layout.count)):
-                job = SeedJob(entry.digest, layout)
-                for i in range(layout.count):
-                    data = layout.torrent_path(i).read_bytes()
-                    self._seed(data, layout)
-                    job.torrents.append(_resolved(data))
-                job.ready.set()
-                self.jobs[entry.digest] = job
+            torrents = layout.saved_torrents() if layout else None
+            if layout is None or torrents is None:
+                continue
+            job = SeedJob(entry.digest, layout)
+            for data in torrents:
+                self._seed(job, data)
+                job.torrents.append(_resolved(data))
+            job.ready.set()
+            self.jobs[entry.digest] = job
         self.metrics.gauge("torrents", lambda: len(self.swarm.transfers), "Torrents in session")
         self.metrics.gauge("upload_bytes", lambda: self.swarm.totals()[1], "Payload seeded")
 
@@ -119,11 +120,7 @@ class Seeder:
             log.exception("blob %s failed", job.digest)
             job.fail(OCIError("UNAVAILABLE", f"seeder error: {e}"))
         if job.error is not None:
-            for fut in job.torrents:
-                if fut.done() and not fut.exception():
-                    transfer = self.swarm.get(Metainfo.parse(fut.result()).info_hash)
-                    if transfer:
-                        self.swarm.remove(transfer)
+            self._stop_seeding(job)
             if job.layout is not None:
                 self.store.abandon(job.layout)
 
@@ -183,24 +180,34 @@ class Seeder:
         tmp = layout.torrent_path(index).with_suffix(".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, layout.torrent_path(index))
-        self._seed(data, layout)
+        self._seed(job, data)
         job.torrents[index].set_result(data)
 
-    def _seed(self, torrent: bytes, layout: BlobLayout) -> None:
-        self.swarm.add(
-            Metainfo.parse(torrent), layout.dir, seed=True, super_seed=self.cfg.super_seeding
+    def _seed(self, job: SeedJob, torrent: bytes) -> None:
+        assert job.layout is not None
+        job.transfers.append(
+            self.swarm.add(
+                Metainfo.parse(torrent), job.layout.dir, seed=True,
+                super_seed=self.cfg.super_seeding,
+            )
         )
+
+    def _stop_seeding(self, job: SeedJob) -> None:
+        for transfer in job.transfers:
+            self.swarm.remove(transfer)
+        job.transfers.clear()
+
+    def _evict(self, digest: Digest) -> None:
+        """Stop seeding a blob before the store deletes its files."""
+        job = self.jobs.pop(digest, None)
+        if job is not None:
+            self._stop_seeding(job)
+        log.info("evicted %s", digest)
 
     async def gc(self) -> None:
         active = {d for d, j in self.jobs.items() if j.task and not j.task.done()}
-        for digest in self.store.gc(self.cfg.cache_max_bytes, self.cfg.min_free_disk, active):
-            job = self.jobs.pop(digest, None)
-            for fut in job.torrents if job else []:
-                if fut.done() and not fut.exception():
-                    transfer = self.swarm.get(Metainfo.parse(fut.result()).info_hash)
-                    if transfer:
-                        self.swarm.remove(transfer)
-            log.info("evicted %s", digest)
+        self.store.gc(self.cfg.cache_max_bytes, self.cfg.min_free_disk, active,
+                      before_evict=self._evict)  # fmt: skip
 
     # --- HTTP API -------------------------------------------------------------------------
 

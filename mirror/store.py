@@ -52,6 +52,13 @@ class BlobLayout:
     def torrent_path(self, index: int) -> Path:
         return self.dir / (segment_name(self.digest, index, self.count) + ".torrent")
 
+    def saved_torrents(self) -> list[bytes] | None:
+        """Every segment's torrent as saved beside it, or None if any is missing."""
+        try:
+            return [self.torrent_path(i).read_bytes() for i in range(self.count)]
+        except OSError:
+            return None
+
     def segment_len(self, index: int) -> int:
         return min(self.segment_size, self.size - index * self.segment_size)
 

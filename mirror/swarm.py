@@ -157,9 +157,6 @@ class Transfer:
                 parts.append(f"{ip}:{port} {peer.total_download}/{peer.total_upload}")
         return ", ".join(parts) or "no peers"
 
-    def payload_downloaded(self) -> int:
-        return self.handle.status().total_payload_download
-
 
 class Swarm:
     """A libtorrent session tuned for a LAN swarm of registry blobs (TCP only, no DHT)."""

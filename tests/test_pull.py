@@ -281,3 +281,21 @@ def test_private_repository_needs_credentials_the_origin_accepts(
         hosts_dir = point_at(containerd, agent.url, private.url)
         containerd.pull(f"{REG}/team/app:v1", hosts_dir, user="alice:s3cret")
         assert containerd.image_digest(f"{REG}/team/app:v1") == layout.manifest_digest
+
+
+def test_restarted_seeder_seeds_its_cache_without_the_origin(
+    stack: LocalStack, registry: Registry, image: PushedImage
+) -> None:
+    layer = image.layout.layers[2]
+    first = stack.add_agent("agent1")
+    assert get(f"{first.url}/v2/library/demo/blobs/{layer.digest}?ns={REG}")[0] == 200
+    first.proc.stop()  # only the seeder will hold the blob
+    stack.stop_seeder()
+    stack.start_seeder()  # same data dir: re-seeds from its saved torrents
+    mark = registry.mark()
+    agent = stack.add_agent("agent2")
+    status, _, data = get(f"{agent.url}/v2/library/demo/blobs/{layer.digest}?ns={REG}")
+    assert status == 200 and hashlib.sha256(data).hexdigest() == layer.digest[7:]
+    registry.settle()
+    assert registry.blob_fetches(since=mark) == []
+    assert agent.blob_sources().get("swarm") == layer.size

@@ -366,3 +366,15 @@ def test_blob_layout_count_and_segment_len(tmp_path: Path) -> None:
     layout = BlobLayout(d, 25, 10, tmp_path)
     assert layout.count == 3
     assert [layout.segment_len(i) for i in range(3)] == [10, 10, 5]
+
+
+def test_saved_torrents_need_every_segment(tmp_path: Path) -> None:
+    data = payload(25)
+    store = BlobStore(tmp_path)
+    layout = store.begin(Digest.of(data), 25, 10)
+    assert layout.saved_torrents() is None
+    for i in range(layout.count - 1):
+        layout.torrent_path(i).write_bytes(b"t%d" % i)
+    assert layout.saved_torrents() is None  # one missing: not re-seedable
+    layout.torrent_path(layout.count - 1).write_bytes(b"last")
+    assert layout.saved_torrents() == [b"t0", b"t1", b"last"]
