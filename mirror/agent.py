@@ -82,6 +82,7 @@ class Agent:
             self.metrics,
             cfg.swarm_timeout,
             cfg.stall_timeout,
+            cfg.seeder_grace,
             on_cached=lambda digest: self.gc(),
         )
         self.access: dict[tuple[str, ...], Access] = {}
@@ -92,6 +93,7 @@ class Agent:
             ("fallbacks_total", "Swarm fetches that fell back to the origin, by reason"),
             ("requests_total", "Requests by kind and HTTP status"),
             ("blob_failures_total", "Blob fetches that failed, by OCI error code"),
+            ("seeder_segments_total", "Segments taken from the seeder: designated, or stalled"),
         ):
             self.metrics.describe(name, text)
 

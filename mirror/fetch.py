@@ -23,6 +23,7 @@ from mirror.config import MiB, Upstream
 from mirror.metrics import Metrics
 from mirror.oci import Digest, OCIError
 from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_headers
+from mirror.seeder import DIRECT_HEADER
 from mirror.store import BlobLayout, BlobStore, segment_name
 from mirror.swarm import Metainfo, Swarm, SwarmError, Transfer
 
@@ -54,6 +55,7 @@ class BlobFetch:
     error: OCIError | None = None
     metas: list[Metainfo] = field(default_factory=list)
     transfers: list[Transfer] = field(default_factory=list)
+    watchers: list[asyncio.Task[None]] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def advance(self, n: int) -> None:
@@ -111,15 +113,19 @@ class SeederClient:
                 errors.append(f"{url}: {e or type(e).__name__}")
         raise Fallback("seeder", "; ".join(errors))
 
-    async def torrent(self, url: str, digest: Digest, index: int, timeout: float) -> bytes:
+    async def torrent(
+        self, url: str, digest: Digest, index: int, timeout: float, bt_port: int
+    ) -> tuple[bytes, bool]:
+        """Segment ``index``'s torrent, and whether this agent should take it from the seeder."""
         try:
             async with self.session.get(
                 f"{url}/v1/blobs/{digest}/torrents/{index}",
+                params={"bt_port": str(bt_port)},
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 if resp.status != 200:
                     raise Fallback("seeder", f"torrent {index}: {resp.status}")
-                return await resp.read()
+                return await resp.read(), resp.headers.get(DIRECT_HEADER) == "1"
         except (aiohttp.ClientError, TimeoutError) as e:
             raise Fallback("seeder", f"torrent {index}: {e or type(e).__name__}") from None
 
@@ -135,6 +141,7 @@ class Fetcher:
     metrics: Metrics
     swarm_timeout: float
     stall_timeout: float
+    seeder_grace: float = 2.0
     on_cached: Callable[[Digest], None] = lambda digest: None
     active: dict[Digest, BlobFetch] = field(default_factory=dict)
     seeding: dict[Digest, list[Transfer]] = field(default_factory=dict)
@@ -220,22 +227,42 @@ class Fetcher:
                 log.debug("blob %s: segment %d streamed; peers: %s", fetch.digest, index,
                          transfer.peer_summary())
         finally:
-            for getter in getters:
-                getter.cancel()
+            for task in (*getters, *fetch.watchers):
+                task.cancel()
 
     async def _join(self, fetch: BlobFetch, url: str, index: int, peers) -> Transfer:
         assert self.swarm is not None and self.seeders is not None and fetch.layout is not None
-        data = await self.seeders.torrent(url, fetch.digest, index, self.swarm_timeout)
+        data, direct = await self.seeders.torrent(
+            url, fetch.digest, index, self.swarm_timeout, self.swarm.port
+        )
         meta = Metainfo.parse(data)
         expected = segment_name(fetch.digest, index, fetch.layout.count)
         if meta.name != expected or meta.size != fetch.layout.segment_len(index):
             raise Fallback("seeder", f"torrent {index} does not describe segment {expected}")
         fetch.layout.torrent_path(index).write_bytes(data)
         fetch.metas.append(meta)
-        log.debug("blob %s: joining segment %d swarm (%s)", fetch.digest, index, meta.info_hash)
-        transfer = self.swarm.add(meta, fetch.layout.dir, seed=False, peers=peers)
+        log.debug("blob %s: joining segment %d swarm (%s, %s)", fetch.digest, index,
+                  meta.info_hash, "from the seeder" if direct else "from peers")  # fmt: skip
+        transfer = self.swarm.add(meta, fetch.layout.dir, seed=False, peers=peers if direct else ())
         fetch.transfers.append(transfer)
+        if direct:
+            self.metrics.inc("seeder_segments_total", reason="designated")
+        else:
+            fetch.watchers.append(asyncio.create_task(self._seeder_if_stalled(transfer, peers)))
         return transfer
+
+    async def _seeder_if_stalled(self, transfer: Transfer, seeder: list[tuple[str, int]]) -> None:
+        """Peers made no progress on this segment for ``seeder_grace``: ask the seeder too.
+
+        Covers a designated agent that died or is slow, and a tracker that is down.
+        """
+        while not transfer.complete and transfer.error is None:
+            if not await transfer.wait_progress(self.seeder_grace):
+                log.debug("segment %s: no progress from peers, asking the seeder",
+                          transfer.meta.name)  # fmt: skip
+                self.metrics.inc("seeder_segments_total", reason="stalled")
+                transfer.connect(seeder)
+                return
 
     async def _consume(self, fetch: BlobFetch, hasher, index: int, transfer: Transfer) -> None:
         """Advance through segment ``index`` piece by piece as the swarm completes them."""

@@ -5,6 +5,12 @@ and get the blob's size and segment count at once; each segment's torrent is pub
 ``/v1/blobs/<digest>/torrents/<i>`` as soon as its bytes have arrived from the origin, so
 peers start before the whole blob is here. The last segment is published only after the
 whole blob matched its digest, so no peer can ever complete a blob that fails it.
+
+The seeder's upload link carries every byte once at the origin's pace, so it must not send
+a piece twice. It does not announce to the tracker: each segment goes to one *designated*
+agent (told so in the torrent response, spread evenly over the agents waiting for it), and
+every other agent gets it from its peers, contacting the seeder only if its peers make no
+progress (measured at N=8: seeder egress 2.4x -> 1.04x the image, all-done 30 s -> 21 s).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -25,6 +33,7 @@ from mirror.store import BlobLayout, BlobStore
 from mirror.swarm import Metainfo, Swarm, Transfer, make_torrent
 
 log = logging.getLogger("p2p_mirror.seeder")
+DIRECT_HEADER = "X-P2P-Mirror-Direct"
 
 
 @dataclass
@@ -38,6 +47,8 @@ class SeedJob:
     transfers: list[Transfer] = field(default_factory=list)
     error: OCIError | None = None
     task: asyncio.Task[None] | None = None
+    waiting: dict[int, Counter[str]] = field(default_factory=dict)
+    designated: dict[int, str] = field(default_factory=dict)
 
     def fail(self, error: OCIError) -> None:
         self.error = error
@@ -57,11 +68,12 @@ class Seeder:
             cfg.bt_listen,
             cfg.upload_rate_limit,
             cfg.download_rate_limit,
-            # Measured: 2 slots sent one torrent out ~1x (no duplicates), but starved blobs
-            # of several segments into origin fallbacks at N=8; the default is 16.
+            # Only designated and stalled agents connect, so every one of them gets a slot
+            # (a choked one would wait for the next 15 s unchoke round).
             unchoke_slots=cfg.unchoke_slots,
         )
         self.jobs: dict[Digest, SeedJob] = {}
+        self.designations: Counter[str] = Counter()
         self.metrics = Metrics()
         self.metrics.describe("origin_bytes_total", "Blob bytes fetched from origin registries")
         self.metrics.describe("seed_jobs_total", "Blob seeding jobs by result")
@@ -181,16 +193,24 @@ class Seeder:
         tmp.write_bytes(data)
         os.replace(tmp, layout.torrent_path(index))
         self._seed(job, data)
+        waiting = [agent for agent, n in job.waiting.get(index, Counter()).items() if n > 0]
+        if waiting:
+            self._designate(job, index, waiting)
         job.torrents[index].set_result(data)
+
+    def _designate(self, job: SeedJob, index: int, agents: list[str]) -> None:
+        """Segment ``index`` goes to the agent with the fewest segments so far (ties: random)."""
+        if len(self.designations) > 100_000:
+            self.designations.clear()
+        fewest = min(self.designations[a] for a in agents)
+        agent = random.choice([a for a in agents if self.designations[a] == fewest])
+        self.designations[agent] += 1
+        job.designated[index] = agent
 
     def _seed(self, job: SeedJob, torrent: bytes) -> None:
         assert job.layout is not None
-        job.transfers.append(
-            self.swarm.add(
-                Metainfo.parse(torrent), job.layout.dir, seed=True,
-                super_seed=self.cfg.super_seeding,
-            )
-        )
+        meta = Metainfo.parse(torrent)
+        job.transfers.append(self.swarm.add(meta, job.layout.dir, seed=True, announce=False))
 
     def _stop_seeding(self, job: SeedJob) -> None:
         for transfer in job.transfers:
@@ -242,6 +262,10 @@ class Seeder:
         index = int(request.match_info["index"])
         if job is None or not job.ready.is_set() or index >= len(job.torrents):
             return OCIError("BLOB_UNKNOWN", "no such blob or segment").response()
+        # An agent is its address and BitTorrent port: several may share a host.
+        agent = f"{request.remote}:{request.query.get('bt_port', '')}"
+        waiting = job.waiting.setdefault(index, Counter())
+        waiting[agent] += 1
         try:
             data = await asyncio.wait_for(
                 asyncio.shield(job.torrents[index]), self.cfg.origin_timeout
@@ -250,7 +274,13 @@ class Seeder:
             return e.response()
         except TimeoutError:
             return OCIError("UNAVAILABLE", "segment not ready in time").response()
-        return web.Response(body=data, content_type="application/x-bittorrent")
+        finally:
+            waiting[agent] -= 1
+        if index not in job.designated:  # nobody was waiting when it was published
+            self._designate(job, index, [agent])
+        direct = "1" if job.designated[index] == agent else "0"
+        return web.Response(body=data, content_type="application/x-bittorrent",
+                            headers={DIRECT_HEADER: direct})  # fmt: skip
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -261,15 +291,17 @@ class Seeder:
         return app
 
 
-def segment_size_for(size: int, largest: int, piece: int, parts: int = 4) -> int:
+def segment_size_for(size: int, largest: int, piece: int, parts: int = 8) -> int:
     """Cut every blob in at least ``parts`` segments (whole pieces, at most ``largest``).
 
     Peers can start on a segment as soon as the seeder has it, so even a small layer's
-    distribution overlaps with its origin download; large blobs stay at ``largest`` per
-    torrent so the tracker does not see thousands of swarms.
+    distribution overlaps with its origin download, and the last segment (what is left to
+    send when the origin is done) is small; large blobs stay at ``largest`` per torrent so
+    the tracker does not see thousands of swarms. (Measured, 8 nodes, 4 x 16 MiB layers:
+    4 MiB segments 20.6 s, 2 MiB 17.6 s, 1 MiB 18.5 s.)
     """
-    quarter = -(-size // parts)
-    return max(piece, min(largest, -(-quarter // piece) * piece))
+    part = -(-size // parts)
+    return max(piece, min(largest, -(-part // piece) * piece))
 
 
 def _resolved(data: bytes) -> asyncio.Future[bytes]:

@@ -100,6 +100,13 @@ class Transfer:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    async def wait_progress(self, timeout: float) -> bool:
+        """True if a piece finished (or the torrent failed) within ``timeout``."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+            return True
+        return False
+
     async def wait_piece(self, piece: int, timeout: float) -> bool:
         """True once ``piece`` is downloaded and verified; False after ``timeout`` without it."""
         loop = asyncio.get_running_loop()
@@ -259,13 +266,15 @@ class Swarm:
         save_dir: Path,
         seed: bool,
         peers: Iterable[tuple[str, int]] = (),
-        super_seed: bool = False,
+        announce: bool = True,
     ) -> Transfer:
         """Seed a verified file (no re-check) or download it; reuse a known torrent.
 
         Downloads use rarest-first, not sequential order: when every node pulls the same
         blob at once, sequential peers all hold the same pieces and only the seeder has
         anything to give. (Measured: piece deadlines ahead of the reader cost 25% too.)
+        Peers are found through the tracker only (no DHT, LSD or peer exchange), so a torrent
+        added with ``announce=False`` stays unknown to peers that were not told about it.
         """
         existing = self.transfers.get(meta.info_hash)
         if existing and existing.save_dir == save_dir and not existing.error:
@@ -276,12 +285,14 @@ class Swarm:
         atp = lt.add_torrent_params()
         atp.ti = lt.torrent_info(lt.bdecode(meta.data))
         atp.save_path = str(save_dir)
-        flags = lt.torrent_flags.seed_mode if seed else 0
-        if seed and super_seed:
-            # The first seed hands each piece out once, so peers must trade with each other
-            # instead of all draining the seeder's link.
-            flags |= lt.torrent_flags.super_seeding
-        atp.flags = flags | lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
+        flags = lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
+        flags |= lt.torrent_flags.disable_pex
+        if seed:
+            flags |= lt.torrent_flags.seed_mode
+        if not announce:
+            atp.trackers = []
+            flags |= lt.torrent_flags.override_trackers
+        atp.flags = flags
         handle = self.session.add_torrent(atp)
         transfer = Transfer(meta, handle, save_dir)
         if seed:

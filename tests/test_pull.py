@@ -13,6 +13,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from mirror.lab.containerd import Containerd
 from mirror.lab.images import PushedImage, build_image, push_image
 from mirror.lab.registry import Registry
 from mirror.lab.stack import AgentProc, LocalStack
+from mirror.seeder import segment_size_for
 from tests.conftest import failed, require_binaries
 
 REG = "registry.example.test"
@@ -109,6 +111,68 @@ def test_containerd_pulls_layers_from_the_swarm(
     registry.settle()
     assert registry.blob_fetches(since=mark) == []
     assert agent2.blob_sources().get("swarm") == blob_total(image)
+
+
+def seeder_upload(stack: LocalStack) -> int:
+    """Payload bytes the seeder's swarm has uploaded (its /metrics gauge)."""
+    with urllib.request.urlopen(f"{stack.seeder_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return int(float(next(line.split()[-1] for line in text.splitlines()
+                          if line.startswith("p2p_mirror_upload_bytes "))))  # fmt: skip
+
+
+def get_all(agents: list[AgentProc], digest: str) -> list[bytes]:
+    """Every agent GETs the blob at the same time; each must answer 200."""
+    def one(agent: AgentProc) -> bytes:
+        status, _, data = get(f"{agent.url}/v2/library/demo/blobs/{digest}?ns={REG}")
+        assert status == 200
+        return data
+
+    with ThreadPoolExecutor(len(agents)) as pool:
+        return list(pool.map(one, agents))
+
+
+def test_each_segment_leaves_the_seeder_once(
+    stack: LocalStack, registry: Registry, image: PushedImage
+) -> None:
+    """Agents pulling at once: the seeder hands each segment to one designated agent and
+    the others take it from their peers, so the seeder's link carries the blob ~once."""
+    layer = image.layout.layers[2]  # 3 MiB: several segments
+    agents = [stack.add_agent(f"agent{i}") for i in range(4)]
+
+    for data in get_all(agents, layer.digest):
+        assert hashlib.sha256(data).hexdigest() == layer.digest[7:]
+
+    segments = -(-layer.size // segment_size_for(layer.size, 2 * MiB, 256 * 1024))
+    assert segments > 1
+    designated = [a.metric("seeder_segments_total", reason="designated") for a in agents]
+    assert sum(designated) == segments
+    assert sum(a.metric("seeder_segments_total", reason="stalled") for a in agents) == 0
+    assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
+    assert seeder_upload(stack) < 1.25 * layer.size  # 4 agents, yet about one copy
+
+
+def test_without_a_tracker_agents_still_get_blobs_from_the_seeder(
+    stack: LocalStack, registry: Registry, image: PushedImage
+) -> None:
+    """Peers cannot find each other, so non-designated segments stall and each agent asks
+    the seeder directly after ``seeder_grace``: slower, but still no origin traffic."""
+    assert stack.tracker is not None
+    stack.tracker.stop()
+    layer = image.layout.layers[2]
+    agents = [stack.add_agent(f"agent{i}", seeder_grace=0.5) for i in range(2)]
+    mark = registry.mark()
+
+    for data in get_all(agents, layer.digest):
+        assert hashlib.sha256(data).hexdigest() == layer.digest[7:]
+
+    stalled = sum(a.metric("seeder_segments_total", reason="stalled") for a in agents)
+    assert stalled >= 1
+    assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
+    registry.settle()
+    assert [f.user_agent for f in registry.blob_fetches(since=mark)] == [
+        f.user_agent for f in registry.blob_fetches(since=mark) if "(seeder)" in f.user_agent
+    ]
 
 
 def test_cached_blob_is_served_again_from_disk(

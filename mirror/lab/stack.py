@@ -31,11 +31,13 @@ class AgentProc:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:
             return resp.read().decode()
 
-    def metric(self, name: str) -> float:
-        """Sum of all series of ``p2p_mirror_<name>`` (any labels)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the series of ``p2p_mirror_<name>`` that carry ``labels`` (all by default)."""
         total = 0.0
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
         for line in self.metrics_text().splitlines():
-            if line.startswith(f"p2p_mirror_{name}{{") or line.startswith(f"p2p_mirror_{name} "):
+            series = line.startswith((f"p2p_mirror_{name}{{", f"p2p_mirror_{name} "))
+            if series and all(w in line for w in wanted):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
@@ -53,6 +55,7 @@ class LocalStack:
         self.procs = ProcGroup()
         self.tracker_port = 0
         self.seeder_port = 0
+        self.tracker: Proc | None = None
         self.seeder: Proc | None = None
         self.agents: list[AgentProc] = []
 
@@ -65,7 +68,7 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         self.tracker_port = free_port()
-        tracker = self.procs.start(
+        self.tracker = tracker = self.procs.start(
             [*p2p_mirror_argv(), "tracker", "--listen", f"127.0.0.1:{self.tracker_port}",
              "--interval", "5"],
             self.workdir / "tracker.log",
