@@ -68,6 +68,7 @@ class RunResult:
     agent_origin_bytes: int = 0
     node_upload_bytes: int = 0
     node_seconds: list[float] = field(default_factory=list)
+    cpu_busy: float = 0.0
 
     @property
     def egress_ratio(self) -> float:
@@ -76,6 +77,13 @@ class RunResult:
     @property
     def lb_ratio(self) -> float:
         return self.all_done_s / self.lower_bound_s if self.lower_bound_s else math.nan
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -147,6 +155,7 @@ def run_one(
         setup = time.monotonic() - t0
         ref = c.ref(REPO, TAG)
         mark = c.origin_mark()
+        cpu0 = cpu_times()
         results: list[NodeResult] = c.pull_all(
             ref,
             expected_digest=layout.manifest_digest,
@@ -154,6 +163,7 @@ def run_one(
             progress=_progress_printer(label),  # type: ignore[arg-type]
             timeout=timeout,
         )
+        cpu1 = cpu_times()
         egress = c.origin_egress(mark)
         if sys.stderr.isatty():
             sys.stderr.write("\n")
@@ -182,10 +192,12 @@ def run_one(
         agent_origin_bytes=sum(r.sources.get("origin", 0) for r in results),
         node_upload_bytes=sum(r.tx_bytes for r in results),
         node_seconds=secs,
+        cpu_busy=(cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1]),
     )
     print(
         f"{label}: all done {res.all_done_s:6.2f}s p50 {res.p50_s:6.2f}s "
-        f"egress {res.egress_ratio:5.2f}x image, {res.lb_ratio:5.2f}x lower bound"
+        f"egress {res.egress_ratio:5.2f}x image, {res.lb_ratio:5.2f}x lower bound, "
+        f"CPU {100 * res.cpu_busy:3.0f}% busy"
         + ("" if res.ok else f"  FAILED: {error}"),
         flush=True,
     )
@@ -215,7 +227,9 @@ def write_markdown(path: Path, runs: list[RunResult], command: str, meta: dict[s
         "max(image / link rate, N x image / ((N+1) x link rate)), TCP/IP overhead not removed",
         "(~4%); *peers*: share of the agents' blob bytes that came from the swarm (seeder",
         "included); *node upload*: bytes all pulling nodes sent on their links (what they served",
-        "each other, plus request overhead), divided by the image size.",
+        "each other, plus request overhead), divided by the image size; *CPU busy*: share of",
+        "the machine's CPU time in use during the pull (all processes; near 100% the run is",
+        "CPU-bound, not link-bound).",
         "",
     ]
     for size in sorted({r.image_bytes for r in runs}):
@@ -224,8 +238,8 @@ def write_markdown(path: Path, runs: list[RunResult], command: str, meta: dict[s
             "",
             "| mode | N | all done (s) | p50 (s) | p99 (s) | origin egress / image | "
             "lower bound (s) | all done / lower bound | from peers | node upload / image "
-            "| status |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| CPU busy | status |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in sorted((r for r in runs if r.image_bytes == size),
                         key=lambda r: (MODES.index(r.mode), r.nodes)):  # fmt: skip
@@ -235,7 +249,7 @@ def write_markdown(path: Path, runs: list[RunResult], command: str, meta: dict[s
             lines.append(
                 f"| {r.mode} | {r.nodes} | {r.all_done_s:.2f} | {r.p50_s:.2f} | {r.p99_s:.2f} | "
                 f"{r.egress_ratio:.2f} | {r.lower_bound_s:.2f} | {r.lb_ratio:.2f} | {peers} | "
-                f"{r.node_upload_bytes / r.image_bytes:.2f} | {status} |"
+                f"{r.node_upload_bytes / r.image_bytes:.2f} | {100 * r.cpu_busy:.0f}% | {status} |"
             )
         lines.append("")
     path.write_text("\n".join(lines))

@@ -114,14 +114,19 @@ class SeederClient:
         raise Fallback("seeder", "; ".join(errors))
 
     async def torrent(
-        self, url: str, digest: Digest, index: int, timeout: float, bt_port: int
+        self, url: str, digest: Digest, index: int, bt_port: int
     ) -> tuple[bytes, bool]:
-        """Segment ``index``'s torrent, and whether this agent should take it from the seeder."""
+        """Segment ``index``'s torrent, and whether this agent should take it from the seeder.
+
+        The seeder answers when the segment has arrived from the origin, which for a late
+        segment of a large blob can take minutes: the caller bounds the wait from the moment
+        it needs the segment, not from the request.
+        """
         try:
             async with self.session.get(
                 f"{url}/v1/blobs/{digest}/torrents/{index}",
                 params={"bt_port": str(bt_port)},
-                timeout=aiohttp.ClientTimeout(total=timeout),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout.total),
             ) as resp:
                 if resp.status != 200:
                     raise Fallback("seeder", f"torrent {index}: {resp.status}")
@@ -232,9 +237,7 @@ class Fetcher:
 
     async def _join(self, fetch: BlobFetch, url: str, index: int, peers) -> Transfer:
         assert self.swarm is not None and self.seeders is not None and fetch.layout is not None
-        data, direct = await self.seeders.torrent(
-            url, fetch.digest, index, self.swarm_timeout, self.swarm.port
-        )
+        data, direct = await self.seeders.torrent(url, fetch.digest, index, self.swarm.port)
         meta = Metainfo.parse(data)
         expected = segment_name(fetch.digest, index, fetch.layout.count)
         if meta.name != expected or meta.size != fetch.layout.segment_len(index):
@@ -252,17 +255,24 @@ class Fetcher:
         return transfer
 
     async def _seeder_if_stalled(self, transfer: Transfer, seeder: list[tuple[str, int]]) -> None:
-        """Peers made no progress on this segment for ``seeder_grace``: ask the seeder too.
+        """Peers sent nothing for this segment for ``seeder_grace``: ask the seeder too.
 
-        Covers a designated agent that died or is slow, and a tracker that is down.
+        Covers a designated agent that died or is slow, and a tracker that is down. Bytes,
+        not pieces, count as progress: on a busy swarm one piece may take longer than that.
         """
-        while not transfer.complete and transfer.error is None:
-            if not await transfer.wait_progress(self.seeder_grace):
+        received = 0
+        while True:
+            await asyncio.sleep(self.seeder_grace)
+            if transfer.complete or transfer.error is not None:
+                return
+            now = transfer.payload_received()
+            if now == received:
                 log.debug("segment %s: no progress from peers, asking the seeder",
                           transfer.meta.name)  # fmt: skip
                 self.metrics.inc("seeder_segments_total", reason="stalled")
                 transfer.connect(seeder)
                 return
+            received = now
 
     async def _consume(self, fetch: BlobFetch, hasher, index: int, transfer: Transfer) -> None:
         """Advance through segment ``index`` piece by piece as the swarm completes them."""

@@ -100,13 +100,6 @@ class Transfer:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_progress(self, timeout: float) -> bool:
-        """True if a piece finished (or the torrent failed) within ``timeout``."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
-            return True
-        return False
-
     async def wait_piece(self, piece: int, timeout: float) -> bool:
         """True once ``piece`` is downloaded and verified; False after ``timeout`` without it."""
         loop = asyncio.get_running_loop()
@@ -120,6 +113,12 @@ class Transfer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
         return True
+
+    def payload_received(self) -> int:
+        """Payload bytes downloaded from peers so far (0 if libtorrent cannot say)."""
+        with contextlib.suppress(Exception):
+            return self.handle.status().total_payload_download
+        return 0
 
     def connect(self, peers: Iterable[tuple[str, int]]) -> None:
         for host, port in peers:
