@@ -214,6 +214,9 @@ class Swarm:
                 # expire from our tracker between announces.
                 "min_announce_interval": 10,
                 "stop_tracker_timeout": 1,
+                # A pull joins dozens of segment torrents at once; libtorrent's 50 would
+                # queue the rest, leaving them without peers for seconds.
+                "max_concurrent_http_announces": 1000,
                 "announce_to_all_trackers": True,
                 "announce_to_all_tiers": True,
                 "user_agent": "p2p-mirror",
