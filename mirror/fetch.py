@@ -146,7 +146,7 @@ class Fetcher:
     metrics: Metrics
     swarm_timeout: float
     stall_timeout: float
-    seeder_grace: float = 2.0
+    seeder_grace: float
     on_cached: Callable[[Digest], None] = lambda digest: None
     active: dict[Digest, BlobFetch] = field(default_factory=dict)
     seeding: dict[Digest, list[Transfer]] = field(default_factory=dict)

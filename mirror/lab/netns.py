@@ -73,11 +73,6 @@ class Node:
         return netns_prefix(self.netns)
 
 
-# Jumbo frames, as cluster networks commonly use: a sixth of the packets per byte, which
-# leaves more of the two cores to the roles under test (measured: agents -10% CPU).
-MTU = 9000
-
-
 def tbf_args(rate_mbit: float) -> list[str]:
     """A token bucket for ``rate_mbit``: burst >= one GSO super-packet, ~50 ms of queue."""
     rate_bytes = rate_mbit * 1e6 / 8
@@ -243,8 +238,7 @@ class Network:
             raise ValueError(f"subnet {self.subnet} too small for {len(self.specs)} nodes")
         plen = self.subnet.prefixlen
         self.host_ip = str(hosts[-1])
-        run_cmd(["ip", "link", "add", self.bridge, "mtu", str(MTU), "type", "bridge",
-                 "stp_state", "0"])  # fmt: skip
+        run_cmd(["ip", "link", "add", self.bridge, "type", "bridge", "stp_state", "0"])
         _no_ipv6(self.bridge)
         run_cmd(["ip", "addr", "add", f"{self.host_ip}/{plen}", "dev", self.bridge])
         run_cmd(["ip", "link", "set", self.bridge, "up"])
@@ -264,8 +258,7 @@ class Network:
     def _add_node(self, node: Node, plen: int) -> None:
         ns = node.netns
         run_cmd(["ip", "netns", "add", ns])
-        run_cmd(["ip", "link", "add", node.veth_host, "mtu", str(MTU), "type", "veth",
-                 "peer", "name", node.veth_ns, "mtu", str(MTU)])  # fmt: skip
+        run_cmd(["ip", "link", "add", node.veth_host, "type", "veth", "peer", "name", node.veth_ns])
         run_cmd(["ip", "link", "set", node.veth_ns, "netns", ns])
         run_cmd(["ip", "link", "set", node.veth_host, "master", self.bridge])
         _no_ipv6(node.veth_host)
