@@ -10,7 +10,7 @@ The seeder's upload link carries every byte once at the origin's pace, so it mus
 a piece twice. It does not announce to the tracker: each segment goes to one *designated*
 agent (told so in the torrent response, spread evenly over the agents waiting for it), and
 every other agent gets it from its peers, contacting the seeder only if its peers make no
-progress (measured at N=8: seeder egress 2.4x -> 1.04x the image, all-done 30 s -> 21 s).
+progress (benchmark, N=8, 64 MiB: seeder egress 2.4x -> ~1.05x the image, 30.8 s -> 18.2 s).
 """
 
 from __future__ import annotations
@@ -297,8 +297,9 @@ def segment_size_for(size: int, largest: int, piece: int, parts: int = 8) -> int
     Peers can start on a segment as soon as the seeder has it, so even a small layer's
     distribution overlaps with its origin download, and the last segment (what is left to
     send when the origin is done) is small; large blobs stay at ``largest`` per torrent so
-    the tracker does not see thousands of swarms. (Measured, 8 nodes, 4 x 16 MiB layers:
-    4 MiB segments 20.6 s, 2 MiB 17.6 s, 1 MiB 18.5 s.)
+    the tracker does not see thousands of swarms. (Measured, 4 x 16 MiB layers: 4 MiB
+    segments 20.6 s at N=8, 2 MiB 17-18 s; 1 MiB 15.5 s at N=8 but 34 s instead of 25 s at
+    N=16, where dozens more announces and connections per node hit the CPU.)
     """
     part = -(-size // parts)
     return max(piece, min(largest, -(-part // piece) * piece))
