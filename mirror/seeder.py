@@ -145,7 +145,7 @@ class Seeder:
                 raise OCIError("UNAVAILABLE", "origin sent no Content-Length")
             size = resp.content_length
             segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
-            layout = self.store.begin(job.digest, size, segment)
+            layout = self.store.begin(job.digest, size, segment, ramp=True)
             job.layout = layout
             loop = asyncio.get_running_loop()
             job.torrents = [loop.create_future() for _ in range(layout.count)]
@@ -161,11 +161,12 @@ class Seeder:
                     hasher.update(chunk)
                     view = memoryview(chunk)
                     while view:
-                        room = layout.segment_len(index) - (offset - index * layout.segment_size)
+                        end = layout.segment_start(index) + layout.segment_len(index)
+                        room = end - offset
                         seg.write(view[:room])
                         offset += min(room, len(view))
                         view = view[room:]
-                        if offset == (index + 1) * layout.segment_size and offset < layout.size:
+                        if offset == end and offset < layout.size:
                             seg.close()
                             await self._publish(job, index)
                             index += 1
@@ -248,6 +249,7 @@ class Seeder:
                 "digest": str(digest),
                 "size": layout.size,
                 "segment_size": layout.segment_size,
+                "ramp": layout.ramp,
                 "segments": layout.count,
                 "bt_port": self.swarm.port,
             }

@@ -101,7 +101,9 @@ class Transfer:
         self._changed = asyncio.Event()
 
     async def wait_piece(self, piece: int, timeout: float) -> bool:
-        """True once ``piece`` is downloaded and verified; False after ``timeout`` without it."""
+        """True once ``piece`` is downloaded and verified; False after ``timeout`` in which
+        no piece of this torrent finished (rarest-first may leave a given piece for last, so
+        only a torrent that stopped moving counts as stalled)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while piece not in self.done:
@@ -112,6 +114,7 @@ class Transfer:
                 return False
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
+                deadline = loop.time() + timeout  # some piece finished: still moving
         return True
 
     def payload_received(self) -> int:
