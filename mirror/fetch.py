@@ -214,8 +214,7 @@ class Fetcher:
         if info.get("size") != fetch.size or int(info.get("segment_size", 0)) <= 0:
             raise Fallback("seeder", f"seeder disagrees on size: {info}")
         log.debug("blob %s: seeder %s has it: %s", fetch.digest, url, info)
-        layout = self.store.begin(fetch.digest, fetch.size, int(info["segment_size"]),
-                                  ramp=info.get("ramp") is True)  # fmt: skip
+        layout = self.store.begin(fetch.digest, fetch.size, int(info["segment_size"]))
         fetch.layout = layout
         peers = [(await _resolve(urlsplit(url).hostname or ""), int(info["bt_port"]))]
         # Ask for every segment's torrent at once and join each swarm as soon as it is
@@ -279,7 +278,7 @@ class Fetcher:
         """Advance through segment ``index`` piece by piece as the swarm completes them."""
         layout = fetch.layout
         assert layout is not None
-        base = layout.segment_start(index)
+        base = index * layout.segment_size
         for piece in range(transfer.meta.num_pieces):
             if not await transfer.wait_piece(piece, self.stall_timeout):
                 raise Fallback("stall", f"no progress for {self.stall_timeout:.0f}s")

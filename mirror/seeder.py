@@ -145,7 +145,7 @@ class Seeder:
                 raise OCIError("UNAVAILABLE", "origin sent no Content-Length")
             size = resp.content_length
             segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
-            layout = self.store.begin(job.digest, size, segment, ramp=True)
+            layout = self.store.begin(job.digest, size, segment)
             job.layout = layout
             loop = asyncio.get_running_loop()
             job.torrents = [loop.create_future() for _ in range(layout.count)]
@@ -161,12 +161,11 @@ class Seeder:
                     hasher.update(chunk)
                     view = memoryview(chunk)
                     while view:
-                        end = layout.segment_start(index) + layout.segment_len(index)
-                        room = end - offset
+                        room = layout.segment_len(index) - (offset - index * layout.segment_size)
                         seg.write(view[:room])
                         offset += min(room, len(view))
                         view = view[room:]
-                        if offset == end and offset < layout.size:
+                        if offset == (index + 1) * layout.segment_size and offset < layout.size:
                             seg.close()
                             await self._publish(job, index)
                             index += 1
@@ -249,7 +248,6 @@ class Seeder:
                 "digest": str(digest),
                 "size": layout.size,
                 "segment_size": layout.segment_size,
-                "ramp": layout.ramp,
                 "segments": layout.count,
                 "bt_port": self.swarm.port,
             }

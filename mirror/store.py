@@ -17,11 +17,8 @@ import os
 import secrets
 import shutil
 import time
-from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property
-from itertools import accumulate
 from pathlib import Path
 
 import psutil
@@ -29,7 +26,6 @@ import psutil
 from mirror.oci import Digest
 
 MARKER = "verified"
-MIN_RAMP = 64 * 1024  # smallest ramp segment: below this, torrents cost more than they save
 
 
 def segment_name(digest: Digest, index: int, count: int) -> str:
@@ -37,50 +33,18 @@ def segment_name(digest: Digest, index: int, count: int) -> str:
     return digest.hex if count == 1 else f"{digest.hex}.{index:04d}"
 
 
-def segment_lengths(size: int, segment_size: int, ramp: bool = False) -> tuple[int, ...]:
-    """Byte length of each segment: ``segment_size`` each, the last one shorter.
-
-    With ``ramp`` the first and last three segments are 1/8, 1/4, 1/2 of ``segment_size``
-    (and mirrored): the first torrent is published after a few hundred KiB instead of a whole
-    segment, and what is left to spread when the origin finishes is small.
-    """
-    if ramp and size >= 4 * segment_size and segment_size >= 8 * MIN_RAMP:
-        head = (segment_size // 8, segment_size // 4, segment_size // 2)
-        middle, rest = divmod(size - 2 * sum(head), segment_size)
-        return (*head, *[segment_size] * middle, *([rest] if rest else []), *reversed(head))
-    full, rest = divmod(size, segment_size)
-    return (*[segment_size] * full, *([rest] if rest or not full else []))
-
-
 @dataclass(frozen=True)
 class BlobLayout:
-    """Where a blob's bytes are: ``size`` bytes in segments (see ``segment_lengths``)."""
+    """Where a blob's bytes are: ``size`` bytes in segments of ``segment_size``."""
 
     digest: Digest
     size: int
     segment_size: int
     dir: Path
-    ramp: bool = False
-
-    @cached_property
-    def lengths(self) -> tuple[int, ...]:
-        return segment_lengths(self.size, self.segment_size, self.ramp)
-
-    @cached_property
-    def starts(self) -> tuple[int, ...]:
-        return tuple(accumulate(self.lengths[:-1], initial=0))
 
     @property
     def count(self) -> int:
-        return len(self.lengths)
-
-    def segment_start(self, index: int) -> int:
-        return self.starts[index]
-
-    def locate(self, offset: int) -> tuple[int, int]:
-        """(segment index, offset inside it) of blob byte ``offset``."""
-        index = max(0, bisect_right(self.starts, offset) - 1)
-        return index, offset - self.starts[index]
+        return max(1, -(-self.size // self.segment_size))
 
     def segment_path(self, index: int) -> Path:
         return self.dir / segment_name(self.digest, index, self.count)
@@ -96,14 +60,14 @@ class BlobLayout:
             return None
 
     def segment_len(self, index: int) -> int:
-        return self.lengths[index]
+        return min(self.segment_size, self.size - index * self.segment_size)
 
     def paths(self) -> list[Path]:
         return [self.segment_path(i) for i in range(self.count)]
 
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` across segment files (blocking: use a thread)."""
-        index, inner = self.locate(offset)
+        index, inner = divmod(offset, self.segment_size)
         if inner + length <= self.segment_len(index):  # the common case: one file, no copy
             with open(self.segment_path(index), "rb", buffering=0) as f:
                 chunk = os.pread(f.fileno(), length, inner)
@@ -112,7 +76,7 @@ class BlobLayout:
             return chunk
         out = bytearray()
         while length > 0:
-            index, inner = self.locate(offset)
+            index, inner = divmod(offset, self.segment_size)
             take = min(length, self.segment_len(index) - inner)
             fd = os.open(self.segment_path(index), os.O_RDONLY)
             try:
@@ -133,7 +97,7 @@ class BlobLayout:
             # An empty blob still has its (empty) segment file, or commit() cannot find it.
             os.close(os.open(self.segment_path(0), os.O_WRONLY | os.O_CREAT, 0o644))
         while view:
-            index, inner = self.locate(offset)
+            index, inner = divmod(offset, self.segment_size)
             take = min(len(view), self.segment_len(index) - inner)
             fd = os.open(self.segment_path(index), os.O_WRONLY | os.O_CREAT, 0o644)
             try:
@@ -149,10 +113,10 @@ class BlobLayout:
         Used when the origin takes over from the swarm: a torrent being removed may still
         flush blocks into its old files, and those writes must land in inodes nobody reads.
         """
-        first, inner = self.locate(offset)
+        first = offset // self.segment_size
         for index in range(first, self.count):
             path = self.segment_path(index)
-            keep = inner if index == first else 0
+            keep = offset - index * self.segment_size if index == first else 0
             prefix = b""
             if keep > 0 and path.exists():
                 with open(path, "rb") as f:
@@ -208,8 +172,7 @@ class BlobStore:
     def _verified(self, digest: Digest, path: Path) -> BlobLayout | None:
         try:
             meta = json.loads((path / MARKER).read_text())
-            layout = BlobLayout(digest, int(meta["size"]), int(meta["segment_size"]), path,
-                                bool(meta.get("ramp", False)))  # fmt: skip
+            layout = BlobLayout(digest, int(meta["size"]), int(meta["segment_size"]), path)
         except (OSError, ValueError, KeyError, TypeError):
             return None  # no marker, or a damaged one: not a verified blob
         if layout.segment_size <= 0 or layout.size < 0:
@@ -218,12 +181,11 @@ class BlobStore:
             return None
         return layout
 
-    def begin(self, digest: Digest, size: int, segment_size: int, ramp: bool = False
-              ) -> BlobLayout:  # fmt: skip
+    def begin(self, digest: Digest, size: int, segment_size: int) -> BlobLayout:
         """A new private, empty, unverified download directory (segment files appear later)."""
         path = self.blob_dir(digest) / secrets.token_hex(6)
         path.mkdir(parents=True)
-        return BlobLayout(digest, size, segment_size, path, ramp)
+        return BlobLayout(digest, size, segment_size, path)
 
     def commit(self, layout: BlobLayout) -> None:
         """Mark a fully verified blob as cached (atomic: write, fsync, rename)."""
@@ -234,8 +196,7 @@ class BlobStore:
             finally:
                 os.close(fd)
         meta = {"digest": str(layout.digest), "size": layout.size,
-                "segment_size": layout.segment_size, "ramp": layout.ramp,
-                "verified_at": time.time()}
+                "segment_size": layout.segment_size, "verified_at": time.time()}
         tmp = layout.dir / f".{MARKER}.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, layout.dir / MARKER)

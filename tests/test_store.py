@@ -18,7 +18,7 @@ import pytest
 
 from mirror import store as store_mod
 from mirror.oci import Digest, OCIError
-from mirror.store import MARKER, MIN_RAMP, BlobLayout, BlobStore, segment_lengths, segment_name
+from mirror.store import MARKER, BlobLayout, BlobStore, segment_name
 
 StoreBuilder = Callable[[Path], BlobStore]
 STORE_BUILDERS: dict[str, StoreBuilder] = {"BlobStore": BlobStore}
@@ -175,29 +175,6 @@ class TestBlobStoreContract:
         assert new.dir != old.dir  # a retry never shares files with the download it replaces
         store.abandon(old)
         assert not old.dir.exists() and new.dir.exists()
-
-    def test_ramped_layout_round_trip(self, store: BlobStore) -> None:
-        """Uneven (ramped) segments: writes, reads, detach and the marker all follow them."""
-        seg = 8 * MIN_RAMP
-        data = os.urandom(5 * seg + 12345)
-        digest = Digest.of(data)
-        layout = store.begin(digest, len(data), seg, ramp=True)
-        assert layout.lengths == segment_lengths(len(data), seg, ramp=True)
-        assert len(set(layout.lengths)) > 2  # really uneven
-        for offset in range(0, len(data), 100_000):  # chunks straddle the boundaries
-            layout.write(offset, data[offset : offset + 100_000])
-        assert [p.stat().st_size for p in layout.paths()] == list(layout.lengths)
-        assert b"".join(p.read_bytes() for p in layout.paths()) == data
-        for start in (0, *layout.starts, layout.starts[3] - 1, len(data) - 1):
-            assert layout.read(start, min(200_000, len(data) - start)) == data[start:][:200_000]
-        cut = layout.starts[2] + 17
-        layout.detach_from(cut)
-        assert layout.read(0, cut) == data[:cut]
-        layout.write(cut, data[cut:])
-        store.commit(layout)
-        got = store.layout(digest)
-        assert got is not None and got.ramp and got.lengths == layout.lengths
-        assert got.read(0, len(data)) == data
 
     def test_detach_from_keeps_the_prefix_in_new_files(self, store: BlobStore) -> None:
         data = payload(25)
@@ -401,29 +378,3 @@ def test_saved_torrents_need_every_segment(tmp_path: Path) -> None:
     assert layout.saved_torrents() is None  # one missing: not re-seedable
     layout.torrent_path(layout.count - 1).write_bytes(b"last")
     assert layout.saved_torrents() == [b"t0", b"t1", b"last"]
-
-
-MiB = 1024 * 1024
-
-
-@pytest.mark.parametrize("size", [0, 1, 3 * MiB, 16 * MiB, 16 * MiB + 6144, 64 * MiB + 1])
-@pytest.mark.parametrize("segment", [256 * 1024, 2 * MiB])
-@pytest.mark.parametrize("ramp", [False, True])
-def test_segment_lengths_cover_the_blob(size: int, segment: int, ramp: bool) -> None:
-    lengths = segment_lengths(size, segment, ramp)
-    assert sum(lengths) == size
-    assert all(0 < n <= segment for n in lengths) or lengths == (0,)
-
-
-def test_ramp_starts_and_ends_small() -> None:
-    """A 16 MiB blob in 2 MiB segments: 1/8, 1/4, 1/2 at both ends, whole ones between."""
-    lengths = segment_lengths(16 * MiB, 2 * MiB, ramp=True)
-    eighth, quarter, half = MiB // 4, MiB // 2, MiB
-    assert lengths[:3] == (eighth, quarter, half) and lengths[-3:] == (half, quarter, eighth)
-    assert set(lengths[3:-3]) <= {2 * MiB, 16 * MiB - 2 * (eighth + quarter + half) - 12 * MiB}
-
-
-def test_small_or_unramped_blobs_keep_uniform_segments() -> None:
-    """Old caches (no ramp flag) and small blobs: every segment full but the last."""
-    assert segment_lengths(25, 10) == (10, 10, 5)
-    assert segment_lengths(3 * MiB, 256 * 1024, ramp=True) == (256 * 1024,) * 12
