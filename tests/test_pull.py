@@ -23,7 +23,7 @@ from mirror.lab.cluster import p2p_mirror_argv
 from mirror.lab.containerd import Containerd
 from mirror.lab.images import PushedImage, build_image, push_image
 from mirror.lab.registry import Registry
-from mirror.lab.stack import AgentProc, LocalStack
+from mirror.lab.stack import AgentProc, LocalStack, metric_sum
 from mirror.seeder import segment_size_for
 from tests.conftest import failed, require_binaries
 
@@ -116,9 +116,7 @@ def test_containerd_pulls_layers_from_the_swarm(
 def seeder_upload(stack: LocalStack) -> int:
     """Payload bytes the seeder's swarm has uploaded (its /metrics gauge)."""
     with urllib.request.urlopen(f"{stack.seeder_url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return int(float(next(line.split()[-1] for line in text.splitlines()
-                          if line.startswith("p2p_mirror_upload_bytes "))))  # fmt: skip
+        return int(metric_sum(resp.read().decode(), "upload_bytes"))
 
 
 def get_all(agents: list[AgentProc], digest: str) -> list[bytes]:
@@ -149,7 +147,8 @@ def test_each_segment_leaves_the_seeder_once(
     assert sum(designated) == segments
     assert sum(a.metric("seeder_segments_total", reason="stalled") for a in agents) == 0
     assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
-    assert seeder_upload(stack) < 1.25 * layer.size  # 4 agents, yet about one copy
+    # 4 agents, yet about one copy: at least one (only the seeder had the blob), not four
+    assert layer.size <= seeder_upload(stack) < 1.25 * layer.size
 
 
 def test_without_a_tracker_agents_still_get_blobs_from_the_seeder(
@@ -170,9 +169,7 @@ def test_without_a_tracker_agents_still_get_blobs_from_the_seeder(
     assert stalled >= 1
     assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
     registry.settle()
-    assert [f.user_agent for f in registry.blob_fetches(since=mark)] == [
-        f.user_agent for f in registry.blob_fetches(since=mark) if "(seeder)" in f.user_agent
-    ]
+    assert all("(seeder)" in f.user_agent for f in registry.blob_fetches(since=mark))
 
 
 def test_cached_blob_is_served_again_from_disk(

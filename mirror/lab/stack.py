@@ -16,6 +16,18 @@ from mirror.lab.cluster import p2p_mirror_argv, parse_blob_sources
 from mirror.lab.procs import Proc, ProcGroup, free_port, port_open
 
 
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the series of ``p2p_mirror_<name>`` in Prometheus ``text`` that carry ``labels``
+    (all series by default)."""
+    total = 0.0
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        series = line.startswith((f"p2p_mirror_{name}{{", f"p2p_mirror_{name} "))
+        if series and all(w in line for w in wanted):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 @dataclass
 class AgentProc:
     name: str
@@ -32,14 +44,7 @@ class AgentProc:
             return resp.read().decode()
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of the series of ``p2p_mirror_<name>`` that carry ``labels`` (all by default)."""
-        total = 0.0
-        wanted = [f'{k}="{v}"' for k, v in labels.items()]
-        for line in self.metrics_text().splitlines():
-            series = line.startswith((f"p2p_mirror_{name}{{", f"p2p_mirror_{name} "))
-            if series and all(w in line for w in wanted):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(self.metrics_text(), name, **labels)
 
     def blob_sources(self) -> dict[str, int]:
         return parse_blob_sources(self.metrics_text())
