@@ -103,10 +103,12 @@ class Agent:
             log.info("removed %d unverified leftovers from an earlier run", len(removed))
         if self.swarm is not None:
             await self.swarm.start()
-            self.metrics.gauge("swarm_download_bytes", lambda: self.swarm.totals()[0],
+            self.metrics.gauge("swarm_download_bytes", lambda: self.swarm.totals().downloaded,
                                "Payload downloaded from peers (live torrents)")
-            self.metrics.gauge("swarm_upload_bytes", lambda: self.swarm.totals()[1],
+            self.metrics.gauge("swarm_upload_bytes", lambda: self.swarm.totals().uploaded,
                                "Payload uploaded to peers (live torrents)")
+            self.metrics.gauge("swarm_wasted_bytes", lambda: self.swarm.totals().wasted,
+                               "Payload received twice or failing its hash (live torrents)")
             self.metrics.gauge("torrents", lambda: len(self.swarm.transfers), "Torrents")
             log.info("re-seeding %d cached blobs", self.fetcher.reseed())
         self.metrics.gauge("cache_bytes", self.store.usage, "Bytes of verified cached blobs")

@@ -93,7 +93,7 @@ class Seeder:
             job.ready.set()
             self.jobs[entry.digest] = job
         self.metrics.gauge("torrents", lambda: len(self.swarm.transfers), "Torrents in session")
-        self.metrics.gauge("upload_bytes", lambda: self.swarm.totals()[1], "Payload seeded")
+        self.metrics.gauge("upload_bytes", lambda: self.swarm.totals().uploaded, "Payload seeded")
 
     async def close(self) -> None:
         for job in self.jobs.values():

@@ -22,6 +22,14 @@ from mirror.config import HostPort, MiB
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SwarmTotals:
+    """Payload byte counters of a session; ``wasted`` = received twice or failing a hash."""
+
+    downloaded: int
+    uploaded: int
+    wasted: int
+
 
 class SwarmError(RuntimeError):
     """The torrent failed (disk error, bad metainfo): the caller falls back to the origin."""
@@ -315,15 +323,16 @@ class Swarm:
         transfer.error = transfer.error or "removed"
         transfer._notify()
 
-    def totals(self) -> tuple[int, int]:
-        """Payload bytes (downloaded, uploaded) over all torrents in the session."""
-        down = up = 0
+    def totals(self) -> SwarmTotals:
+        """Payload bytes over all torrents in the session."""
+        down = up = wasted = 0
         for transfer in list(self.transfers.values()):
             with contextlib.suppress(Exception):
                 status = transfer.handle.status()
                 down += status.total_payload_download
                 up += status.total_payload_upload
-        return down, up
+                wasted += status.total_redundant_bytes + status.total_failed_bytes
+        return SwarmTotals(down, up, wasted)
 
     async def _pump_alerts(self) -> None:
         while True:

@@ -147,6 +147,9 @@ def test_each_segment_leaves_the_seeder_once(
     assert sum(designated) == segments
     assert sum(a.metric("seeder_segments_total", reason="stalled") for a in agents) == 0
     assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
+    # Every payload byte received was either a byte of the blob or counted as wasted.
+    for a in agents:
+        assert a.metric("swarm_download_bytes") - a.metric("swarm_wasted_bytes") == layer.size
     # 4 agents, yet about one copy: at least one (only the seeder had the blob), not four
     assert layer.size <= seeder_upload(stack) < 1.25 * layer.size
 
