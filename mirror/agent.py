@@ -69,7 +69,8 @@ class Agent:
         self.origin = Origin(cfg.origin_timeout, "agent")
         self.metrics = Metrics()
         self.swarm = (
-            Swarm(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit)
+            Swarm(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit,
+                  tracker_peers=cfg.swarm_peers)
             if cfg.seeder
             else None
         )

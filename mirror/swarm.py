@@ -184,6 +184,7 @@ class Swarm:
         upload_rate_limit: int = 0,
         download_rate_limit: int = 0,
         unchoke_slots: int = 64,
+        tracker_peers: int = 200,
     ) -> None:
         self.listen = listen
         self.session = lt.session(
@@ -230,6 +231,7 @@ class Swarm:
                 "max_concurrent_http_announces": 1000,
                 "announce_to_all_trackers": True,
                 "announce_to_all_tiers": True,
+                "num_want": tracker_peers,
                 "user_agent": "p2p-mirror",
             }
         )

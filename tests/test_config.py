@@ -307,6 +307,8 @@ def test_empty_yaml_is_an_empty_mapping(tmp_path: Path) -> None:
         ("default_registry", "not/a/registry"),
         ("min_free_disk", "150%"),
         ("swarm_timeout", "-3"),
+        ("swarm_peers", "0"),
+        ("swarm_peers", "2.5"),
         ("log_level", "chatty"),
         ("registries", "[bad/name]"),
         ("registries", "{a.test: {url: http://h, insecure: true}}"),
