@@ -237,6 +237,7 @@ class SeederConfig:
     segment_size: int = _opt(16 * MiB, parse_size, "largest blob segment (one torrent each)")
     piece_size: int = _opt(256 * 1024, parse_size, "torrent piece size")
     unchoke_slots: int = _opt(64, int, "peer connections the seeder uploads to at once")
+    origin_streams: int = _opt(1, parse_count, "blobs downloaded from the origin at once")
     cache_max_bytes: int = _opt(0, parse_size, "evict LRU blobs above this (0: no cap)")
     min_free_disk: float = _opt(0.05, parse_fraction, "evict below this free-disk fraction")
     upload_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")

@@ -118,21 +118,31 @@ class SeederClient:
     ) -> tuple[bytes, bool]:
         """Segment ``index``'s torrent, and whether this agent should take it from the seeder.
 
-        The seeder answers when the segment has arrived from the origin, which for a late
-        segment of a large blob can take minutes: the caller bounds the wait from the moment
-        it needs the segment, not from the request.
+        The seeder publishes a segment once its bytes arrived from the origin, which for a
+        blob queued behind others can take minutes: wait as long as the seeder's origin
+        downloads advance, and give up after ``timeout`` seconds in which they did not.
         """
-        try:
-            async with self.session.get(
-                f"{url}/v1/blobs/{digest}/torrents/{index}",
-                params={"bt_port": str(bt_port)},
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout.total),
-            ) as resp:
-                if resp.status != 200:
-                    raise Fallback("seeder", f"torrent {index}: {resp.status}")
-                return await resp.read(), resp.headers.get(DIRECT_HEADER) == "1"
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise Fallback("seeder", f"torrent {index}: {e or type(e).__name__}") from None
+        loop = asyncio.get_running_loop()
+        patience = self.timeout.total or 30.0
+        progress, since = None, loop.time()
+        while True:
+            try:
+                async with self.session.get(
+                    f"{url}/v1/blobs/{digest}/torrents/{index}",
+                    params={"bt_port": str(bt_port), "wait": f"{patience / 3:g}"},
+                    timeout=aiohttp.ClientTimeout(total=patience * 4 / 3),
+                ) as resp:
+                    if resp.status == 200:
+                        return await resp.read(), resp.headers.get(DIRECT_HEADER) == "1"
+                    if resp.status != 202:
+                        raise Fallback("seeder", f"torrent {index}: {resp.status}")
+                    now = (await resp.json()).get("origin_bytes")
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                raise Fallback("seeder", f"torrent {index}: {e or type(e).__name__}") from None
+            if now != progress:
+                progress, since = now, loop.time()
+            elif loop.time() - since >= patience:
+                raise Fallback("seeder", f"torrent {index}: no origin progress for {patience:g}s")
 
 
 @dataclass
@@ -224,10 +234,7 @@ class Fetcher:
         ]
         try:
             for index, getter in enumerate(getters):
-                try:
-                    transfer = await asyncio.wait_for(asyncio.shield(getter), self.swarm_timeout)
-                except TimeoutError:
-                    raise Fallback("seeder", f"segment {index} torrent timed out") from None
+                transfer = await getter  # fails once the seeder stops making progress
                 await self._consume(fetch, hasher, index, transfer)
                 log.debug("blob %s: segment %d streamed; peers: %s", fetch.digest, index,
                          transfer.peer_summary())

@@ -1,10 +1,13 @@
 """The seeder: pulls each blob from the origin once, cuts it into segment torrents, seeds them.
 
 Agents ask ``GET /v1/blobs/<digest>?registry=R&repo=NAME`` (with the client's credentials)
-and get the blob's size and segment count at once; each segment's torrent is published at
-``/v1/blobs/<digest>/torrents/<i>`` as soon as its bytes have arrived from the origin, so
-peers start before the whole blob is here. The last segment is published only after the
-whole blob matched its digest, so no peer can ever complete a blob that fails it.
+and get the blob's size and segment count at once (the origin's HEAD); each segment's
+torrent is published at ``/v1/blobs/<digest>/torrents/<i>`` as soon as its bytes have
+arrived from the origin, so peers start before the whole blob is here. Blob bodies come
+from the origin ``origin_streams`` at a time in request order; a torrent request that waits
+longer than ``?wait=`` gets 202 with the seeder's origin byte count, a sign of life. The
+last segment is published only after the whole blob matched its digest, so no peer can ever
+complete a blob that fails it.
 
 The seeder's upload link carries every byte once at the origin's pace, so it must not send
 a piece twice. It does not announce to the tracker: each segment goes to one *designated*
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -34,6 +38,7 @@ from mirror.swarm import Metainfo, Swarm, Transfer, make_torrent
 
 log = logging.getLogger("p2p_mirror.seeder")
 DIRECT_HEADER = "X-P2P-Mirror-Direct"
+FINAL_FANOUT = 8  # agents that take the very last segment straight from the seeder
 
 
 @dataclass
@@ -48,7 +53,7 @@ class SeedJob:
     error: OCIError | None = None
     task: asyncio.Task[None] | None = None
     waiting: dict[int, Counter[str]] = field(default_factory=dict)
-    designated: dict[int, str] = field(default_factory=dict)
+    designated: dict[int, set[str]] = field(default_factory=dict)
 
     def fail(self, error: OCIError) -> None:
         self.error = error
@@ -74,6 +79,11 @@ class Seeder:
         )
         self.jobs: dict[Digest, SeedJob] = {}
         self.designations: Counter[str] = Counter()
+        # Blob bodies come from the origin a few at a time, in request order: with every
+        # layer at once, the first segment of any layer is complete only after segment_size
+        # x layers bytes, and the seeder's uplink idles until then.
+        self.origin_turns = asyncio.Semaphore(cfg.origin_streams)
+        self.origin_bytes = 0
         self.metrics = Metrics()
         self.metrics.describe("origin_bytes_total", "Blob bytes fetched from origin registries")
         self.metrics.describe("seed_jobs_total", "Blob seeding jobs by result")
@@ -137,19 +147,35 @@ class Seeder:
                 self.store.abandon(job.layout)
 
     async def _download(self, job: SeedJob, upstream, name: str, headers) -> None:
-        resp = await self.origin.open_blob(upstream, name, job.digest, forward_headers(headers))
+        send = forward_headers(headers)
+        status, head, _ = await self.origin.request(
+            "HEAD", upstream, name, "blobs", str(job.digest), send
+        )
+        if status != 200:
+            raise error_for_status(status, "blobs")
+        size = _content_length(head)
+        if size is None:
+            raise OCIError("UNAVAILABLE", "origin sent no Content-Length")
+        segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
+        layout = self.store.begin(job.digest, size, segment)
+        job.layout = layout
+        loop = asyncio.get_running_loop()
+        job.torrents = [loop.create_future() for _ in range(layout.count)]
+        job.ready.set()  # agents learn the layout now, while the blob may still be queued
+        async with self.origin_turns:
+            await self._stream(job, layout, upstream, name, send)
+        self.store.commit(layout)
+        await self._publish(job, layout.count - 1)
+        log.info("seeding %s (%d bytes, %d segments)", job.digest, layout.size, layout.count)
+
+    async def _stream(self, job: SeedJob, layout: BlobLayout, upstream, name: str, send) -> None:
+        """Write the blob into its segment files, publishing each one as it completes."""
+        resp = await self.origin.open_blob(upstream, name, job.digest, send)
         try:
             if resp.status != 200:
                 raise error_for_status(resp.status, "blobs")
-            if resp.content_length is None:
-                raise OCIError("UNAVAILABLE", "origin sent no Content-Length")
-            size = resp.content_length
-            segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
-            layout = self.store.begin(job.digest, size, segment)
-            job.layout = layout
-            loop = asyncio.get_running_loop()
-            job.torrents = [loop.create_future() for _ in range(layout.count)]
-            job.ready.set()
+            if resp.content_length != layout.size:
+                raise OCIError("UNAVAILABLE", "origin's GET and HEAD disagree on the size")
             hasher = job.digest.hasher()
             offset = 0
             index = 0
@@ -170,6 +196,7 @@ class Seeder:
                             await self._publish(job, index)
                             index += 1
                             seg = open(layout.segment_path(index), "wb")  # noqa: SIM115
+                    self.origin_bytes += len(chunk)
                     self.metrics.inc("origin_bytes_total", len(chunk))
             finally:
                 seg.close()
@@ -179,9 +206,6 @@ class Seeder:
             raise OCIError("UNAVAILABLE", f"origin sent {offset} of {layout.size} bytes")
         if hasher.hexdigest() != job.digest.hex:
             raise OCIError("DIGEST_INVALID", "origin bytes do not match the digest")
-        self.store.commit(layout)
-        await self._publish(job, layout.count - 1)
-        log.info("seeding %s (%d bytes, %d segments)", job.digest, layout.size, layout.count)
 
     async def _publish(self, job: SeedJob, index: int) -> None:
         """Make segment ``index``'s torrent, seed it, and hand it to waiting agents."""
@@ -194,7 +218,13 @@ class Seeder:
         os.replace(tmp, layout.torrent_path(index))
         self._seed(job, data)
         waiting = [agent for agent, n in job.waiting.get(index, Counter()).items() if n > 0]
-        if waiting:
+        if waiting and index == layout.count - 1 and not self._busy(job):
+            # The last segment of the last blob in flight: the seeder's uplink has nothing
+            # else to send, so several agents take it directly instead of all waiting on
+            # one agent's uplink (the tail of a pull).
+            random.shuffle(waiting)
+            job.designated[index] = set(waiting[:FINAL_FANOUT])
+        elif waiting:
             self._designate(job, index, waiting)
         job.torrents[index].set_result(data)
 
@@ -205,7 +235,11 @@ class Seeder:
         fewest = min(self.designations[a] for a in agents)
         agent = random.choice([a for a in agents if self.designations[a] == fewest])
         self.designations[agent] += 1
-        job.designated[index] = agent
+        job.designated[index] = {agent}
+
+    def _busy(self, job: SeedJob) -> bool:
+        """Another blob is still coming from the origin (or waiting for its turn)."""
+        return any(j is not job and j.task and not j.task.done() for j in self.jobs.values())
 
     def _seed(self, job: SeedJob, torrent: bytes) -> None:
         assert job.layout is not None
@@ -268,17 +302,19 @@ class Seeder:
         waiting[agent] += 1
         try:
             data = await asyncio.wait_for(
-                asyncio.shield(job.torrents[index]), self.cfg.origin_timeout
+                asyncio.shield(job.torrents[index]), _wait_seconds(request.query.get("wait"))
             )
         except OCIError as e:
             return e.response()
         except TimeoutError:
-            return OCIError("UNAVAILABLE", "segment not ready in time").response()
+            # Not published yet (queued, or still arriving): how far the origin downloads
+            # got tells the agent a busy seeder from a stuck one.
+            return web.json_response({"origin_bytes": self.origin_bytes}, status=202)
         finally:
             waiting[agent] -= 1
         if index not in job.designated:  # nobody was waiting when it was published
             self._designate(job, index, [agent])
-        direct = "1" if job.designated[index] == agent else "0"
+        direct = "1" if agent in job.designated[index] else "0"
         return web.Response(body=data, content_type="application/x-bittorrent",
                             headers={DIRECT_HEADER: direct})  # fmt: skip
 
@@ -303,6 +339,23 @@ def segment_size_for(size: int, largest: int, piece: int, parts: int = 8) -> int
     """
     part = -(-size // parts)
     return max(piece, min(largest, -(-part // piece) * piece))
+
+
+def _content_length(headers) -> int | None:
+    try:
+        size = int(headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return size if size >= 0 else None
+
+
+def _wait_seconds(text: str | None, default: float = 30.0, longest: float = 300.0) -> float:
+    """How long a torrent request may wait for its segment (``?wait=``, clamped)."""
+    try:
+        wait = float(text) if text is not None else default
+    except ValueError:
+        return default
+    return min(max(wait, 0.0), longest) if math.isfinite(wait) else default
 
 
 def _resolved(data: bytes) -> asyncio.Future[bytes]:

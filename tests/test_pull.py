@@ -141,17 +141,22 @@ def test_each_segment_leaves_the_seeder_once(
     for data in get_all(agents, layer.digest):
         assert hashlib.sha256(data).hexdigest() == layer.digest[7:]
 
-    segments = -(-layer.size // segment_size_for(layer.size, 2 * MiB, 256 * 1024))
+    segment = segment_size_for(layer.size, 2 * MiB, 256 * 1024)
+    segments = -(-layer.size // segment)
+    last = layer.size - (segments - 1) * segment
     assert segments > 1
-    designated = [a.metric("seeder_segments_total", reason="designated") for a in agents]
-    assert sum(designated) == segments
+    # One agent per segment; the very last one (the seeder has nothing else left to send)
+    # goes to every agent waiting for it, so the tail does not hang on one agent's uplink.
+    designated = sum(a.metric("seeder_segments_total", reason="designated") for a in agents)
+    assert segments <= designated <= segments - 1 + len(agents)
     assert sum(a.metric("seeder_segments_total", reason="stalled") for a in agents) == 0
     assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
     # Every payload byte received was either a byte of the blob or counted as wasted.
     for a in agents:
         assert a.metric("swarm_download_bytes") - a.metric("swarm_wasted_bytes") == layer.size
     # 4 agents, yet about one copy: at least one (only the seeder had the blob), not four
-    assert layer.size <= seeder_upload(stack) < 1.25 * layer.size
+    extra_last = (designated - segments) * last
+    assert layer.size <= seeder_upload(stack) < 1.25 * layer.size + extra_last
 
 
 def test_without_a_tracker_agents_still_get_blobs_from_the_seeder(

@@ -1,10 +1,19 @@
-"""How the seeder cuts blobs into segment torrents."""
+"""How the seeder cuts blobs into segment torrents, and in which order it fetches them."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
-from mirror.seeder import segment_size_for
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from mirror.config import SeederConfig, load_config
+from mirror.seeder import Seeder, segment_size_for
 
 MiB = 1024 * 1024
 PIECE = 256 * 1024
@@ -29,3 +38,97 @@ def test_segment_size(size: int, segment: int) -> None:
     assert got % PIECE == 0
     count = max(1, -(-size // got))
     assert count <= max(8, -(-size // (16 * MiB)))
+
+
+# --- origin order and the waiting protocol (a stand-in origin whose bodies the test holds) --
+
+REG = "reg.test"
+
+
+class HeldOrigin:
+    """A registry stand-in: HEAD answers at once, a GET sends half the blob and then waits
+    until the test releases the rest; it records the order in which GETs began."""
+
+    def __init__(self, blobs: list[bytes]) -> None:
+        self.blobs = {f"sha256:{hashlib.sha256(b).hexdigest()}": b for b in blobs}
+        self.release = {digest: asyncio.Event() for digest in self.blobs}
+        self.gets: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        data = self.blobs[digest]
+        if request.method == "HEAD":
+            return web.Response(body=data)  # aiohttp sends the headers only
+        self.gets.append(digest)
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await resp.prepare(request)
+        await resp.write(data[: len(data) // 2])
+        await self.release[digest].wait()
+        await resp.write(data[len(data) // 2 :])
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[HeldOrigin, TestServer]]:
+    origin = HeldOrigin([os.urandom(700_000), os.urandom(700_000)])
+    app = web.Application()
+    app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
+    origin_server = TestServer(app, host="127.0.0.1")
+    await origin_server.start_server()
+    yield origin, origin_server
+    for event in origin.release.values():
+        event.set()
+    await origin_server.close()
+
+
+async def test_blobs_come_from_the_origin_one_at_a_time(
+    tmp_path: Path, held: tuple[HeldOrigin, TestServer]
+) -> None:
+    """Two blobs asked for at once: both layouts are known at once (HEAD), but the second
+    body is fetched only after the first, and a request for its segment meanwhile gets
+    202 with the seeder's origin progress instead of hanging."""
+    origin, origin_server = held
+    first, second = origin.blobs
+    cfg = load_config(SeederConfig, None, {
+        "data_dir": str(tmp_path), "tracker": ["http://127.0.0.1:9/announce"],
+        "bt_listen": "127.0.0.1:0", "registries": {REG: str(origin_server.make_url(""))},
+    })  # fmt: skip
+    assert cfg.origin_streams == 1
+    seeder = Seeder(cfg)
+    await seeder.start()
+    client = TestClient(TestServer(seeder.app(), host="127.0.0.1"))
+    await client.start_server()
+    params = {"registry": REG, "repo": "library/demo"}
+    try:
+        for digest in (first, second):
+            resp = await client.get(f"/v1/blobs/{digest}", params=params)
+            assert resp.status == 200
+            assert (await resp.json())["size"] == 700_000
+        await _until(lambda: seeder.origin_bytes >= 350_000)
+        assert origin.gets == [first]
+
+        resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={"wait": "0.2"})
+        assert resp.status == 202
+        assert (await resp.json())["origin_bytes"] >= 350_000
+
+        origin.release[first].set()
+        resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={"wait": "10"})
+        assert resp.status == 200  # its first half arrived: segment 0 is published
+        assert origin.gets == [first, second]
+        origin.release[second].set()
+        count = (await (await client.get(f"/v1/blobs/{second}", params=params)).json())["segments"]
+        resp = await client.get(f"/v1/blobs/{second}/torrents/{count - 1}")
+        assert resp.status == 200
+        assert seeder.origin_bytes == 1_400_000
+    finally:
+        await client.close()
+        await seeder.close()
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
