@@ -192,7 +192,7 @@ class Fetcher:
             if hasher.hexdigest() != fetch.digest.hex:
                 raise OCIError("DIGEST_INVALID", "blob bytes do not match the digest")
             assert fetch.layout is not None
-            self.store.commit(fetch.layout)
+            await asyncio.to_thread(self.store.commit, fetch.layout)  # fsync, off the event loop
             self._seed(fetch)
             fetch.finish()
             self.on_cached(fetch.digest)

@@ -164,8 +164,8 @@ class Seeder:
         job.ready.set()  # agents learn the layout now, while the blob may still be queued
         async with self.origin_turns:
             await self._stream(job, layout, upstream, name, send)
-        self.store.commit(layout)
-        await self._publish(job, layout.count - 1)
+        await self._publish(job, layout.count - 1)  # the digest matched: peers may finish
+        await asyncio.to_thread(self.store.commit, layout)  # fsync, off the event loop
         log.info("seeding %s (%d bytes, %d segments)", job.digest, layout.size, layout.count)
 
     async def _stream(self, job: SeedJob, layout: BlobLayout, upstream, name: str, send) -> None:
