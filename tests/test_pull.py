@@ -22,6 +22,7 @@ from installer.hosts import render_new
 from mirror.lab.cluster import p2p_mirror_argv
 from mirror.lab.containerd import Containerd
 from mirror.lab.images import PushedImage, build_image, push_image
+from mirror.lab.procs import wait_for
 from mirror.lab.registry import Registry
 from mirror.lab.stack import AgentProc, LocalStack, metric_sum
 from mirror.seeder import segment_size_for
@@ -187,6 +188,8 @@ def test_cached_blob_is_served_again_from_disk(
     layer = image.layout.layers[2]
     url = f"{agent.url}/v2/library/demo/blobs/{layer.digest}?ns={REG}"
     first = get(url)
+    # The blob enters the cache once verified and synced (just after its last byte went out).
+    wait_for(lambda: agent.metric("cache_bytes") >= layer.size, 10, "blob cached")
     second = get(url)
     assert first[0] == second[0] == 200
     assert hashlib.sha256(second[2]).hexdigest() == layer.digest.split(":")[1]
