@@ -35,10 +35,12 @@ from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_h
 from mirror.service import background, every, healthz, serve, wait_for_signal
 from mirror.store import BlobLayout, BlobStore
 from mirror.swarm import Metainfo, Swarm, Transfer, make_torrent
+from mirror.turns import Turns
 
 log = logging.getLogger("p2p_mirror.seeder")
 DIRECT_HEADER = "X-P2P-Mirror-Direct"
 FINAL_FANOUT = 8  # agents that take the very last segment straight from the seeder
+STUCK_STREAM_SECONDS = 5.0  # an origin body this long without a byte lets the next one start
 
 
 @dataclass
@@ -54,6 +56,7 @@ class SeedJob:
     task: asyncio.Task[None] | None = None
     waiting: dict[int, Counter[str]] = field(default_factory=dict)
     designated: dict[int, set[str]] = field(default_factory=dict)
+    received: int = 0  # body bytes from the origin so far
 
     def fail(self, error: OCIError) -> None:
         self.error = error
@@ -79,10 +82,7 @@ class Seeder:
         )
         self.jobs: dict[Digest, SeedJob] = {}
         self.designations: Counter[str] = Counter()
-        # Blob bodies come from the origin a few at a time, in request order: with every
-        # layer at once, the first segment of any layer is complete only after segment_size
-        # x layers bytes, and the seeder's uplink idles until then.
-        self.origin_turns = asyncio.Semaphore(cfg.origin_streams)
+        self.origin_turns = Turns(cfg.origin_streams, STUCK_STREAM_SECONDS)
         self.origin_bytes = 0
         self.metrics = Metrics()
         self.metrics.describe("origin_bytes_total", "Blob bytes fetched from origin registries")
@@ -162,7 +162,7 @@ class Seeder:
         loop = asyncio.get_running_loop()
         job.torrents = [loop.create_future() for _ in range(layout.count)]
         job.ready.set()  # agents learn the layout now, while the blob may still be queued
-        async with self.origin_turns:
+        async with self.origin_turns.turn(lambda: job.received, f"blob {job.digest}"):
             await self._stream(job, layout, upstream, name, send)
         await self._publish(job, layout.count - 1)  # the digest matched: peers may finish
         await asyncio.to_thread(self.store.commit, layout)  # fsync, off the event loop
@@ -196,6 +196,7 @@ class Seeder:
                             await self._publish(job, index)
                             index += 1
                             seg = open(layout.segment_path(index), "wb")  # noqa: SIM115
+                    job.received = offset
                     self.origin_bytes += len(chunk)
                     self.metrics.inc("origin_bytes_total", len(chunk))
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
@@ -82,6 +83,32 @@ async def held() -> AsyncIterator[tuple[HeldOrigin, TestServer]]:
     await origin_server.close()
 
 
+@contextlib.asynccontextmanager
+async def seeder_of(tmp_path: Path, origin_server: TestServer) -> AsyncIterator[
+    tuple[Seeder, TestClient]
+]:
+    """A real seeder (libtorrent on loopback, never announcing) in front of ``origin_server``."""
+    cfg = load_config(SeederConfig, None, {
+        "data_dir": str(tmp_path), "tracker": ["http://127.0.0.1:9/announce"],
+        "bt_listen": "127.0.0.1:0", "registries": {REG: str(origin_server.make_url(""))},
+    })  # fmt: skip
+    seeder = Seeder(cfg)
+    await seeder.start()
+    client = TestClient(TestServer(seeder.app(), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield seeder, client
+    finally:
+        await client.close()
+        await seeder.close()
+
+
+async def ask(client: TestClient, digest: str) -> dict:
+    resp = await client.get(f"/v1/blobs/{digest}", params={"registry": REG, "repo": "library/demo"})
+    assert resp.status == 200
+    return await resp.json()
+
+
 async def test_blobs_come_from_the_origin_one_at_a_time(
     tmp_path: Path, held: tuple[HeldOrigin, TestServer]
 ) -> None:
@@ -90,21 +117,10 @@ async def test_blobs_come_from_the_origin_one_at_a_time(
     202 with the seeder's origin progress instead of hanging."""
     origin, origin_server = held
     first, second = origin.blobs
-    cfg = load_config(SeederConfig, None, {
-        "data_dir": str(tmp_path), "tracker": ["http://127.0.0.1:9/announce"],
-        "bt_listen": "127.0.0.1:0", "registries": {REG: str(origin_server.make_url(""))},
-    })  # fmt: skip
-    assert cfg.origin_streams == 1
-    seeder = Seeder(cfg)
-    await seeder.start()
-    client = TestClient(TestServer(seeder.app(), host="127.0.0.1"))
-    await client.start_server()
-    params = {"registry": REG, "repo": "library/demo"}
-    try:
+    async with seeder_of(tmp_path, origin_server) as (seeder, client):
+        assert seeder.cfg.origin_streams == 1
         for digest in (first, second):
-            resp = await client.get(f"/v1/blobs/{digest}", params=params)
-            assert resp.status == 200
-            assert (await resp.json())["size"] == 700_000
+            assert (await ask(client, digest))["size"] == 700_000
         await _until(lambda: seeder.origin_bytes >= 350_000)
         assert origin.gets == [first]
 
@@ -117,13 +133,28 @@ async def test_blobs_come_from_the_origin_one_at_a_time(
         assert resp.status == 200  # its first half arrived: segment 0 is published
         assert origin.gets == [first, second]
         origin.release[second].set()
-        count = (await (await client.get(f"/v1/blobs/{second}", params=params)).json())["segments"]
-        resp = await client.get(f"/v1/blobs/{second}/torrents/{count - 1}")
-        assert resp.status == 200
+        last = (await ask(client, second))["segments"] - 1
+        assert (await client.get(f"/v1/blobs/{second}/torrents/{last}")).status == 200
         assert seeder.origin_bytes == 1_400_000
-    finally:
-        await client.close()
-        await seeder.close()
+
+
+async def test_a_stuck_origin_stream_lets_the_next_blob_start(
+    tmp_path: Path, held: tuple[HeldOrigin, TestServer]
+) -> None:
+    """The first body stops half way: after the patience the second one starts anyway (and
+    the first still completes once its bytes come)."""
+    origin, origin_server = held
+    first, second = origin.blobs
+    async with seeder_of(tmp_path, origin_server) as (seeder, client):
+        seeder.origin_turns.patience = 0.3
+        for digest in (first, second):
+            await ask(client, digest)
+        await _until(lambda: origin.gets == [first, second], timeout=3)  # not the 5 s default
+        origin.release[second].set()
+        last = (await ask(client, second))["segments"] - 1
+        assert (await client.get(f"/v1/blobs/{second}/torrents/{last}")).status == 200
+        origin.release[first].set()
+        assert (await client.get(f"/v1/blobs/{first}/torrents/{last}")).status == 200
 
 
 async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:

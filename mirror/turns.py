@@ -1,0 +1,55 @@
+"""Taking turns at a shared link: a few transfers at a time, in request order.
+
+The seeder fetches blob bodies from the origin this way: with every layer at once, the first
+segment of any layer is complete only after (segment size x layers) bytes and the seeder's
+uplink idles until then; one at a time, it is ready after one segment. A transfer that stops
+moving hands its turn on early (and goes on by itself), so one stuck origin stream cannot
+hold every queued blob for the whole origin timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+log = logging.getLogger(__name__)
+
+
+class Turns:
+    def __init__(self, at_once: int, patience: float) -> None:
+        self._slots = asyncio.Semaphore(at_once)  # FIFO: waiters are woken in order
+        self.patience = patience
+
+    @contextlib.asynccontextmanager
+    async def turn(self, progress: Callable[[], int], what: str) -> AsyncIterator[None]:
+        """Hold a turn while the body runs; ``progress`` (e.g. bytes so far) must keep
+        changing, or after ``patience`` seconds the next waiter may start."""
+        await self._slots.acquire()
+        held = True
+
+        def hand_on() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._slots.release()
+
+        async def watch() -> None:
+            last = progress()
+            while True:
+                await asyncio.sleep(self.patience)
+                now = progress()
+                if now == last:
+                    log.warning("%s made no progress for %gs: letting the next one start",
+                                what, self.patience)  # fmt: skip
+                    hand_on()
+                    return
+                last = now
+
+        watcher = asyncio.create_task(watch())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            hand_on()
