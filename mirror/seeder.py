@@ -83,7 +83,6 @@ class Seeder:
         self.jobs: dict[Digest, SeedJob] = {}
         self.designations: Counter[str] = Counter()
         self.origin_turns = Turns(cfg.origin_streams, STUCK_STREAM_SECONDS)
-        self.origin_bytes = 0
         self.metrics = Metrics()
         self.metrics.describe("origin_bytes_total", "Blob bytes fetched from origin registries")
         self.metrics.describe("seed_jobs_total", "Blob seeding jobs by result")
@@ -104,6 +103,11 @@ class Seeder:
             self.jobs[entry.digest] = job
         self.metrics.gauge("torrents", lambda: len(self.swarm.transfers), "Torrents in session")
         self.metrics.gauge("upload_bytes", lambda: self.swarm.totals().uploaded, "Payload seeded")
+
+    @property
+    def origin_bytes(self) -> int:
+        """Blob bytes received from origins so far (the agents' sign that it is working)."""
+        return int(self.metrics.value("origin_bytes_total"))
 
     async def close(self) -> None:
         for job in self.jobs.values():
@@ -197,7 +201,6 @@ class Seeder:
                             index += 1
                             seg = open(layout.segment_path(index), "wb")  # noqa: SIM115
                     job.received = offset
-                    self.origin_bytes += len(chunk)
                     self.metrics.inc("origin_bytes_total", len(chunk))
             finally:
                 seg.close()
