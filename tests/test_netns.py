@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -118,6 +119,29 @@ def test_shaping_limits_throughput(
         assert 0.85 * ideal < seconds < 1.6 * ideal, (direction, seconds, ideal)
         stats = net.qdisc_stats("srv" if direction == "down" else "cli")[direction]
         assert stats["kind"] == "tbf" and int(stats["bytes"]) >= size
+
+
+@pytest.mark.parametrize(("mtu", "overhead"), [(1500, (0.03, 0.06)), (9000, (0.0, 0.015))])
+def test_mtu_sets_the_header_overhead(
+    tmp_path: Path, mtu: int, overhead: tuple[float, float]
+) -> None:
+    """Both ends of every link get the MTU; the shaped bytes show what headers cost."""
+    size = 4 * MiB
+    with Network(["srv", "cli"], rate_mbit=200, mtu=mtu) as net, ProcGroup() as procs:
+        for node in net.nodes.values():
+            inside = run_cmd(["ip", "-j", "-n", node.netns, "link", "show", node.veth_ns])
+            outside = run_cmd(["ip", "-j", "link", "show", node.veth_host])
+            assert json.loads(inside.stdout)[0]["mtu"] == mtu
+            assert json.loads(outside.stdout)[0]["mtu"] == mtu
+        _serve(net, procs, "srv", tmp_path)
+        assert _send(net, "cli", "srv", size)[0] == size
+        shaped = int(net.qdisc_stats("srv")["down"]["bytes"])  # everything cli sent to srv
+        assert overhead[0] < shaped / size - 1 < overhead[1], shaped / size
+
+
+def test_mtu_is_validated() -> None:
+    with pytest.raises(ValueError, match="mtu"):
+        Network(["a"], mtu=500)
 
 
 def test_unshaped_is_much_faster(tmp_path: Path) -> None:

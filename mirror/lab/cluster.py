@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mirror.lab.containerd import Containerd
 from mirror.lab.images import ImageLayout, push_image
-from mirror.lab.netns import Network, NodeSpec
+from mirror.lab.netns import DEFAULT_MTU, Network, NodeSpec
 from mirror.lab.procs import LabError, Proc, ProcGroup, port_open
 from mirror.lab.registry import Registry
 
@@ -145,8 +145,9 @@ class _NodeParts:
 class Cluster:
     """Namespaces + real registry/containerd/agents. Use as a context manager.
 
-    ``rate_mbit`` shapes every node's link both ways; ``infra_rate_mbit`` (default: the same)
-    shapes origin, cache and seeder, so "origin link = node link" unless told otherwise.
+    ``rate_mbit`` shapes every node's link both ways (frames of ``mtu`` bytes);
+    ``infra_rate_mbit`` (default: the same) shapes origin, cache and seeder, so "origin
+    link = node link" unless told otherwise.
     ``origin_storage`` seeds the origin's registry storage (hard links) so a benchmark does
     not re-push the image through the shaped link for every run. ``write_hosts(containerd,
     server, mirror)`` replaces the built-in hosts.toml writer (e.g. ``install_hosts``, the
@@ -161,6 +162,7 @@ class Cluster:
         mode: str = "p2p",
         rate_mbit: float | None = 100.0,
         infra_rate_mbit: float | None = None,
+        mtu: int = DEFAULT_MTU,
         origin_storage: Path | None = None,
         agent_args: Sequence[str] = (),
         seeder_args: Sequence[str] = (),
@@ -189,7 +191,7 @@ class Cluster:
             infra += ["tracker", "seeder"]
         specs = [NodeSpec(n, self.infra_rate_mbit, self.infra_rate_mbit) for n in infra]
         specs += [NodeSpec(n, rate_mbit, rate_mbit) for n in self.node_names]
-        self.net = Network(specs)
+        self.net = Network(specs, mtu=mtu)
         self.procs = ProcGroup()
         self.origin: Registry | None = None
         self.cache: Registry | None = None

@@ -30,6 +30,10 @@ BENCH_NET = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544: benchmarking, nev
 MAX_NODES = 99  # interface names: prefix (<=12) + role letter + index (<=2) <= 15 chars
 IFNAMSIZ = 15
 DEFAULT_RATE_MBIT = 100.0
+# Jumbo frames, as in most data-center networks (AWS VPCs default to 9001): at 1500 bytes
+# TCP/IP headers take 4.6% of every shaped link, at 9000 0.7%, so links carry payload close
+# to their nominal rate and the benchmark's lower bound (payload over link rate) is fair.
+DEFAULT_MTU = 9000
 
 _run_counter = itertools.cycle(string.ascii_lowercase)
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,15}$")
@@ -177,9 +181,10 @@ def _pick_subnet() -> ipaddress.IPv4Network:
 class Network:
     """A bridge plus one shaped namespace per node; a context manager that always tears down.
 
-    ``rate_mbit`` shapes every node both ways unless a ``NodeSpec`` says otherwise. The root
-    namespace gets ``host_ip`` on the bridge so the harness itself (pushing images, reading
-    metrics) can reach the nodes; that path is shaped by the node's own link.
+    ``rate_mbit`` shapes every node both ways unless a ``NodeSpec`` says otherwise; every
+    link has the same ``mtu``. The root namespace gets ``host_ip`` on the bridge so the
+    harness itself (pushing images, reading metrics) can reach the nodes; that path is
+    shaped by the node's own link.
     """
 
     def __init__(
@@ -188,8 +193,12 @@ class Network:
         rate_mbit: float | None = DEFAULT_RATE_MBIT,
         subnet: str | None = None,
         prefix: str | None = None,
+        mtu: int = DEFAULT_MTU,
     ) -> None:
         self.specs = [NodeSpec.of(n, rate_mbit) for n in nodes]
+        if not 1280 <= mtu <= 65535:
+            raise ValueError(f"mtu must be 1280..65535 bytes, got {mtu}")
+        self.mtu = mtu
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate node names: {names}")
@@ -258,7 +267,9 @@ class Network:
     def _add_node(self, node: Node, plen: int) -> None:
         ns = node.netns
         run_cmd(["ip", "netns", "add", ns])
-        run_cmd(["ip", "link", "add", node.veth_host, "type", "veth", "peer", "name", node.veth_ns])
+        mtu = str(self.mtu)
+        run_cmd(["ip", "link", "add", node.veth_host, "mtu", mtu, "type", "veth",
+                 "peer", "name", node.veth_ns, "mtu", mtu])  # fmt: skip
         run_cmd(["ip", "link", "set", node.veth_ns, "netns", ns])
         run_cmd(["ip", "link", "set", node.veth_host, "master", self.bridge])
         _no_ipv6(node.veth_host)
