@@ -157,6 +157,30 @@ async def test_a_stuck_origin_stream_lets_the_next_blob_start(
         assert (await client.get(f"/v1/blobs/{first}/torrents/{last}")).status == 200
 
 
+async def test_a_one_piece_blob_does_not_wait_its_turn(tmp_path: Path) -> None:
+    """An image config asked for while a large body is still arriving is fetched at once."""
+    origin = HeldOrigin([os.urandom(700_000), os.urandom(1000)])
+    large, config = origin.blobs
+    origin.release[config].set()
+    app = web.Application()
+    app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
+    origin_server = TestServer(app, host="127.0.0.1")
+    await origin_server.start_server()
+    try:
+        async with seeder_of(tmp_path, origin_server) as (seeder, client):
+            seeder.origin_turns.patience = 60.0  # no hand-off: only the bypass can help
+            await ask(client, large)
+            await _until(lambda: origin.gets == [large])
+            assert (await ask(client, config))["segments"] == 1
+            resp = await client.get(f"/v1/blobs/{config}/torrents/0", params={"wait": "5"})
+            assert resp.status == 200
+            assert origin.gets == [large, config]
+            assert not origin.release[large].is_set()  # the large body is still held
+    finally:
+        origin.release[large].set()
+        await origin_server.close()
+
+
 async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
