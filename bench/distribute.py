@@ -40,7 +40,12 @@ from mirror.lab.cluster import (  # noqa: E402
     progress_cells,
 )
 from mirror.lab.images import ImageLayout, build_image, push_image  # noqa: E402
-from mirror.lab.netns import DEFAULT_MTU, cleanup_stale, exit_on_signals  # noqa: E402
+from mirror.lab.netns import (  # noqa: E402
+    DEFAULT_MTU,
+    MTU_RANGE,
+    cleanup_stale,
+    exit_on_signals,
+)
 from mirror.lab.registry import Registry  # noqa: E402
 
 MiB = 1024 * 1024
@@ -297,7 +302,7 @@ def _csv(kind: type, text: str) -> list:
 @click.option("--modes", default=",".join(MODES), show_default=True)
 @click.option("--rate-mbit", default=50.0, show_default=True, help="Every link, both ways.")
 @click.option("--mtu", default=DEFAULT_MTU, show_default=True,
-              type=click.IntRange(1280, 65535), help="Every link's MTU (bytes).")
+              type=click.IntRange(*MTU_RANGE), help="Every link's MTU (bytes).")
 @click.option("--layers", default=4, show_default=True, help="Layers per image.")
 @click.option("--seed", default=42, show_default=True)
 @click.option("--timeout", default=900.0, show_default=True, help="Per pull, seconds.")

@@ -34,6 +34,7 @@ DEFAULT_RATE_MBIT = 100.0
 # 0.7% of a shaped link, but 64 flows through one emulated link still stalled until the
 # origin reset them (direct pulls, N=16), so they are an option, not the default.
 DEFAULT_MTU = 1500
+MTU_RANGE = (1280, 65535)  # IPv6's minimum .. the largest a veth takes
 
 _run_counter = itertools.cycle(string.ascii_lowercase)
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,15}$")
@@ -202,8 +203,8 @@ class Network:
         mtu: int = DEFAULT_MTU,
     ) -> None:
         self.specs = [NodeSpec.of(n, rate_mbit) for n in nodes]
-        if not 1280 <= mtu <= 65535:
-            raise ValueError(f"mtu must be 1280..65535 bytes, got {mtu}")
+        if not MTU_RANGE[0] <= mtu <= MTU_RANGE[1]:
+            raise ValueError(f"mtu must be {MTU_RANGE[0]}..{MTU_RANGE[1]} bytes, got {mtu}")
         self.mtu = mtu
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
