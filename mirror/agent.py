@@ -94,7 +94,9 @@ class Agent:
             ("fallbacks_total", "Swarm fetches that fell back to the origin, by reason"),
             ("requests_total", "Requests by kind and HTTP status"),
             ("blob_failures_total", "Blob fetches that failed, by OCI error code"),
-            ("seeder_segments_total", "Segments taken from the seeder: designated, or stalled"),
+            ("seeder_pieces_total", "Pieces the seeder dealt to this agent, fetched over HTTP"),
+            ("seeder_segments_total", "Segments taken from the seeder's swarm: stalled, or a "
+             "dealt piece failed"),
         ):
             self.metrics.describe(name, text)
 

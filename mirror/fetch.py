@@ -23,7 +23,7 @@ from mirror.config import MiB, Upstream
 from mirror.metrics import Metrics
 from mirror.oci import Digest, OCIError
 from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_headers
-from mirror.seeder import DIRECT_HEADER
+from mirror.seeder import PIECES_HEADER
 from mirror.store import BlobLayout, BlobStore, segment_name
 from mirror.swarm import Metainfo, Swarm, SwarmError, Transfer
 
@@ -115,8 +115,8 @@ class SeederClient:
 
     async def torrent(
         self, url: str, digest: Digest, index: int, bt_port: int
-    ) -> tuple[bytes, bool]:
-        """Segment ``index``'s torrent, and whether this agent should take it from the seeder.
+    ) -> tuple[bytes, list[int]]:
+        """Segment ``index``'s torrent, and the pieces this agent takes from the seeder.
 
         The seeder publishes a segment once its bytes arrived from the origin, which for a
         blob queued behind others can take minutes: wait as long as the seeder's origin
@@ -133,7 +133,8 @@ class SeederClient:
                     timeout=aiohttp.ClientTimeout(total=patience * 4 / 3),
                 ) as resp:
                     if resp.status == 200:
-                        return await resp.read(), resp.headers.get(DIRECT_HEADER) == "1"
+                        dealt = parse_piece_list(resp.headers.get(PIECES_HEADER, ""))
+                        return await resp.read(), dealt
                     if resp.status != 202:
                         raise Fallback("seeder", f"torrent {index}: {resp.status}")
                     now = (await resp.json()).get("origin_bytes")
@@ -143,6 +144,23 @@ class SeederClient:
                 progress, since = now, loop.time()
             elif loop.time() - since >= patience:
                 raise Fallback("seeder", f"torrent {index}: no origin progress for {patience:g}s")
+
+    async def piece(self, url: str, digest: Digest, index: int, piece: int) -> bytes:
+        """The bytes of one piece the seeder dealt to this agent."""
+        async with self.session.get(
+            f"{url}/v1/blobs/{digest}/segments/{index}/pieces/{piece}"
+        ) as resp:
+            if resp.status != 200:
+                raise Fallback("seeder", f"piece {piece} of segment {index}: {resp.status}")
+            return await resp.read()
+
+
+def parse_piece_list(text: str) -> list[int]:
+    """``"0,3,6"`` -> [0, 3, 6]; anything malformed means none (peers or a stall cover it)."""
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        return []
 
 
 @dataclass
@@ -244,22 +262,47 @@ class Fetcher:
 
     async def _join(self, fetch: BlobFetch, url: str, index: int, peers) -> Transfer:
         assert self.swarm is not None and self.seeders is not None and fetch.layout is not None
-        data, direct = await self.seeders.torrent(url, fetch.digest, index, self.swarm.port)
+        data, dealt = await self.seeders.torrent(url, fetch.digest, index, self.swarm.port)
         meta = Metainfo.parse(data)
         expected = segment_name(fetch.digest, index, fetch.layout.count)
         if meta.name != expected or meta.size != fetch.layout.segment_len(index):
             raise Fallback("seeder", f"torrent {index} does not describe segment {expected}")
         fetch.layout.torrent_path(index).write_bytes(data)
         fetch.metas.append(meta)
-        log.debug("blob %s: joining segment %d swarm (%s, %s)", fetch.digest, index,
-                  meta.info_hash, "from the seeder" if direct else "from peers")  # fmt: skip
-        transfer = self.swarm.add(meta, fetch.layout.dir, seed=False, peers=peers if direct else ())
+        log.debug("blob %s: joining segment %d swarm (%s), pieces %s from the seeder",
+                  fetch.digest, index, meta.info_hash, dealt)  # fmt: skip
+        transfer = self.swarm.add(meta, fetch.layout.dir, seed=False)
         fetch.transfers.append(transfer)
-        if direct:
-            self.metrics.inc("seeder_segments_total", reason="designated")
-        else:
-            fetch.watchers.append(asyncio.create_task(self._seeder_if_stalled(transfer, peers)))
+        dealt = [p for p in dealt if 0 <= p < meta.num_pieces]
+        if dealt:
+            fetch.watchers.append(asyncio.create_task(
+                self._dealt_pieces(fetch, url, index, transfer, dealt, peers)))  # fmt: skip
+        fetch.watchers.append(asyncio.create_task(self._seeder_if_stalled(transfer, peers)))
         return transfer
+
+    async def _dealt_pieces(
+        self, fetch: BlobFetch, url: str, index: int, transfer: Transfer, pieces: list[int],
+        seeder: list[tuple[str, int]],
+    ) -> None:
+        """Fetch the pieces the seeder dealt us and hand them to libtorrent, which shares them.
+
+        Nobody else gets these pieces from the seeder: if one fails, take the segment from
+        the seeder's swarm instead (peers still get them from us once we have them).
+        """
+        assert self.seeders is not None
+        for piece in pieces:
+            try:
+                data = await self.seeders.piece(url, fetch.digest, index, piece)
+                if not transfer.meta.piece_ok(piece, data):
+                    raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
+            except (Fallback, aiohttp.ClientError, TimeoutError) as e:
+                log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",
+                            fetch.digest, e)  # fmt: skip
+                self.metrics.inc("seeder_segments_total", reason="piece_failed")
+                transfer.connect(seeder)
+                return
+            transfer.add_piece(piece, data)
+            self.metrics.inc("seeder_pieces_total")
 
     async def _seeder_if_stalled(self, transfer: Transfer, seeder: list[tuple[str, int]]) -> None:
         """Peers sent nothing for this segment for ``seeder_grace``: ask the seeder too.

@@ -131,6 +131,10 @@ class Transfer:
             return self.handle.status().total_payload_download
         return 0
 
+    def add_piece(self, piece: int, data: bytes) -> None:
+        """Hand libtorrent a piece fetched some other way; it checks the hash, then shares it."""
+        self.handle.add_piece(piece, data, 0)
+
     def connect(self, peers: Iterable[tuple[str, int]]) -> None:
         for host, port in peers:
             with contextlib.suppress(Exception):
@@ -160,7 +164,7 @@ class Transfer:
     def _read_verified(self, piece: int, start: int, end: int) -> bytes | None:
         """The piece's bytes from the file if they match its hash yet (blocking)."""
         try:
-            data = _pread(self.path, start, end - start)
+            data = read_range(self.path, start, end)
         except FileNotFoundError:  # not even created yet: the blocks are still in memory
             return None
         return data if self.meta.piece_ok(piece, data) else None
@@ -368,7 +372,8 @@ class Swarm:
             transfer._notify()
 
 
-def _pread(path: Path, offset: int, length: int) -> bytes:
+def read_range(path: Path, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file (fewer if it is shorter)."""
     with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
+        f.seek(start)
+        return f.read(end - start)

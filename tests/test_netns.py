@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,27 @@ def test_shaping_limits_throughput(
         assert 0.85 * ideal < seconds < 1.6 * ideal, (direction, seconds, ideal)
         stats = net.qdisc_stats("srv" if direction == "down" else "cli")[direction]
         assert stats["kind"] == "tbf" and int(stats["bytes"]) >= size
+
+
+def test_uploading_node_still_acks_its_downloads_first(tmp_path: Path) -> None:
+    """A node's full upload must not queue the ACKs of its own download behind it: small
+    packets take the uplink's priority band, data the bulk FIFO, and both directions run
+    near the link rate at once."""
+    size = 4 * MiB
+    with Network(["a", "b"], rate_mbit=20) as net, ProcGroup() as procs:
+        _serve(net, procs, "a", tmp_path)
+        _serve(net, procs, "b", tmp_path)
+        with ThreadPoolExecutor(2) as pool:
+            upload = pool.submit(_send, net, "a", "b", 2 * size)  # fills a's uplink throughout
+            download = pool.submit(_send, net, "b", "a", size)  # a's ACKs share that uplink
+            (got, seconds), (sent, _) = download.result(), upload.result()
+        assert got == size and sent == 2 * size
+        assert seconds < 1.25 * size * 8 / 20e6, seconds  # ~1.05x: headers only
+        bands = net.uplink_bands("a")
+        small, bulk = bands["small"], bands["bulk"]
+        # veth passes GSO super-packets, so there is about one ACK per 64 KiB received
+        assert small["packets"] > size / (128 * 1024) and small["bytes"] / small["packets"] < 128
+        assert bulk["bytes"] >= 2 * size
 
 
 @pytest.mark.parametrize(("mtu", "overhead"), [(1500, (0.03, 0.06)), (9000, (0.0, 0.015))])

@@ -28,6 +28,8 @@ from mirror.lab.stack import AgentProc, LocalStack, metric_sum
 from mirror.seeder import segment_size_for
 from tests.conftest import failed, require_binaries
 
+PIECE = 128 * 1024  # the seeder's default piece size
+
 REG = "registry.example.test"
 REF = f"{REG}/library/demo:v1"
 MiB = 1024 * 1024
@@ -114,10 +116,10 @@ def test_containerd_pulls_layers_from_the_swarm(
     assert agent2.blob_sources().get("swarm") == blob_total(image)
 
 
-def seeder_upload(stack: LocalStack) -> int:
-    """Payload bytes the seeder's swarm has uploaded (its /metrics gauge)."""
+def seeder_metric(stack: LocalStack, name: str) -> int:
+    """A counter or gauge of the seeder's /metrics (summed over labels)."""
     with urllib.request.urlopen(f"{stack.seeder_url}/metrics", timeout=10) as resp:
-        return int(metric_sum(resp.read().decode(), "upload_bytes"))
+        return int(metric_sum(resp.read().decode(), name))
 
 
 def get_all(agents: list[AgentProc], digest: str) -> list[bytes]:
@@ -131,33 +133,38 @@ def get_all(agents: list[AgentProc], digest: str) -> list[bytes]:
         return list(pool.map(one, agents))
 
 
-def test_each_segment_leaves_the_seeder_once(
+def test_each_piece_leaves_the_seeder_once(
     stack: LocalStack, registry: Registry, image: PushedImage
 ) -> None:
-    """Agents pulling at once: the seeder hands each segment to one designated agent and
-    the others take it from their peers, so the seeder's link carries the blob ~once."""
+    """Agents pulling at once: the seeder deals each segment's pieces out over the agents
+    waiting for it, and every agent gets the other pieces from its peers, so the seeder's
+    link carries the blob ~once and every agent uploads."""
     layer = image.layout.layers[2]  # 3 MiB: several segments
     agents = [stack.add_agent(f"agent{i}") for i in range(4)]
 
     for data in get_all(agents, layer.digest):
         assert hashlib.sha256(data).hexdigest() == layer.digest[7:]
 
-    segment = segment_size_for(layer.size, 2 * MiB, 256 * 1024)
+    segment = segment_size_for(layer.size, 2 * MiB, PIECE)
     segments = -(-layer.size // segment)
-    last = layer.size - (segments - 1) * segment
+    pieces = sum(-(-min(segment, layer.size - i * segment) // PIECE) for i in range(segments))
     assert segments > 1
-    # One agent per segment; the very last one (the seeder has nothing else left to send)
-    # goes to every agent waiting for it, so the tail does not hang on one agent's uplink.
-    designated = sum(a.metric("seeder_segments_total", reason="designated") for a in agents)
-    assert segments <= designated <= segments - 1 + len(agents)
+    # Each piece dealt to exactly one agent (a segment nobody waited for goes whole to the
+    # first agent that asks), and every agent had some to share.
+    dealt = [a.metric("seeder_pieces_total") for a in agents]
+    assert sum(dealt) == pieces and all(n > 0 for n in dealt), dealt
     assert sum(a.metric("seeder_segments_total", reason="stalled") for a in agents) == 0
     assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
-    # Every payload byte received was either a byte of the blob or counted as wasted.
-    for a in agents:
-        assert a.metric("swarm_download_bytes") - a.metric("swarm_wasted_bytes") == layer.size
-    # 4 agents, yet about one copy: at least one (only the seeder had the blob), not four
-    extra_last = (designated - segments) * last
-    assert layer.size <= seeder_upload(stack) < 1.25 * layer.size + extra_last
+    # Every payload byte received was either a byte of the blob or counted as wasted; the
+    # dealt pieces came over HTTP, not as swarm payload.
+    for a, n in zip(agents, dealt, strict=True):
+        received = a.metric("swarm_download_bytes") - a.metric("swarm_wasted_bytes")
+        assert layer.size - n * PIECE <= received <= layer.size
+    # 4 agents, yet exactly one copy left the seeder (dealt pieces, over HTTP), not four;
+    # the other three copies went from agent to agent.
+    assert seeder_metric(stack, "piece_bytes_total") == layer.size
+    assert seeder_metric(stack, "upload_bytes") == 0
+    assert sum(a.metric("swarm_upload_bytes") for a in agents) >= 3 * layer.size
 
 
 def test_without_a_tracker_agents_still_get_blobs_from_the_seeder(

@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mirror.fetch import Fallback, SeederClient
+from mirror.fetch import Fallback, SeederClient, parse_piece_list
 from mirror.oci import Digest
-from mirror.seeder import DIRECT_HEADER
+from mirror.seeder import PIECES_HEADER
 
 DIGEST = Digest.parse("sha256:" + "ab" * 32)
 
@@ -28,7 +28,7 @@ class QueueingSeeder:
     async def handle(self, request: web.Request) -> web.Response:
         self.polls += 1
         if self.polls > self.busy_polls:
-            return web.Response(body=b"torrent", headers={DIRECT_HEADER: "1"})
+            return web.Response(body=b"torrent", headers={PIECES_HEADER: "0,2"})
         await asyncio.sleep(float(request.query["wait"]))
         return web.json_response(
             {"origin_bytes": self.polls * 1000 if self.advancing else 1000}, status=202
@@ -57,11 +57,11 @@ async def test_a_queued_segment_is_waited_for_while_the_seeder_advances(serve) -
     client = SeederClient([], timeout=0.3)
     try:
         started = asyncio.get_running_loop().time()
-        data, direct = await client.torrent(await serve(seeder), DIGEST, 0, 6881)
+        data, pieces = await client.torrent(await serve(seeder), DIGEST, 0, 6881)
         waited = asyncio.get_running_loop().time() - started
     finally:
         await client.close()
-    assert (data, direct) == (b"torrent", True)
+    assert (data, pieces) == (b"torrent", [0, 2])
     assert waited > 0.6  # twice the timeout: progress kept it waiting
 
 
@@ -74,3 +74,11 @@ async def test_a_seeder_that_stopped_advancing_is_given_up(serve) -> None:
     finally:
         await client.close()
     assert seeder.polls < 10
+
+
+@pytest.mark.parametrize(
+    ("header", "pieces"), [("", []), ("3", [3]), ("0,5,10", [0, 5, 10]), ("1,x", []), ("1;2", [])]
+)
+def test_dealt_pieces_header(header: str, pieces: list[int]) -> None:
+    """A malformed list means no pieces: peers, or the seeder's swarm after a stall, cover it."""
+    assert parse_piece_list(header) == pieces

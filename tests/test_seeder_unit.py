@@ -14,10 +14,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.config import SeederConfig, load_config
-from mirror.seeder import Seeder, segment_size_for
+from mirror.oci import Digest
+from mirror.seeder import PIECES_HEADER, Seeder, segment_size_for
 
 MiB = 1024 * 1024
 PIECE = 256 * 1024
+SEEDER_PIECE = 128 * 1024  # the seeder's default
 
 
 @pytest.mark.parametrize(
@@ -187,3 +189,51 @@ async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not reached"
         await asyncio.sleep(0.02)
+
+
+async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path: Path) -> None:
+    """Three agents wait for a segment: each gets some of its pieces, none twice, all of
+    them dealt; each piece's bytes come from the piece endpoint; a late agent gets none."""
+    origin = HeldOrigin([os.urandom(4 * MiB)])
+    (digest,) = origin.blobs
+    app = web.Application()
+    app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
+    origin_server = TestServer(app, host="127.0.0.1")
+    await origin_server.start_server()
+    try:
+        async with seeder_of(tmp_path, origin_server) as (seeder, client):
+            info = await ask(client, digest)
+            segment, last = info["segment_size"], info["segments"] - 1
+            assert segment > SEEDER_PIECE  # several pieces per segment
+            await _until(lambda: seeder.origin_bytes >= 2 * MiB)  # the last segment is held
+
+            async def torrent(port: int) -> list[int]:
+                resp = await client.get(f"/v1/blobs/{digest}/torrents/{last}",
+                                        params={"wait": "10", "bt_port": str(port)})  # fmt: skip
+                assert resp.status == 200
+                text = resp.headers[PIECES_HEADER]
+                return [int(p) for p in text.split(",")] if text else []
+
+            waiting = [asyncio.create_task(torrent(port)) for port in (1, 2, 3)]
+            job = seeder.jobs[Digest.parse(digest)]
+            await _until(lambda: sum(job.waiting.get(last, {}).values()) == 3)
+            origin.release[digest].set()
+            hands = await asyncio.gather(*waiting)
+            pieces = -(-(4 * MiB - last * segment) // SEEDER_PIECE)
+            assert sorted(p for hand in hands for p in hand) == list(range(pieces))
+            assert all(hands), hands
+            assert await torrent(4) == []  # dealt already
+
+            blob = origin.blobs[digest]
+            for p in range(pieces):
+                resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{p}")
+                assert resp.status == 200
+                start = last * segment + p * SEEDER_PIECE
+                assert await resp.read() == blob[start : min(start + SEEDER_PIECE, len(blob))]
+            missing = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{pieces}")
+            assert missing.status == 404
+            assert (await missing.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+            assert seeder.metrics.value("piece_bytes_total") == len(blob) - last * segment
+    finally:
+        origin.release[digest].set()
+        await origin_server.close()
