@@ -4,7 +4,9 @@ The seeder fetches blob bodies from the origin this way: with every layer at onc
 segment of any layer is complete only after (segment size x layers) bytes and the seeder's
 uplink idles until then; one at a time, it is ready after one segment. A transfer that stops
 moving hands its turn on early (and goes on by itself), so one stuck origin stream cannot
-hold every queued blob for the whole origin timeout.
+hold every queued blob for the whole origin timeout. A transfer about to end may hand on
+early too, so the next one's request and TCP ramp-up overlap its last bytes instead of
+leaving the link idle between the two.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ class Turns:
         self.patience = patience
 
     @contextlib.asynccontextmanager
-    async def turn(self, progress: Callable[[], int], what: str) -> AsyncIterator[None]:
+    async def turn(
+        self, progress: Callable[[], int], what: str
+    ) -> AsyncIterator[Callable[[], None]]:
         """Hold a turn while the body runs; ``progress`` (e.g. bytes so far) must keep
-        changing, or after ``patience`` seconds the next waiter may start."""
+        changing, or after ``patience`` seconds the next waiter may start. The body gets a
+        function that lets the next waiter start now (idempotent)."""
         await self._slots.acquire()
         held = True
 
@@ -49,7 +54,7 @@ class Turns:
 
         watcher = asyncio.create_task(watch())
         try:
-            yield
+            yield hand_on
         finally:
             watcher.cancel()
             hand_on()

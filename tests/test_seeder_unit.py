@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.config import SeederConfig, load_config
 from mirror.oci import Digest
-from mirror.seeder import PIECES_HEADER, Seeder, segment_size_for
+from mirror.seeder import HAND_ON_BYTES, PIECES_HEADER, Seeder, segment_size_for
 
 MiB = 1024 * 1024
 PIECE = 256 * 1024
@@ -46,14 +46,17 @@ def test_segment_size(size: int, segment: int) -> None:
 # --- origin order and the waiting protocol (a stand-in origin whose bodies the test holds) --
 
 REG = "reg.test"
+BLOB = 1_600_000
 
 
 class HeldOrigin:
-    """A registry stand-in: HEAD answers at once, a GET sends half the blob and then waits
-    until the test releases the rest; it records the order in which GETs began."""
+    """A registry stand-in: HEAD answers at once, a GET sends the blob but its last ``held``
+    bytes (default: half), which wait until the test releases them; it records the order in
+    which GETs began."""
 
-    def __init__(self, blobs: list[bytes]) -> None:
+    def __init__(self, blobs: list[bytes], held: int | None = None) -> None:
         self.blobs = {f"sha256:{hashlib.sha256(b).hexdigest()}": b for b in blobs}
+        self.held = held
         self.release = {digest: asyncio.Event() for digest in self.blobs}
         self.gets: list[str] = []
 
@@ -65,16 +68,17 @@ class HeldOrigin:
         self.gets.append(digest)
         resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
         await resp.prepare(request)
-        await resp.write(data[: len(data) // 2])
+        cut = len(data) // 2 if self.held is None else len(data) - self.held
+        await resp.write(data[:cut])
         await self.release[digest].wait()
-        await resp.write(data[len(data) // 2 :])
+        await resp.write(data[cut:])
         await resp.write_eof()
         return resp
 
 
 @pytest.fixture
 async def held() -> AsyncIterator[tuple[HeldOrigin, TestServer]]:
-    origin = HeldOrigin([os.urandom(700_000), os.urandom(700_000)])
+    origin = HeldOrigin([os.urandom(BLOB), os.urandom(BLOB)])  # half held: > HAND_ON_BYTES
     app = web.Application()
     app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
     origin_server = TestServer(app, host="127.0.0.1")
@@ -122,13 +126,13 @@ async def test_blobs_come_from_the_origin_one_at_a_time(
     async with seeder_of(tmp_path, origin_server) as (seeder, client):
         assert seeder.cfg.origin_streams == 1
         for digest in (first, second):
-            assert (await ask(client, digest))["size"] == 700_000
-        await _until(lambda: seeder.origin_bytes >= 350_000)
+            assert (await ask(client, digest))["size"] == BLOB
+        await _until(lambda: seeder.origin_bytes >= BLOB // 2)
         assert origin.gets == [first]
 
         resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={"wait": "0.2"})
         assert resp.status == 202
-        assert (await resp.json())["origin_bytes"] >= 350_000
+        assert (await resp.json())["origin_bytes"] >= BLOB // 2
 
         origin.release[first].set()
         resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={"wait": "10"})
@@ -137,7 +141,7 @@ async def test_blobs_come_from_the_origin_one_at_a_time(
         origin.release[second].set()
         last = (await ask(client, second))["segments"] - 1
         assert (await client.get(f"/v1/blobs/{second}/torrents/{last}")).status == 200
-        assert seeder.origin_bytes == 1_400_000
+        assert seeder.origin_bytes == 2 * BLOB
 
 
 async def test_a_stuck_origin_stream_lets_the_next_blob_start(
@@ -159,9 +163,32 @@ async def test_a_stuck_origin_stream_lets_the_next_blob_start(
         assert (await client.get(f"/v1/blobs/{first}/torrents/{last}")).status == 200
 
 
+async def test_the_next_blob_starts_as_the_current_one_nearly_ends(tmp_path: Path) -> None:
+    """With the current body's last bytes on their way, the next blob's request goes out
+    (no idle link between two bodies); until then it waits its turn."""
+    origin = HeldOrigin([os.urandom(3 * MiB), os.urandom(3 * MiB)], held=HAND_ON_BYTES // 2)
+    first, second = origin.blobs
+    app = web.Application()
+    app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
+    origin_server = TestServer(app, host="127.0.0.1")
+    await origin_server.start_server()
+    try:
+        async with seeder_of(tmp_path, origin_server) as (seeder, client):
+            seeder.origin_turns.patience = 60.0  # no hand-off for a stalled body
+            for digest in (first, second):
+                await ask(client, digest)
+            await _until(lambda: origin.gets == [first, second])
+            assert not origin.release[first].is_set()  # the first body is not finished
+            assert seeder.origin_bytes >= 3 * MiB - HAND_ON_BYTES
+    finally:
+        for event in origin.release.values():
+            event.set()
+        await origin_server.close()
+
+
 async def test_a_one_piece_blob_does_not_wait_its_turn(tmp_path: Path) -> None:
     """An image config asked for while a large body is still arriving is fetched at once."""
-    origin = HeldOrigin([os.urandom(700_000), os.urandom(1000)])
+    origin = HeldOrigin([os.urandom(BLOB), os.urandom(1000)])
     large, config = origin.blobs
     origin.release[config].set()
     app = web.Application()
