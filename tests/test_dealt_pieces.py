@@ -1,0 +1,108 @@
+"""Pieces the seeder deals to an agent: fetched over HTTP, checked, handed to libtorrent (real
+sessions on loopback); a piece that fails sends the agent to the seeder's swarm instead."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from mirror.config import HostPort
+from mirror.fetch import BlobFetch, Fetcher, SeederClient
+from mirror.metrics import Metrics
+from mirror.oci import Digest
+from mirror.origin import Origin
+from mirror.store import BlobStore
+from mirror.swarm import Metainfo, Swarm, Transfer, make_torrent
+
+PIECE = 128 * 1024
+DIGEST = Digest.parse("sha256:" + "ab" * 32)
+DATA = os.urandom(4 * PIECE)
+
+
+@pytest.fixture
+async def sessions(tmp_path: Path) -> AsyncIterator[tuple[Swarm, Swarm, Metainfo]]:
+    """A seeding session holding one segment, and an empty downloading one (no tracker)."""
+    src = tmp_path / "seeder"
+    src.mkdir()
+    (src / "segment").write_bytes(DATA)
+    meta = Metainfo.parse(make_torrent(src / "segment", ["http://127.0.0.1:9/announce"], PIECE))
+    seeder, agent = Swarm(HostPort("127.0.0.1", 0)), Swarm(HostPort("127.0.0.1", 0))
+    await seeder.start()
+    await agent.start()
+    seeder.add(meta, src, seed=True, announce=False)
+    yield seeder, agent, meta
+    await agent.close()
+    await seeder.close()
+
+
+async def piece_server(broken: dict[int, str]) -> TestServer:
+    """The seeder's piece endpoint; ``broken`` pieces answer 500 or come back corrupted."""
+
+    async def piece(request: web.Request) -> web.Response:
+        p = int(request.match_info["piece"])
+        body = DATA[p * PIECE : (p + 1) * PIECE]
+        if broken.get(p) == "500":
+            return web.Response(status=500)
+        return web.Response(body=b"x" * len(body) if broken.get(p) == "corrupt" else body)
+
+    app = web.Application()
+    app.router.add_get("/v1/blobs/{digest}/segments/{index}/pieces/{piece}", piece)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+async def deal(tmp_path: Path, agent: Swarm, seeder: Swarm, meta: Metainfo,
+               pieces: list[int], broken: dict[int, str]) -> tuple[Transfer, Metrics]:  # fmt: skip
+    server = await piece_server(broken)
+    url = str(server.make_url("")).rstrip("/")
+    client = SeederClient([url], timeout=5)
+    metrics = Metrics()
+    fetcher = Fetcher(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, client, metrics,
+                      swarm_timeout=5, stall_timeout=5, seeder_grace=5)  # fmt: skip
+    fetch = BlobFetch(DIGEST, len(DATA), None, "demo", {})  # type: ignore[arg-type]
+    save = tmp_path / "agent"
+    save.mkdir()
+    transfer = agent.add(meta, save, seed=False, announce=False)
+    try:
+        await fetcher._dealt_pieces(fetch, url, 0, transfer, pieces, [("127.0.0.1", seeder.port)])
+    finally:
+        await client.close()
+        await server.close()
+    return transfer, metrics
+
+
+async def test_dealt_pieces_are_shared_without_the_seeders_swarm(
+    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo]
+) -> None:
+    seeder, agent, meta = sessions
+    transfer, metrics = await deal(tmp_path, agent, seeder, meta, [0, 2], {})
+    for piece in (0, 2):
+        assert await transfer.wait_piece(piece, timeout=5)
+        assert await transfer.read_piece(piece) == DATA[piece * PIECE : (piece + 1) * PIECE]
+    assert metrics.value("seeder_pieces_total") == 2
+    await asyncio.sleep(0.5)
+    assert transfer.done == {0, 2}  # nobody else was asked: the seeder's swarm not joined
+    assert not transfer.handle.get_peer_info()
+
+
+@pytest.mark.parametrize("failure", ["500", "corrupt"])
+async def test_a_failed_dealt_piece_joins_the_seeders_swarm(
+    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo], failure: str
+) -> None:
+    """Nobody else was dealt that piece: the agent takes the segment from the seeder's swarm
+    (corrupt bytes never reach libtorrent), and still ends with the right bytes."""
+    seeder, agent, meta = sessions
+    transfer, metrics = await deal(tmp_path, agent, seeder, meta, [0, 1, 3], {1: failure})
+    assert metrics.value("seeder_pieces_total") == 1  # piece 0; 3 was never tried
+    assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
+    for piece in range(meta.num_pieces):
+        assert await transfer.wait_piece(piece, timeout=10)
+    assert b"".join([await transfer.read_piece(p) for p in range(meta.num_pieces)]) == DATA
+    assert agent.hash_failures == 0
