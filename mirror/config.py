@@ -238,7 +238,7 @@ class SeederConfig:
     piece_size: int = _opt(128 * 1024, parse_size, "torrent piece size")
     unchoke_slots: int = _opt(64, int, "peer connections the seeder uploads to at once")
     origin_streams: int = _opt(1, parse_count, "blobs downloaded from the origin at once")
-    piece_sends: int = _opt(1, parse_count, "dealt pieces sent to agents at once")
+    piece_sends: int = _opt(4, parse_count, "dealt pieces sent to agents at once")
     cache_max_bytes: int = _opt(0, parse_size, "evict LRU blobs above this (0: no cap)")
     min_free_disk: float = _opt(0.05, parse_fraction, "evict below this free-disk fraction")
     upload_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
