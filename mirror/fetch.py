@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -145,14 +145,30 @@ class SeederClient:
             elif loop.time() - since >= patience:
                 raise Fallback("seeder", f"torrent {index}: no origin progress for {patience:g}s")
 
-    async def piece(self, url: str, digest: Digest, index: int, piece: int) -> bytes:
-        """The bytes of one piece the seeder dealt to this agent."""
+    async def pieces(
+        self, url: str, digest: Digest, index: int, first: int, sizes: list[int]
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """(piece, bytes) of a run of consecutive pieces the seeder dealt to this agent, one
+        piece at a time as they arrive (``sizes``: each piece's length)."""
         async with self.session.get(
-            f"{url}/v1/blobs/{digest}/segments/{index}/pieces/{piece}"
+            f"{url}/v1/blobs/{digest}/segments/{index}/pieces/{first}",
+            params={"count": str(len(sizes))},
         ) as resp:
             if resp.status != 200:
-                raise Fallback("seeder", f"piece {piece} of segment {index}: {resp.status}")
-            return await resp.read()
+                raise Fallback("seeder", f"pieces {first}+{len(sizes)} of {index}: {resp.status}")
+            for piece, size in enumerate(sizes, start=first):
+                yield piece, await resp.content.readexactly(size)
+
+
+def _runs(pieces: list[int]) -> list[list[int]]:
+    """[0, 1, 2, 5, 6] -> [[0, 1, 2], [5, 6]]."""
+    runs: list[list[int]] = []
+    for piece in sorted(set(pieces)):
+        if runs and runs[-1][-1] == piece - 1:
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    return runs
 
 
 def parse_piece_list(text: str) -> list[int]:
@@ -284,25 +300,30 @@ class Fetcher:
         self, fetch: BlobFetch, url: str, index: int, transfer: Transfer, pieces: list[int],
         seeder: list[tuple[str, int]],
     ) -> None:
-        """Fetch the pieces the seeder dealt us and hand them to libtorrent, which shares them.
+        """Fetch the pieces the seeder dealt us (one request per run of consecutive pieces)
+        and hand each to libtorrent as it arrives, which shares it at once.
 
         Nobody else gets these pieces from the seeder: if one fails, take the segment from
         the seeder's swarm instead (peers still get them from us once we have them).
         """
         assert self.seeders is not None
-        for piece in pieces:
+        meta = transfer.meta
+        for run in _runs(pieces):
+            sizes = [end - start for start, end in map(meta.piece_range, run)]
             try:
-                data = await self.seeders.piece(url, fetch.digest, index, piece)
-                if not transfer.meta.piece_ok(piece, data):
-                    raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
-            except (Fallback, aiohttp.ClientError, TimeoutError) as e:
+                async for piece, data in self.seeders.pieces(
+                    url, fetch.digest, index, run[0], sizes
+                ):
+                    if not meta.piece_ok(piece, data):
+                        raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
+                    transfer.add_piece(piece, data)
+                    self.metrics.inc("seeder_pieces_total")
+            except (Fallback, aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as e:
                 log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",
-                            fetch.digest, e)  # fmt: skip
+                            fetch.digest, e or type(e).__name__)  # fmt: skip
                 self.metrics.inc("seeder_segments_total", reason="piece_failed")
                 transfer.connect(seeder)
                 return
-            transfer.add_piece(piece, data)
-            self.metrics.inc("seeder_pieces_total")
 
     async def _seeder_if_stalled(self, transfer: Transfer, seeder: list[tuple[str, int]]) -> None:
         """Peers sent nothing for this segment for ``seeder_grace``: ask the seeder too.

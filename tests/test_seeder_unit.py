@@ -219,8 +219,8 @@ async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path: Path) -> None:
-    """Three agents wait for a segment: each gets some of its pieces, none twice, all of
-    them dealt; each piece's bytes come from the piece endpoint; a late agent gets none."""
+    """Three agents wait for a segment: each gets a run of consecutive pieces, none twice,
+    all of them dealt; the piece endpoint serves one piece or a run; a late agent gets none."""
     origin = HeldOrigin([os.urandom(4 * MiB)])
     (digest,) = origin.blobs
     app = web.Application()
@@ -248,7 +248,7 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
             hands = await asyncio.gather(*waiting)
             pieces = -(-(4 * MiB - last * segment) // SEEDER_PIECE)
             assert sorted(p for hand in hands for p in hand) == list(range(pieces))
-            assert all(hands), hands
+            assert all(hand == list(range(hand[0], hand[-1] + 1)) for hand in hands), hands
             assert await torrent(4) == []  # dealt already
 
             blob = origin.blobs[digest]
@@ -257,10 +257,16 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
                 assert resp.status == 200
                 start = last * segment + p * SEEDER_PIECE
                 assert await resp.read() == blob[start : min(start + SEEDER_PIECE, len(blob))]
+            whole = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0",
+                                     params={"count": str(pieces)})  # fmt: skip
+            assert await whole.read() == blob[last * segment :]
+            for bad in ({"count": str(pieces + 1)}, {"count": "0"}, {"count": "x"}):
+                resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0", params=bad)
+                assert resp.status == 404, bad
             missing = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{pieces}")
             assert missing.status == 404
             assert (await missing.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
-            assert seeder.metrics.value("piece_bytes_total") == len(blob) - last * segment
+            assert seeder.metrics.value("piece_bytes_total") == 2 * (len(blob) - last * segment)
     finally:
         origin.release[digest].set()
         await origin_server.close()
