@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from mirror.config import SeederConfig, upstream_for
+from mirror.config import SeederConfig, parse_count, upstream_for
 from mirror.metrics import Metrics
 from mirror.oci import Digest, OCIError, validate_name
 from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_headers
@@ -420,7 +420,10 @@ def _count(text: str | None) -> int | None:
     """``?count=`` of a piece request: a positive integer, 1 if absent, else None."""
     if text is None:
         return 1
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    try:
+        return parse_count(text)
+    except ValueError:
+        return None
 
 
 def _wait_seconds(text: str | None, default: float = 30.0, longest: float = 300.0) -> float:

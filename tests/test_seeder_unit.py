@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.config import SeederConfig, load_config
+from mirror.fetch import parse_piece_list
 from mirror.oci import Digest
 from mirror.seeder import HAND_ON_BYTES, PIECES_HEADER, Seeder, segment_size_for
 
@@ -76,17 +77,26 @@ class HeldOrigin:
         return resp
 
 
-@pytest.fixture
-async def held() -> AsyncIterator[tuple[HeldOrigin, TestServer]]:
-    origin = HeldOrigin([os.urandom(BLOB), os.urandom(BLOB)])  # half held: > HAND_ON_BYTES
+@contextlib.asynccontextmanager
+async def served(origin: HeldOrigin) -> AsyncIterator[TestServer]:
+    """``origin`` on loopback; every held body is released before it stops."""
     app = web.Application()
     app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
     origin_server = TestServer(app, host="127.0.0.1")
     await origin_server.start_server()
-    yield origin, origin_server
-    for event in origin.release.values():
-        event.set()
-    await origin_server.close()
+    try:
+        yield origin_server
+    finally:
+        for event in origin.release.values():
+            event.set()
+        await origin_server.close()
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[HeldOrigin, TestServer]]:
+    origin = HeldOrigin([os.urandom(BLOB), os.urandom(BLOB)])  # half held: > HAND_ON_BYTES
+    async with served(origin) as origin_server:
+        yield origin, origin_server
 
 
 @contextlib.asynccontextmanager
@@ -168,22 +178,16 @@ async def test_the_next_blob_starts_as_the_current_one_nearly_ends(tmp_path: Pat
     (no idle link between two bodies); until then it waits its turn."""
     origin = HeldOrigin([os.urandom(3 * MiB), os.urandom(3 * MiB)], held=HAND_ON_BYTES // 2)
     first, second = origin.blobs
-    app = web.Application()
-    app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
-    origin_server = TestServer(app, host="127.0.0.1")
-    await origin_server.start_server()
-    try:
-        async with seeder_of(tmp_path, origin_server) as (seeder, client):
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server) as (seeder, client),
+    ):
             seeder.origin_turns.patience = 60.0  # no hand-off for a stalled body
             for digest in (first, second):
                 await ask(client, digest)
             await _until(lambda: origin.gets == [first, second])
             assert not origin.release[first].is_set()  # the first body is not finished
             assert seeder.origin_bytes >= 3 * MiB - HAND_ON_BYTES
-    finally:
-        for event in origin.release.values():
-            event.set()
-        await origin_server.close()
 
 
 async def test_a_one_piece_blob_does_not_wait_its_turn(tmp_path: Path) -> None:
@@ -191,12 +195,10 @@ async def test_a_one_piece_blob_does_not_wait_its_turn(tmp_path: Path) -> None:
     origin = HeldOrigin([os.urandom(BLOB), os.urandom(1000)])
     large, config = origin.blobs
     origin.release[config].set()
-    app = web.Application()
-    app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
-    origin_server = TestServer(app, host="127.0.0.1")
-    await origin_server.start_server()
-    try:
-        async with seeder_of(tmp_path, origin_server) as (seeder, client):
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server) as (seeder, client),
+    ):
             seeder.origin_turns.patience = 60.0  # no hand-off: only the bypass can help
             await ask(client, large)
             await _until(lambda: origin.gets == [large])
@@ -205,9 +207,6 @@ async def test_a_one_piece_blob_does_not_wait_its_turn(tmp_path: Path) -> None:
             assert resp.status == 200
             assert origin.gets == [large, config]
             assert not origin.release[large].is_set()  # the large body is still held
-    finally:
-        origin.release[large].set()
-        await origin_server.close()
 
 
 async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -223,12 +222,10 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
     all of them dealt; the piece endpoint serves one piece or a run; a late agent gets none."""
     origin = HeldOrigin([os.urandom(4 * MiB)])
     (digest,) = origin.blobs
-    app = web.Application()
-    app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
-    origin_server = TestServer(app, host="127.0.0.1")
-    await origin_server.start_server()
-    try:
-        async with seeder_of(tmp_path, origin_server) as (seeder, client):
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server) as (seeder, client),
+    ):
             info = await ask(client, digest)
             segment, last = info["segment_size"], info["segments"] - 1
             assert segment > SEEDER_PIECE  # several pieces per segment
@@ -238,8 +235,7 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
                 resp = await client.get(f"/v1/blobs/{digest}/torrents/{last}",
                                         params={"wait": "10", "bt_port": str(port)})  # fmt: skip
                 assert resp.status == 200
-                text = resp.headers[PIECES_HEADER]
-                return [int(p) for p in text.split(",")] if text else []
+                return parse_piece_list(resp.headers[PIECES_HEADER])
 
             waiting = [asyncio.create_task(torrent(port)) for port in (1, 2, 3)]
             job = seeder.jobs[Digest.parse(digest)]
@@ -267,6 +263,3 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
             assert missing.status == 404
             assert (await missing.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
             assert seeder.metrics.value("piece_bytes_total") == 2 * (len(blob) - last * segment)
-    finally:
-        origin.release[digest].set()
-        await origin_server.close()
