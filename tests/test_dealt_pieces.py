@@ -113,3 +113,39 @@ async def test_a_failed_dealt_piece_joins_the_seeders_swarm(
         assert await transfer.wait_piece(piece, timeout=10)
     assert b"".join([await transfer.read_piece(p) for p in range(meta.num_pieces)]) == DATA
     assert agent.hash_failures == 0
+
+
+async def test_a_peer_that_turns_seed_while_we_wait_still_sends_its_last_piece(
+    tmp_path: Path,
+) -> None:
+    """The peer had only what we already took (we told it we were not interested), then its
+    last piece arrives and makes it a seed: we still get that piece at once, on the same
+    connection (libtorrent's default closes it and reconnects a second or more later)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "segment").write_bytes(DATA)
+    meta = Metainfo.parse(make_torrent(src / "segment", ["http://127.0.0.1:9/announce"], PIECE))
+    holder, waiter = Swarm(HostPort("127.0.0.1", 0)), Swarm(HostPort("127.0.0.1", 0))
+    await holder.start()
+    await waiter.start()
+    try:
+        (tmp_path / "holder").mkdir()
+        (tmp_path / "waiter").mkdir()
+        held = holder.add(meta, tmp_path / "holder", seed=False, announce=False)
+        wanted = waiter.add(meta, tmp_path / "waiter", seed=False, announce=False,
+                            peers=[("127.0.0.1", holder.port)])  # fmt: skip
+        last = meta.num_pieces - 1
+        for piece in range(last):
+            held.add_piece(piece, DATA[piece * PIECE : (piece + 1) * PIECE])
+        for piece in range(last):
+            assert await wanted.wait_piece(piece, timeout=5)
+        await asyncio.sleep(0.3)  # our NOT_INTERESTED reaches the holder
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        held.add_piece(last, DATA[last * PIECE :])
+        assert await wanted.wait_piece(last, timeout=5)
+        assert loop.time() - start < 0.5
+        assert len(wanted.handle.get_peer_info()) == 1
+    finally:
+        await waiter.close()
+        await holder.close()

@@ -25,7 +25,7 @@ from mirror.lab.images import PushedImage, build_image, push_image
 from mirror.lab.procs import wait_for
 from mirror.lab.registry import Registry
 from mirror.lab.stack import AgentProc, LocalStack, metric_sum
-from mirror.seeder import segment_size_for
+from mirror.seeder import piece_size_for, segment_size_for
 from tests.conftest import failed, require_binaries
 
 PIECE = 128 * 1024  # the seeder's default piece size
@@ -146,8 +146,9 @@ def test_each_piece_leaves_the_seeder_once(
         assert hashlib.sha256(data).hexdigest() == layer.digest[7:]
 
     segment = segment_size_for(layer.size, 2 * MiB, PIECE)
+    piece = piece_size_for(segment, PIECE)
     segments = -(-layer.size // segment)
-    pieces = sum(-(-min(segment, layer.size - i * segment) // PIECE) for i in range(segments))
+    pieces = sum(-(-min(segment, layer.size - i * segment) // piece) for i in range(segments))
     assert segments > 1
     # Each piece dealt to exactly one agent (a segment nobody waited for goes whole to the
     # first agent that asks), and every agent had some to share.
@@ -159,7 +160,7 @@ def test_each_piece_leaves_the_seeder_once(
     # dealt pieces came over HTTP, not as swarm payload.
     for a, n in zip(agents, dealt, strict=True):
         received = a.metric("swarm_download_bytes") - a.metric("swarm_wasted_bytes")
-        assert layer.size - n * PIECE <= received <= layer.size
+        assert layer.size - n * piece <= received <= layer.size
     # 4 agents, yet exactly one copy left the seeder (dealt pieces, over HTTP), not four;
     # the other three copies went from agent to agent.
     assert seeder_metric(stack, "piece_bytes_total") == layer.size

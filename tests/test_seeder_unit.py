@@ -16,7 +16,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from mirror.config import SeederConfig, load_config
 from mirror.fetch import parse_piece_list
 from mirror.oci import Digest
-from mirror.seeder import HAND_ON_BYTES, PIECES_HEADER, Seeder, segment_size_for
+from mirror.seeder import (
+    HAND_ON_BYTES,
+    MIN_PIECE,
+    PIECES_HEADER,
+    Seeder,
+    piece_size_for,
+    segment_size_for,
+)
 
 MiB = 1024 * 1024
 PIECE = 256 * 1024
@@ -42,6 +49,22 @@ def test_segment_size(size: int, segment: int) -> None:
     assert got % PIECE == 0
     count = max(1, -(-size // got))
     assert count <= max(8, -(-size // (16 * MiB)))
+
+
+@pytest.mark.parametrize(
+    ("segment", "largest", "piece"),
+    [
+        (512 * 1024, 128 * 1024, MIN_PIECE),  # never below the floor
+        (2 * MiB - 1, 128 * 1024, 32 * 1024),
+        (2 * MiB, 128 * 1024, 64 * 1024),  # 32 pieces
+        (4 * MiB, 128 * 1024, 128 * 1024),
+        (16 * MiB, 128 * 1024, 128 * 1024),  # large segments keep the configured size
+        (512 * 1024, 16 * 1024, 16 * 1024),  # a configured size under the floor stays
+        (512 * 1024, 96 * 1024, 96 * 1024),  # not a power of two: not halved
+    ],
+)
+def test_small_segments_get_small_pieces(segment: int, largest: int, piece: int) -> None:
+    assert piece_size_for(segment, largest) == piece
 
 
 # --- origin order and the waiting protocol (a stand-in origin whose bodies the test holds) --
@@ -242,7 +265,9 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
             await _until(lambda: sum(job.waiting.get(last, {}).values()) == 3)
             origin.release[digest].set()
             hands = await asyncio.gather(*waiting)
-            pieces = -(-(4 * MiB - last * segment) // SEEDER_PIECE)
+            piece = piece_size_for(segment, SEEDER_PIECE)
+            assert piece < SEEDER_PIECE  # a small segment gets small pieces
+            pieces = -(-(4 * MiB - last * segment) // piece)
             assert sorted(p for hand in hands for p in hand) == list(range(pieces))
             assert all(hand == list(range(hand[0], hand[-1] + 1)) for hand in hands), hands
             assert await torrent(4) == []  # dealt already
@@ -251,8 +276,8 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
             for p in range(pieces):
                 resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{p}")
                 assert resp.status == 200
-                start = last * segment + p * SEEDER_PIECE
-                assert await resp.read() == blob[start : min(start + SEEDER_PIECE, len(blob))]
+                start = last * segment + p * piece
+                assert await resp.read() == blob[start : min(start + piece, len(blob))]
             whole = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0",
                                      params={"count": str(pieces)})  # fmt: skip
             assert await whole.read() == blob[last * segment :]
