@@ -235,7 +235,7 @@ class SeederConfig:
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6882), HostPort.parse, "BitTorrent listen")
     registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
     segment_size: int = _opt(16 * MiB, parse_size, "largest blob segment (one torrent each)")
-    piece_size: int = _opt(128 * 1024, parse_size, "torrent piece size")
+    piece_size: int = _opt(128 * 1024, parse_size, "largest torrent piece")
     unchoke_slots: int = _opt(64, int, "peer connections the seeder uploads to at once")
     origin_streams: int = _opt(1, parse_count, "blobs downloaded from the origin at once")
     piece_sends: int = _opt(4, parse_count, "dealt pieces sent to agents at once")
