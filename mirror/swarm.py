@@ -227,7 +227,7 @@ class Swarm:
                 # before the HAVE that made it a seed makes us interested again: the piece it
                 # just completed then waits >= 1 s for a reconnect (measured: 1-3 s stalls at
                 # segment ends, several per 16 MiB pull at N=2). Keep such connections; idle
-                # ones are closed once the connection limit is near, after this many seconds.
+                # ones are closed once the connection limit is reached, after this many seconds.
                 "close_redundant_connections": False,
                 "inactivity_timeout": 10,
                 "torrent_connect_boost": 50,
