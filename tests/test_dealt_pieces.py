@@ -18,7 +18,7 @@ from mirror.metrics import Metrics
 from mirror.oci import Digest
 from mirror.origin import Origin
 from mirror.store import BlobStore
-from mirror.swarm import Metainfo, Swarm, Transfer, make_torrent
+from mirror.swarm import Metainfo, Swarm, SwarmError, Transfer, make_torrent
 
 PIECE = 128 * 1024
 DIGEST = Digest.parse("sha256:" + "ab" * 32)
@@ -95,6 +95,26 @@ async def test_dealt_pieces_are_shared_without_the_seeders_swarm(
     await asyncio.sleep(0.5)
     assert transfer.done == {0, 2}  # nobody else was asked: the seeder's swarm not joined
     assert not transfer.handle.get_peer_info()
+
+
+async def test_a_run_of_pieces_is_read_in_one_go_and_each_piece_checked(
+    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo]
+) -> None:
+    """The agent streams a run of finished pieces with one read; a piece whose bytes on disk
+    do not match its hash fails the whole run (never served), after the retries."""
+    seeder, agent, meta = sessions
+    transfer, _ = await deal(tmp_path, agent, seeder, meta, list(range(meta.num_pieces)), {})
+    for piece in range(meta.num_pieces):
+        assert await transfer.wait_piece(piece, timeout=5)
+    assert await transfer.read_pieces(0, meta.num_pieces) == DATA
+    assert await transfer.read_pieces(1, 3) == DATA[PIECE : 3 * PIECE]
+    agent.remove(transfer)  # nothing rewrites the file now
+    with open(transfer.path, "r+b") as f:
+        f.seek(2 * PIECE + 10)
+        f.write(b"\0" * 10)
+    assert await transfer.read_pieces(0, 2) == DATA[: 2 * PIECE]
+    with pytest.raises(SwarmError, match="never reached the disk"):
+        await transfer.read_pieces(1, 4, timeout=0.3)
 
 
 @pytest.mark.parametrize(("failure", "added"), [("500", 0), ("corrupt", 1)])
