@@ -69,7 +69,6 @@ class SeedJob:
     waiting: dict[int, Counter[str]] = field(default_factory=dict)
     dealt: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     received: int = 0  # body bytes from the origin so far
-    piece_size: int = 0  # of this blob's torrents
 
     def fail(self, error: OCIError) -> None:
         self.error = error
@@ -176,7 +175,6 @@ class Seeder:
         if size is None:
             raise OCIError("UNAVAILABLE", "origin sent no Content-Length")
         segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
-        job.piece_size = piece_size_for(segment, self.cfg.piece_size)
         layout = self.store.begin(job.digest, size, segment)
         job.layout = layout
         loop = asyncio.get_running_loop()
@@ -243,7 +241,8 @@ class Seeder:
         layout = job.layout
         assert layout is not None
         path = layout.segment_path(index)
-        data = await asyncio.to_thread(make_torrent, path, self.cfg.tracker, job.piece_size)
+        piece = piece_size_for(layout.segment_size, self.cfg.piece_size)
+        data = await asyncio.to_thread(make_torrent, path, self.cfg.tracker, piece)
         tmp = layout.torrent_path(index).with_suffix(".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, layout.torrent_path(index))
