@@ -357,11 +357,10 @@ class Fetcher:
         while piece < meta.num_pieces:
             if not await transfer.wait_piece(piece, self.stall_timeout):
                 raise Fallback("stall", f"no progress for {self.stall_timeout:.0f}s")
-            stop = piece + 1
+            start, stop = meta.piece_range(piece)[0], piece + 1
             while (stop < meta.num_pieces and stop in transfer.done
-                   and meta.piece_range(stop)[1] - meta.piece_range(piece)[0] <= READ_CHUNK):
+                   and meta.piece_range(stop)[1] - start <= READ_CHUNK):
                 stop += 1  # fmt: skip
-            start = meta.piece_range(piece)[0]
             data = await transfer.read_pieces(piece, stop)
             piece = stop
             skip = max(0, fetch.available - (base + start))  # already streamed
