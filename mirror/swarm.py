@@ -263,6 +263,7 @@ class Swarm:
         self.hash_failures = 0
         self._wake = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self._closing = False
 
     def _limit_local_peers(self) -> None:
         """Apply the rate limits to LAN peers too (libtorrent exempts them by default).
@@ -285,20 +286,22 @@ class Swarm:
         self._pump = asyncio.create_task(self._pump_alerts())
 
     async def close(self) -> None:
+        # A flag, not cancel(): Python 3.11's wait_for swallows a cancellation that meets
+        # a wake-up, and the pump then ran forever (a shutdown that never ended).
+        self._closing = True
+        self._wake.set()
         if self._pump:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
-        self.session.set_alert_notify(lambda: None)
+            await self._pump
+        # libtorrent calls the notify function (Python: it takes the GIL) under its alert
+        # lock whenever the alert queue turns non-empty, and set_alert_notify and the
+        # session's destructor take that lock while holding the GIL: either deadlocked the
+        # process when a torrent's alert came at that moment. Nothing pops alerts from here
+        # on, so one alert left queued means libtorrent never calls the function again.
+        self.session.post_session_stats()
+        await asyncio.to_thread(self.session.wait_for_alert, 1000)
         for transfer in list(self.transfers.values()):
             self.remove(transfer)
         self.session.pause()
-        # libtorrent calls the notify function (Python: it needs the GIL) under a lock that
-        # the session's destructor takes too, whenever its alert queue turns non-empty; an
-        # alert left queued means it never does again (a torrent aborted while the session
-        # was being destroyed deadlocked the process).
-        self.session.post_session_stats()
-        await asyncio.to_thread(self.session.wait_for_alert, 1000)
 
     def get(self, info_hash: str) -> Transfer | None:
         return self.transfers.get(info_hash)
@@ -365,7 +368,7 @@ class Swarm:
         return SwarmTotals(down, up, wasted)
 
     async def _pump_alerts(self) -> None:
-        while True:
+        while not self._closing:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5)
             self._wake.clear()

@@ -26,19 +26,27 @@ DATA = os.urandom(4 * PIECE)
 
 
 @pytest.fixture
-async def sessions(tmp_path: Path) -> AsyncIterator[tuple[Swarm, Swarm, Metainfo]]:
-    """A seeding session holding one segment, and an empty downloading one (no tracker)."""
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Swarm, Swarm, Metainfo]]:
+    """Two started sessions on loopback (no tracker) and a torrent of ``DATA``, which is
+    written to ``tmp_path/"seeder"/"segment"``; neither session has the torrent yet."""
     src = tmp_path / "seeder"
     src.mkdir()
     (src / "segment").write_bytes(DATA)
     meta = Metainfo.parse(make_torrent(src / "segment", ["http://127.0.0.1:9/announce"], PIECE))
-    seeder, agent = Swarm(HostPort("127.0.0.1", 0)), Swarm(HostPort("127.0.0.1", 0))
-    await seeder.start()
-    await agent.start()
-    seeder.add(meta, src, seed=True, announce=False)
-    yield seeder, agent, meta
-    await agent.close()
-    await seeder.close()
+    first, second = Swarm(HostPort("127.0.0.1", 0)), Swarm(HostPort("127.0.0.1", 0))
+    await first.start()
+    await second.start()
+    yield first, second, meta
+    await second.close()
+    await first.close()
+
+
+@pytest.fixture
+def sessions(tmp_path: Path, pair: tuple[Swarm, Swarm, Metainfo]) -> tuple[Swarm, Swarm, Metainfo]:
+    """A seeding session holding one segment, and an empty downloading one."""
+    seeder, agent, meta = pair
+    seeder.add(meta, tmp_path / "seeder", seed=True, announce=False)
+    return seeder, agent, meta
 
 
 async def piece_server(broken: dict[int, str]) -> TestServer:
@@ -136,36 +144,26 @@ async def test_a_failed_dealt_piece_joins_the_seeders_swarm(
 
 
 async def test_a_peer_that_turns_seed_while_we_wait_still_sends_its_last_piece(
-    tmp_path: Path,
+    tmp_path: Path, pair: tuple[Swarm, Swarm, Metainfo]
 ) -> None:
     """The peer had only what we already took (we told it we were not interested), then its
     last piece arrives and makes it a seed: we still get that piece at once, on the same
     connection (libtorrent's default closes it and reconnects a second or more later)."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "segment").write_bytes(DATA)
-    meta = Metainfo.parse(make_torrent(src / "segment", ["http://127.0.0.1:9/announce"], PIECE))
-    holder, waiter = Swarm(HostPort("127.0.0.1", 0)), Swarm(HostPort("127.0.0.1", 0))
-    await holder.start()
-    await waiter.start()
-    try:
-        (tmp_path / "holder").mkdir()
-        (tmp_path / "waiter").mkdir()
-        held = holder.add(meta, tmp_path / "holder", seed=False, announce=False)
-        wanted = waiter.add(meta, tmp_path / "waiter", seed=False, announce=False,
-                            peers=[("127.0.0.1", holder.port)])  # fmt: skip
-        last = meta.num_pieces - 1
-        for piece in range(last):
-            held.add_piece(piece, DATA[piece * PIECE : (piece + 1) * PIECE])
-        for piece in range(last):
-            assert await wanted.wait_piece(piece, timeout=5)
-        await asyncio.sleep(0.3)  # our NOT_INTERESTED reaches the holder
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        held.add_piece(last, DATA[last * PIECE :])
-        assert await wanted.wait_piece(last, timeout=5)
-        assert loop.time() - start < 0.5
-        assert len(wanted.handle.get_peer_info()) == 1
-    finally:
-        await waiter.close()
-        await holder.close()
+    holder, waiter, meta = pair
+    (tmp_path / "holder").mkdir()
+    (tmp_path / "waiter").mkdir()
+    held = holder.add(meta, tmp_path / "holder", seed=False, announce=False)
+    wanted = waiter.add(meta, tmp_path / "waiter", seed=False, announce=False,
+                        peers=[("127.0.0.1", holder.port)])  # fmt: skip
+    last = meta.num_pieces - 1
+    for piece in range(last):
+        held.add_piece(piece, DATA[piece * PIECE : (piece + 1) * PIECE])
+    for piece in range(last):
+        assert await wanted.wait_piece(piece, timeout=5)
+    await asyncio.sleep(0.3)  # our NOT_INTERESTED reaches the holder
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    held.add_piece(last, DATA[last * PIECE :])
+    assert await wanted.wait_piece(last, timeout=5)
+    assert loop.time() - start < 0.5
+    assert len(wanted.handle.get_peer_info()) == 1
