@@ -1,0 +1,35 @@
+"""The benchmark's markdown report: one row per run, CPU-bound runs named as such."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.distribute import CPU_BOUND, MiB, RunResult, write_markdown
+
+
+def run(mode: str, nodes: int, cpu_busy: float, ok: bool = True) -> RunResult:
+    return RunResult(mode=mode, nodes=nodes, image_bytes=16 * MiB, rate_mbit=20.0, ok=ok,
+                     all_done_s=8.0 + nodes, p50_s=8.0, p99_s=8.5, origin_egress_bytes=16 * MiB,
+                     lower_bound_s=6.7, setup_s=1.0, cpu_busy=cpu_busy,
+                     error="" if ok else "1/4 failed")  # fmt: skip
+
+
+def rows(path: Path) -> dict[tuple[str, str], str]:
+    """(mode, N) -> status cell of every table row."""
+    cells = [line.split("|")[1:-1] for line in path.read_text().splitlines()
+             if line.startswith("| ") and not line.startswith("| mode")]  # fmt: skip
+    return {(c[0].strip(), c[1].strip()): c[-1].strip() for c in cells}
+
+
+def test_runs_with_the_cpu_saturated_are_marked_cpu_bound(tmp_path: Path) -> None:
+    runs = [run("direct", 4, 0.05), run("p2p", 8, CPU_BOUND - 0.01), run("p2p", 16, CPU_BOUND),
+            run("cache", 16, 0.97, ok=False)]  # fmt: skip
+    report = tmp_path / "distribute.md"
+    write_markdown(report, runs, "python bench/distribute.py", {"date": "today"})
+    assert rows(report) == {
+        ("direct", "4"): "ok",
+        ("p2p", "8"): "ok",
+        ("p2p", "16"): "ok, CPU-bound",
+        ("cache", "16"): "FAILED: 1/4 failed",
+    }
+    assert "*CPU-bound*" in report.read_text()
