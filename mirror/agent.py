@@ -363,7 +363,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 async def _main(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     await agent.start()
-    runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log)
+    runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
+                         cfg.drain_timeout)  # fmt: skip
     if agent.swarm is not None:
         log.info("agent BitTorrent on %s:%d", cfg.bt_listen.host, agent.swarm.port)
     else:

@@ -243,6 +243,7 @@ class SeederConfig:
     min_free_disk: float = _opt(0.05, parse_fraction, "evict below this free-disk fraction")
     upload_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
     download_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
+    drain_timeout: float = _opt(10.0, parse_seconds, "on SIGTERM, finish transfers this long")
     origin_timeout: float = _opt(300.0, parse_seconds, "origin request timeout")
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
@@ -271,6 +272,9 @@ class AgentConfig:
     # has ~6 connections per torrent: its own plus those that picked it) 4-9%, 25 s.
     swarm_peers: int = _opt(3, parse_count, "peers to ask the tracker for per announce")
     auth_cache_ttl: float = _opt(30.0, parse_seconds, "cache origin access checks this long")
+    # Kubernetes kills a pod 30 s after SIGTERM by default (deploy/daemonset sets 30): drain
+    # well inside that, so the swarm still says goodbye to the tracker and its peers.
+    drain_timeout: float = _opt(10.0, parse_seconds, "on SIGTERM, finish transfers this long")
     origin_timeout: float = _opt(300.0, parse_seconds, "origin request timeout")
     log_level: str = _opt("INFO", parse_log_level, "log level")
 

@@ -465,7 +465,8 @@ def _resolved(data: bytes) -> asyncio.Future[bytes]:
 async def _main(cfg: SeederConfig) -> None:
     seeder = Seeder(cfg)
     await seeder.start()
-    runner = await serve(seeder.app(), cfg.listen.host, cfg.listen.port, "seeder", log)
+    runner = await serve(seeder.app(), cfg.listen.host, cfg.listen.port, "seeder", log,
+                         cfg.drain_timeout)  # fmt: skip
     log.info("seeder BitTorrent on %s:%d", cfg.bt_listen.host, seeder.swarm.port)
 
     try:

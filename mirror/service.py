@@ -12,10 +12,13 @@ from aiohttp import web
 
 
 async def serve(
-    app: web.Application, host: str, port: int, what: str, log: logging.Logger
+    app: web.Application, host: str, port: int, what: str, log: logging.Logger,
+    drain: float = 10.0,
 ) -> web.AppRunner:
-    """Start ``app``; log the one line that says the role is ready."""
-    runner = web.AppRunner(app, access_log=None)
+    """Start ``app``; log the one line that says the role is ready. ``cleanup()`` of the
+    runner stops accepting, lets running responses finish for ``drain`` seconds, then cuts
+    them (a runtime retries a cut blob from its next host)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
