@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.distribute import CPU_BOUND, MiB, RunResult, write_markdown
+from bench.distribute import CPU_BOUND, MiB, RunResult, median_run, write_markdown
 
 
-def run(mode: str, nodes: int, cpu_busy: float, ok: bool = True) -> RunResult:
+def run(mode: str, nodes: int, cpu_busy: float, ok: bool = True, done: float = 0.0) -> RunResult:
     return RunResult(mode=mode, nodes=nodes, image_bytes=16 * MiB, rate_mbit=20.0, ok=ok,
-                     all_done_s=8.0 + nodes, p50_s=8.0, p99_s=8.5, origin_egress_bytes=16 * MiB,
-                     lower_bound_s=6.7, setup_s=1.0, cpu_busy=cpu_busy,
-                     error="" if ok else "1/4 failed")  # fmt: skip
+                     all_done_s=done or 8.0 + nodes, p50_s=8.0, p99_s=8.5,
+                     origin_egress_bytes=16 * MiB, lower_bound_s=6.7, setup_s=1.0,
+                     cpu_busy=cpu_busy, error="" if ok else "1/4 failed")  # fmt: skip
 
 
 def rows(path: Path) -> dict[tuple[str, str], str]:
@@ -33,3 +33,18 @@ def test_runs_with_the_cpu_saturated_are_marked_cpu_bound(tmp_path: Path) -> Non
         ("cache", "16"): "FAILED: 1/4 failed",
     }
     assert "*CPU-bound*" in report.read_text()
+
+
+def test_a_repeated_row_is_its_median_run_with_the_range(tmp_path: Path) -> None:
+    tries = [run("p2p", 8, 0.5, done=t) for t in (9.8, 9.2, 9.5)]
+    row = median_run(tries)
+    assert row.all_done_s == 9.5 and row.all_done_runs == [9.8, 9.2, 9.5]
+    report = tmp_path / "distribute.md"
+    write_markdown(report, [row], "python bench/distribute.py --repeat 3", {})
+    assert "| p2p | 8 | 9.50 (9.20-9.80) |" in report.read_text()
+
+
+def test_a_failed_try_is_never_hidden_by_the_median() -> None:
+    tries = [run("p2p", 8, 0.5, done=9.2), run("p2p", 8, 0.5, ok=False, done=30.0),
+             run("p2p", 8, 0.5, done=9.3)]  # fmt: skip
+    assert not median_run(tries).ok
