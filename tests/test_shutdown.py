@@ -82,7 +82,7 @@ def test_sigterm_drains_then_cuts_a_blob_stream(tmp_path: Path) -> None:
             code = agent.proc.popen.wait(timeout=30)
             took = time.monotonic() - start
             assert code == 0, agent.proc.tail()
-            assert 2 <= took < 8, took  # waited out the drain, then ended at once
+            assert 1.8 <= took < 5, took  # waited out the drain, then ended at once
             with pytest.raises(http.client.IncompleteRead):
                 resp.read()  # cut: the runtime sees a short body, never a finished one
         finally:
