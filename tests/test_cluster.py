@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -76,3 +80,39 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     ratio = float(text.split("origin served")[1].split("(")[1].split(" x")[0])
     assert ratio <= 1.1
     assert leftover_namespaces() <= before
+
+
+def test_a_pull_survives_its_agent_stopping_half_way(tmp_path: Path) -> None:
+    """SIGTERM to the agent mid-pull (a DaemonSet update): it drains for ``drain_timeout``,
+    cuts the running blob and exits; containerd takes the rest from the origin."""
+    require_root()
+    require_binaries(*TOOLS)
+    layout = build_image(tmp_path / "image", [8 * MiB, 4 * MiB], seed=5)
+    config = tmp_path / "agent.yaml"
+    config.write_text("drain_timeout: 1\n")
+    with Cluster(tmp_path / "cluster", 1, mode="p2p", rate_mbit=10,
+                 agent_args=["--config", str(config)]) as cluster:  # fmt: skip
+        ref = cluster.push(layout, "ci/app", "v1")
+        mark = cluster.origin_mark()
+        results: list = []
+        puller = threading.Thread(target=lambda: results.extend(cluster.pull_all(
+            ref, expected_digest=layout.manifest_digest, timeout=120)))  # fmt: skip
+        puller.start()
+        deadline = time.monotonic() + 30
+        while cluster.rx_bytes("node1") < 2 * MiB and time.monotonic() < deadline:
+            time.sleep(0.05)
+        agent = cluster.parts["node1"].agent
+        assert agent is not None and agent.alive()
+        start = time.monotonic()
+        os.killpg(agent.pid, signal.SIGTERM)
+        code = agent.popen.wait(timeout=30)
+        took = time.monotonic() - start
+        puller.join(150)
+        egress = cluster.origin_egress(mark)
+        logs = "" if results and results[0].ok else "\n".join(t for _, t in cluster.logs())
+
+    assert code == 0 and took < 5, (code, took)
+    assert results and results[0].ok, logs
+    assert results[0].digest == layout.manifest_digest
+    # The origin sent the blobs to the seeder and, after the agent left, the rest to the node.
+    assert egress > layout.total_size
