@@ -120,8 +120,11 @@ class Transfer:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
+            # that meets a finished piece, and the cancelled fetch would wait on.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
                 deadline = loop.time() + timeout  # some piece finished: still moving
         return True
 

@@ -34,3 +34,16 @@ async def test_a_torrent_that_stopped_moving_is_a_stall() -> None:
     task = asyncio.create_task(finish(t, [1, 2, 0], every=0.4))
     assert not await t.wait_piece(0, timeout=0.2)
     task.cancel()
+
+
+async def test_a_cancelled_wait_ends_even_when_a_piece_finishes_at_that_moment() -> None:
+    """Cancelling a fetch in the same turn as a piece finishes must cancel it (Python 3.11's
+    wait_for returned normally instead, and the wait went on until its timeout)."""
+    t = transfer()
+    waiting = asyncio.create_task(t.wait_piece(0, timeout=30))
+    await asyncio.sleep(0.01)  # waiting for a piece
+    t.done.add(1)
+    t._notify()  # another piece finished...
+    waiting.cancel()  # ...as the fetch is cancelled
+    done, _ = await asyncio.wait([waiting], timeout=2)
+    assert waiting in done and waiting.cancelled()
