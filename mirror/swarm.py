@@ -143,10 +143,6 @@ class Transfer:
             with contextlib.suppress(Exception):
                 self.handle.connect_peer((host, port))
 
-    async def read_piece(self, piece: int, timeout: float = 5.0) -> bytes:
-        """The bytes of a finished piece, checked against its hash."""
-        return await self.read_pieces(piece, piece + 1, timeout)
-
     async def read_pieces(self, first: int, stop: int, timeout: float = 5.0) -> bytes:
         """The bytes of finished pieces ``first`` to ``stop - 1``, each checked against its
         hash, in one read (one thread hand-off per run, not per piece).

@@ -98,7 +98,8 @@ async def test_dealt_pieces_are_shared_without_the_seeders_swarm(
     transfer, metrics = await deal(tmp_path, agent, seeder, meta, [2, 0], {})
     for piece in (0, 2):
         assert await transfer.wait_piece(piece, timeout=5)
-        assert await transfer.read_piece(piece) == DATA[piece * PIECE : (piece + 1) * PIECE]
+        got = await transfer.read_pieces(piece, piece + 1)
+        assert got == DATA[piece * PIECE : (piece + 1) * PIECE]
     assert metrics.value("seeder_pieces_total") == 2
     await asyncio.sleep(0.5)
     assert transfer.done == {0, 2}  # nobody else was asked: the seeder's swarm not joined
@@ -139,7 +140,7 @@ async def test_a_failed_dealt_piece_joins_the_seeders_swarm(
     assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
     for piece in range(meta.num_pieces):
         assert await transfer.wait_piece(piece, timeout=10)
-    assert b"".join([await transfer.read_piece(p) for p in range(meta.num_pieces)]) == DATA
+    assert b"".join([await transfer.read_pieces(p, p + 1) for p in range(meta.num_pieces)]) == DATA
     assert agent.hash_failures == 0
 
 
