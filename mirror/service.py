@@ -12,8 +12,7 @@ from aiohttp import web
 
 
 async def serve(
-    app: web.Application, host: str, port: int, what: str, log: logging.Logger,
-    drain: float = 10.0,
+    app: web.Application, host: str, port: int, what: str, log: logging.Logger, drain: float
 ) -> web.AppRunner:
     """Start ``app``; log the one line that says the role is ready. ``cleanup()`` of the
     runner stops accepting, lets running responses finish for ``drain`` seconds, then cuts
