@@ -157,10 +157,15 @@ def test_each_piece_leaves_the_seeder_once(
     assert sum(a.metric("seeder_segments_total", reason="stalled") for a in agents) == 0
     assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
     # Every payload byte received was either a byte of the blob or counted as wasted; the
-    # dealt pieces came over HTTP, not as swarm payload.
+    # dealt pieces came over HTTP, not as swarm payload. libtorrent adds a peer's bytes to its
+    # torrent's totals on its once-a-second tick: wait for the last second's to be counted.
+    def received(a: AgentProc) -> float:
+        return a.metric("swarm_download_bytes") - a.metric("swarm_wasted_bytes")
+
     for a, n in zip(agents, dealt, strict=True):
-        received = a.metric("swarm_download_bytes") - a.metric("swarm_wasted_bytes")
-        assert layer.size - n * piece <= received <= layer.size
+        least = layer.size - n * piece
+        wait_for(lambda a=a, least=least: received(a) >= least, 3, f"{a.name}'s payload counted")
+        assert least <= received(a) <= layer.size
     # 4 agents, yet exactly one copy left the seeder (dealt pieces, over HTTP), not four;
     # the other three copies went from agent to agent.
     assert seeder_metric(stack, "piece_bytes_total") == layer.size
