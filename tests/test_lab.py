@@ -6,14 +6,17 @@ unpacked files), so they are checked here against the real binaries.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.lab.containerd import Containerd, write_hosts_toml
+from mirror.lab.containerd import Containerd, _gone, write_hosts_toml
 from mirror.lab.images import OCI_LAYER_TAR, OCI_MANIFEST, PushedImage, build_image, push_image
 from mirror.lab.registry import Registry, parse_access_log
 
@@ -311,6 +314,33 @@ def test_pull_through_loopback_host_never_resolves_the_name(
         if reg is not None:
             reg.stop()
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def test_a_stopped_child_is_reaped_not_left_a_zombie(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_gone`` reaps a child that died: a zombie found on the state read is waited for.
+
+    A non-blocking wait is made to miss (as when the child dies just after it): the old
+    check then saw the zombie, called it gone, and left it for CI to find in /proc.
+    """
+    real_waitpid = os.waitpid
+
+    def late_waitpid(pid: int, options: int) -> tuple[int, int]:
+        return (0, 0) if options & os.WNOHANG else real_waitpid(pid, options)
+
+    monkeypatch.setattr(os, "waitpid", late_waitpid)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not _gone(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        status = Path(f"/proc/{child.pid}/status")
+        while "\nState:\tZ" not in status.read_text():  # dead, not yet reaped
+            time.sleep(0.01)
+        assert _gone(child.pid)
+        assert not status.exists()  # reaped
+    finally:
+        child.kill()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child.pid, 0)
 
 
 def test_containerd_restart_command_rereads_edited_config(containerd: Containerd) -> None:

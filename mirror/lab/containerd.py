@@ -449,15 +449,20 @@ def _become_subreaper() -> None:
 
 
 def _gone(pid: int) -> bool:
-    """Exited (a zombie whose parent is not us counts as exited)."""
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return True
+    """Exited; reaped if it is our child (a zombie whose parent is not us counts as exited).
+
+    The state is read before reaping: a child that dies between a non-blocking ``waitpid``
+    and the read would otherwise be seen as a zombie and left unreaped.
+    """
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return True
-    return "\nState:\tZ" in status
+    if "\nState:\tZ" not in status:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)  # a zombie: returns at once
+    return True
 
 
 def _kill_and_wait(pid: int, timeout: float = 10.0) -> None:
