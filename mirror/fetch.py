@@ -23,7 +23,7 @@ from mirror.config import MiB, Upstream
 from mirror.metrics import Metrics
 from mirror.oci import Digest, OCIError
 from mirror.origin import Origin, OriginUnavailable, error_for_status, forward_headers
-from mirror.seeder import PIECES_HEADER
+from mirror.seeder import PIECES_HEADER, TORRENT_LENGTH_HEADER
 from mirror.store import BlobLayout, BlobStore, segment_name
 from mirror.swarm import Metainfo, Swarm, SwarmError, Transfer
 
@@ -76,6 +76,27 @@ class BlobFetch:
             raise self.error
 
 
+@dataclass
+class SegmentOffer:
+    """A segment's torrent and the pieces the seeder dealt this agent; ``body`` is the open
+    response the dealt pieces follow the torrent in, or None (a seeder that sends them only
+    on request). Whoever holds the offer closes it."""
+
+    torrent: bytes
+    dealt: list[int]
+    body: aiohttp.ClientResponse | None = None
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+
+    async def inline_pieces(self, sizes: list[int]) -> AsyncIterator[tuple[int, bytes]]:
+        """(piece, bytes) of the dealt run as it arrives after the torrent."""
+        assert self.body is not None
+        for piece, size in zip(self.dealt, sizes, strict=True):
+            yield piece, await self.body.content.readexactly(size)
+
+
 class SeederClient:
     """Asks seeders for a blob's segment torrents, trying each configured seeder in turn."""
 
@@ -113,10 +134,9 @@ class SeederClient:
                 errors.append(f"{url}: {e or type(e).__name__}")
         raise Fallback("seeder", "; ".join(errors))
 
-    async def torrent(
-        self, url: str, digest: Digest, index: int, bt_port: int
-    ) -> tuple[bytes, list[int]]:
-        """Segment ``index``'s torrent, and the pieces this agent takes from the seeder.
+    async def torrent(self, url: str, digest: Digest, index: int, bt_port: int) -> SegmentOffer:
+        """Segment ``index``'s torrent, and the pieces this agent takes from the seeder (their
+        bytes follow in the same response where the seeder does that).
 
         The seeder publishes a segment once its bytes arrived from the origin, which for a
         blob queued behind others can take minutes: wait as long as the seeder's origin
@@ -127,18 +147,21 @@ class SeederClient:
         progress, since = None, loop.time()
         while True:
             try:
-                async with self.session.get(
+                resp = await self.session.get(
                     f"{url}/v1/blobs/{digest}/torrents/{index}",
-                    params={"bt_port": str(bt_port), "wait": f"{patience / 3:g}"},
+                    params={"bt_port": str(bt_port), "wait": f"{patience / 3:g}",
+                            "pieces": "inline"},  # fmt: skip
+                    # the wait, then the dealt run (a second request had ``patience``)
                     timeout=aiohttp.ClientTimeout(total=patience * 4 / 3),
-                ) as resp:
-                    if resp.status == 200:
-                        dealt = parse_piece_list(resp.headers.get(PIECES_HEADER, ""))
-                        return await resp.read(), dealt
+                )
+                if resp.status == 200:
+                    return await _offer(resp)
+                async with resp:
                     if resp.status != 202:
                         raise Fallback("seeder", f"torrent {index}: {resp.status}")
                     now = (await resp.json()).get("origin_bytes")
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError,
+                    ValueError) as e:  # fmt: skip
                 raise Fallback("seeder", f"torrent {index}: {e or type(e).__name__}") from None
             if now != progress:
                 progress, since = now, loop.time()
@@ -158,6 +181,20 @@ class SeederClient:
                 raise Fallback("seeder", f"pieces {first}+{len(sizes)} of {index}: {resp.status}")
             for piece, size in enumerate(sizes, start=first):
                 yield piece, await resp.content.readexactly(size)
+
+
+async def _offer(resp: aiohttp.ClientResponse) -> SegmentOffer:
+    """Read a 200 torrent response up to its dealt pieces; the offer keeps it open for them."""
+    dealt = parse_piece_list(resp.headers.get(PIECES_HEADER, ""))
+    length = resp.headers.get(TORRENT_LENGTH_HEADER)
+    if length is None:  # a seeder that sends the pieces only on request
+        async with resp:
+            return SegmentOffer(await resp.read(), dealt)
+    try:
+        return SegmentOffer(await resp.content.readexactly(int(length)), dealt, resp)
+    except BaseException:  # a malformed length or a cut body: a seeder failure
+        resp.close()
+        raise
 
 
 def _runs(pieces: list[int]) -> list[list[int]]:
@@ -278,52 +315,63 @@ class Fetcher:
 
     async def _join(self, fetch: BlobFetch, url: str, index: int, peers) -> Transfer:
         assert self.swarm is not None and self.seeders is not None and fetch.layout is not None
-        data, dealt = await self.seeders.torrent(url, fetch.digest, index, self.swarm.port)
-        meta = Metainfo.parse(data)
-        expected = segment_name(fetch.digest, index, fetch.layout.count)
-        if meta.name != expected or meta.size != fetch.layout.segment_len(index):
-            raise Fallback("seeder", f"torrent {index} does not describe segment {expected}")
-        fetch.layout.torrent_path(index).write_bytes(data)
-        fetch.metas.append(meta)
-        log.debug("blob %s: joining segment %d swarm (%s), pieces %s from the seeder",
-                  fetch.digest, index, meta.info_hash, dealt)  # fmt: skip
-        transfer = self.swarm.add(meta, fetch.layout.dir, seed=False)
-        fetch.transfers.append(transfer)
-        dealt = [p for p in dealt if 0 <= p < meta.num_pieces]
-        if dealt:
-            fetch.watchers.append(asyncio.create_task(
-                self._dealt_pieces(fetch, url, index, transfer, dealt, peers)))  # fmt: skip
-        fetch.watchers.append(asyncio.create_task(self._seeder_if_stalled(transfer, peers)))
-        return transfer
+        offer = await self.seeders.torrent(url, fetch.digest, index, self.swarm.port)
+        dealer: asyncio.Task[None] | None = None
+        try:
+            meta = Metainfo.parse(offer.torrent)
+            expected = segment_name(fetch.digest, index, fetch.layout.count)
+            if meta.name != expected or meta.size != fetch.layout.segment_len(index):
+                raise Fallback("seeder", f"torrent {index} does not describe segment {expected}")
+            fetch.layout.torrent_path(index).write_bytes(offer.torrent)
+            fetch.metas.append(meta)
+            log.debug("blob %s: joining segment %d swarm (%s), pieces %s from the seeder",
+                      fetch.digest, index, meta.info_hash, offer.dealt)  # fmt: skip
+            transfer = self.swarm.add(meta, fetch.layout.dir, seed=False)
+            fetch.transfers.append(transfer)
+            if offer.dealt:
+                dealer = asyncio.create_task(
+                    self._dealt_pieces(fetch, url, index, transfer, offer, peers))  # fmt: skip
+                fetch.watchers.append(dealer)
+            fetch.watchers.append(asyncio.create_task(self._seeder_if_stalled(transfer, peers)))
+            return transfer
+        finally:  # the response ends with the dealt pieces, even if that task never ran
+            if dealer is None:
+                offer.close()
+            else:
+                dealer.add_done_callback(lambda _task: offer.close())
 
     async def _dealt_pieces(
-        self, fetch: BlobFetch, url: str, index: int, transfer: Transfer, pieces: list[int],
+        self, fetch: BlobFetch, url: str, index: int, transfer: Transfer, offer: SegmentOffer,
         seeder: list[tuple[str, int]],
     ) -> None:
-        """Fetch the pieces the seeder dealt us (one request per run of consecutive pieces)
-        and hand each to libtorrent as it arrives, which shares it at once.
+        """Take the pieces the seeder dealt us, from the torrent's response (or in one request
+        per run of consecutive pieces), and hand each to libtorrent as it arrives, which
+        shares it at once.
 
         Nobody else gets these pieces from the seeder: if one fails, take the segment from
         the seeder's swarm instead (peers still get them from us once we have them).
         """
         assert self.seeders is not None
         meta = transfer.meta
-        for run in _runs(pieces):
-            sizes = [end - start for start, end in map(meta.piece_range, run)]
-            try:
-                async for piece, data in self.seeders.pieces(
-                    url, fetch.digest, index, run[0], sizes
-                ):
+        try:
+            if not all(0 <= p < meta.num_pieces for p in offer.dealt):
+                raise Fallback("seeder", f"dealt pieces {offer.dealt} not all in segment {index}")
+            for run in [offer.dealt] if offer.body is not None else _runs(offer.dealt):
+                sizes = [end - start for start, end in map(meta.piece_range, run)]
+                if offer.body is not None:
+                    pieces = offer.inline_pieces(sizes)
+                else:
+                    pieces = self.seeders.pieces(url, fetch.digest, index, run[0], sizes)
+                async for piece, data in pieces:
                     if not meta.piece_ok(piece, data):
                         raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
                     transfer.add_piece(piece, data)
                     self.metrics.inc("seeder_pieces_total")
-            except (Fallback, aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as e:
-                log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",
-                            fetch.digest, e or type(e).__name__)  # fmt: skip
-                self.metrics.inc("seeder_segments_total", reason="piece_failed")
-                transfer.connect(seeder)
-                return
+        except (Fallback, aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as e:
+            log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",
+                        fetch.digest, e or type(e).__name__)  # fmt: skip
+            self.metrics.inc("seeder_segments_total", reason="piece_failed")
+            transfer.connect(seeder)
 
     async def _seeder_if_stalled(self, transfer: Transfer, seeder: list[tuple[str, int]]) -> None:
         """Peers sent nothing for this segment for ``seeder_grace``: ask the seeder too.

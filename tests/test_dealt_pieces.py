@@ -13,10 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mirror.config import HostPort
-from mirror.fetch import BlobFetch, Fetcher, SeederClient
+from mirror.fetch import BlobFetch, Fetcher, SeederClient, SegmentOffer
 from mirror.metrics import Metrics
 from mirror.oci import Digest
 from mirror.origin import Origin
+from mirror.seeder import PIECES_HEADER, TORRENT_LENGTH_HEADER
 from mirror.store import BlobStore
 from mirror.swarm import Metainfo, Swarm, SwarmError, Transfer, make_torrent
 
@@ -49,31 +50,48 @@ def sessions(tmp_path: Path, pair: tuple[Swarm, Swarm, Metainfo]) -> tuple[Swarm
     return seeder, agent, meta
 
 
-async def piece_server(broken: dict[int, str]) -> TestServer:
-    """The seeder's piece endpoint (``count`` pieces from ``piece`` on); a run holding a
-    ``broken`` piece answers 500, or comes back with that piece corrupted."""
+def piece_bytes(piece: int, broken: dict[int, str]) -> bytes:
+    if broken.get(piece) == "corrupt":
+        return b"x" * PIECE
+    return DATA[piece * PIECE : (piece + 1) * PIECE]
+
+
+async def piece_server(dealt: list[int], broken: dict[int, str]) -> TestServer:
+    """The seeder's piece endpoint (``count`` pieces from ``piece`` on) and its torrent
+    endpoint, whose response goes on with the ``dealt`` pieces. A run holding a ``broken``
+    piece answers 500 (inline: the body ends before that piece), or comes back with that
+    piece corrupted."""
 
     async def piece(request: web.Request) -> web.Response:
         first, count = int(request.match_info["piece"]), int(request.query.get("count", "1"))
         run = range(first, first + count)
         if any(broken.get(p) == "500" for p in run):
             return web.Response(status=500)
-        body = b"".join(
-            b"x" * PIECE if broken.get(p) == "corrupt" else DATA[p * PIECE : (p + 1) * PIECE]
-            for p in run
-        )
-        return web.Response(body=body)
+        return web.Response(body=b"".join(piece_bytes(p, broken) for p in run))
+
+    async def torrent(request: web.Request) -> web.Response:
+        body = b"torrent"
+        for p in dealt:
+            if broken.get(p) == "500":
+                break  # the body ends short of it
+            body += piece_bytes(p, broken)
+        return web.Response(body=body, headers={
+            PIECES_HEADER: ",".join(map(str, dealt)), TORRENT_LENGTH_HEADER: "7"})  # fmt: skip
 
     app = web.Application()
     app.router.add_get("/v1/blobs/{digest}/segments/{index}/pieces/{piece}", piece)
+    app.router.add_get("/v1/blobs/{digest}/torrents/{index}", torrent)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     return server
 
 
 async def deal(tmp_path: Path, agent: Swarm, seeder: Swarm, meta: Metainfo,
-               pieces: list[int], broken: dict[int, str]) -> tuple[Transfer, Metrics]:  # fmt: skip
-    server = await piece_server(broken)
+               pieces: list[int], broken: dict[int, str], inline: bool = False,
+               ) -> tuple[Transfer, Metrics]:  # fmt: skip
+    """Deal ``pieces`` to ``agent``: after the torrent in its response (``inline``), or
+    fetched in a request per run, as from a seeder that sends them only on request."""
+    server = await piece_server(pieces, broken)
     url = str(server.make_url("")).rstrip("/")
     client = SeederClient([url], timeout=5)
     metrics = Metrics()
@@ -83,19 +101,23 @@ async def deal(tmp_path: Path, agent: Swarm, seeder: Swarm, meta: Metainfo,
     save = tmp_path / "agent"
     save.mkdir()
     transfer = agent.add(meta, save, seed=False, announce=False)
+    offer = await client.torrent(url, DIGEST, 0, 6881) if inline else SegmentOffer(b"", pieces)
+    assert (offer.body is not None) == inline
     try:
-        await fetcher._dealt_pieces(fetch, url, 0, transfer, pieces, [("127.0.0.1", seeder.port)])
+        await fetcher._dealt_pieces(fetch, url, 0, transfer, offer, [("127.0.0.1", seeder.port)])
     finally:
+        offer.close()
         await client.close()
         await server.close()
     return transfer, metrics
 
 
+@pytest.mark.parametrize("inline", [True, False])
 async def test_dealt_pieces_are_shared_without_the_seeders_swarm(
-    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo]
+    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo], inline: bool
 ) -> None:
     seeder, agent, meta = sessions
-    transfer, metrics = await deal(tmp_path, agent, seeder, meta, [2, 0], {})
+    transfer, metrics = await deal(tmp_path, agent, seeder, meta, [2, 0], {}, inline)
     for piece in (0, 2):
         assert await transfer.wait_piece(piece, timeout=5)
         got = await transfer.read_pieces(piece, piece + 1)
@@ -126,16 +148,22 @@ async def test_a_run_of_pieces_is_read_in_one_go_and_each_piece_checked(
         await transfer.read_pieces(1, 4, timeout=0.3)
 
 
-@pytest.mark.parametrize(("failure", "added"), [("500", 0), ("corrupt", 1)])
+@pytest.mark.parametrize(("failure", "inline", "added"), [
+    ("500", False, 0), ("corrupt", False, 1), ("500", True, 1), ("corrupt", True, 1),
+    ("out of range", True, 0), ("out of range", False, 0),
+])  # fmt: skip
 async def test_a_failed_dealt_piece_joins_the_seeders_swarm(
-    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo], failure: str, added: int
+    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo], failure: str, inline: bool,
+    added: int,
 ) -> None:
     """Nobody else was dealt that piece: the agent takes the segment from the seeder's swarm
     (corrupt bytes never reach libtorrent), and still ends with the right bytes."""
     seeder, agent, meta = sessions
-    transfer, metrics = await deal(tmp_path, agent, seeder, meta, [0, 1, 3], {1: failure})
-    # pieces 0-1 come in one request: a 500 loses both, a corrupt piece 1 only itself;
-    # piece 3 is never asked for
+    dealt = [0, 1, 3] if failure != "out of range" else [0, meta.num_pieces]
+    transfer, metrics = await deal(tmp_path, agent, seeder, meta, dealt, {1: failure}, inline)
+    # on request, pieces 0-1 come in one request: a 500 loses both, a corrupt piece 1 only
+    # itself, and piece 3 is never asked for; inline, the body stops short before piece 1;
+    # a piece the segment does not have fails the whole deal before any is read
     assert metrics.value("seeder_pieces_total") == added
     assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
     for piece in range(meta.num_pieces):

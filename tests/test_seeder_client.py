@@ -1,4 +1,5 @@
-"""How long an agent waits for a segment torrent: as long as the seeder makes progress."""
+"""How long an agent waits for a segment torrent (as long as the seeder makes progress), and
+how it reads a torrent response that goes on with its dealt pieces."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from aiohttp.test_utils import TestServer
 
 from mirror.fetch import Fallback, SeederClient, parse_piece_list
 from mirror.oci import Digest
-from mirror.seeder import PIECES_HEADER
+from mirror.seeder import PIECES_HEADER, TORRENT_LENGTH_HEADER
 
 DIGEST = Digest.parse("sha256:" + "ab" * 32)
 
@@ -26,6 +27,7 @@ class QueueingSeeder:
         self.polls = 0
 
     async def handle(self, request: web.Request) -> web.Response:
+        assert request.query["pieces"] == "inline"  # this seeder ignores it, as older ones do
         self.polls += 1
         if self.polls > self.busy_polls:
             return web.Response(body=b"torrent", headers={PIECES_HEADER: "0,2"})
@@ -35,11 +37,24 @@ class QueueingSeeder:
         )
 
 
+class InlineSeeder:
+    """A seeder stand-in whose torrent response goes on with the dealt pieces ``0,1``; its
+    length header may lie (``length``), its body may stop short (``cut`` bytes less)."""
+
+    def __init__(self, length: str | None = None, cut: int = 0) -> None:
+        self.length, self.cut = length, cut
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = (b"torrent" + b"a" * 100 + b"b" * 50)[: 157 - self.cut]
+        return web.Response(body=body, headers={
+            PIECES_HEADER: "0,1", TORRENT_LENGTH_HEADER: self.length or "7"})  # fmt: skip
+
+
 @pytest.fixture
 async def serve() -> AsyncIterator:
     servers: list[TestServer] = []
 
-    async def start(seeder: QueueingSeeder) -> str:
+    async def start(seeder: QueueingSeeder | InlineSeeder) -> str:
         app = web.Application()
         app.router.add_get("/v1/blobs/{digest}/torrents/{index}", seeder.handle)
         server = TestServer(app, host="127.0.0.1")
@@ -57,11 +72,11 @@ async def test_a_queued_segment_is_waited_for_while_the_seeder_advances(serve) -
     client = SeederClient([], timeout=0.3)
     try:
         started = asyncio.get_running_loop().time()
-        data, pieces = await client.torrent(await serve(seeder), DIGEST, 0, 6881)
+        offer = await client.torrent(await serve(seeder), DIGEST, 0, 6881)
         waited = asyncio.get_running_loop().time() - started
     finally:
         await client.close()
-    assert (data, pieces) == (b"torrent", [0, 2])
+    assert (offer.torrent, offer.dealt, offer.body) == (b"torrent", [0, 2], None)
     assert waited > 0.6  # twice the timeout: progress kept it waiting
 
 
@@ -74,6 +89,25 @@ async def test_a_seeder_that_stopped_advancing_is_given_up(serve) -> None:
     finally:
         await client.close()
     assert seeder.polls < 10
+
+
+async def test_dealt_pieces_follow_the_torrent_in_its_response(serve) -> None:
+    client = SeederClient([], timeout=5)
+    try:
+        offer = await client.torrent(await serve(InlineSeeder()), DIGEST, 0, 6881)
+        assert (offer.torrent, offer.dealt) == (b"torrent", [0, 1])
+        assert [p async for p in offer.inline_pieces([100, 50])] == [(0, b"a" * 100),
+                                                                     (1, b"b" * 50)]  # fmt: skip
+        offer.close()
+        short = await client.torrent(await serve(InlineSeeder(cut=10)), DIGEST, 0, 6881)
+        with pytest.raises(asyncio.IncompleteReadError):
+            _ = [p async for p in short.inline_pieces([100, 50])]
+        short.close()
+        for lie in ("x", "500"):  # not a number; longer than the body
+            with pytest.raises(Fallback, match="torrent 0"):
+                await client.torrent(await serve(InlineSeeder(length=lie)), DIGEST, 0, 6881)
+    finally:
+        await client.close()
 
 
 @pytest.mark.parametrize(

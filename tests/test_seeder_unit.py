@@ -20,6 +20,7 @@ from mirror.seeder import (
     HAND_ON_BYTES,
     MIN_PIECE,
     PIECES_HEADER,
+    TORRENT_LENGTH_HEADER,
     Seeder,
     piece_size_for,
     segment_size_for,
@@ -288,3 +289,48 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
             assert missing.status == 404
             assert (await missing.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
             assert seeder.metrics.value("piece_bytes_total") == 2 * (len(blob) - last * segment)
+
+
+async def test_an_agent_that_asks_inline_gets_its_run_after_the_torrent(tmp_path: Path) -> None:
+    """``?pieces=inline``: the torrent response goes on with the agent's dealt run, so no
+    second request; the torrent is the one others get, the run is the blob's bytes, each
+    piece leaves once; a late agent, dealt nothing, gets the torrent alone."""
+    origin = HeldOrigin([os.urandom(4 * MiB)])
+    (digest,) = origin.blobs
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server) as (seeder, client),
+    ):
+            info = await ask(client, digest)
+            segment, last = info["segment_size"], info["segments"] - 1
+            await _until(lambda: seeder.origin_bytes >= 2 * MiB)  # the last segment is held
+
+            async def torrent(port: int, **inline: str) -> tuple[list[int], bytes, bytes]:
+                resp = await client.get(f"/v1/blobs/{digest}/torrents/{last}",
+                                        params={"wait": "10", "bt_port": str(port), **inline})
+                assert resp.status == 200
+                body = await resp.read()
+                length = int(resp.headers.get(TORRENT_LENGTH_HEADER, len(body)))
+                assert resp.content_length == len(body)
+                return parse_piece_list(resp.headers[PIECES_HEADER]), body[:length], body[length:]
+
+            waiting = [asyncio.create_task(torrent(port, pieces="inline")) for port in (1, 2)]
+            job = seeder.jobs[Digest.parse(digest)]
+            await _until(lambda: sum(job.waiting.get(last, {}).values()) == 2)
+            origin.release[digest].set()
+            answers = await asyncio.gather(*waiting)
+            plain = await torrent(3)  # not inline: the torrent only, the same bytes
+            late = await torrent(4, pieces="inline")
+
+            piece = piece_size_for(segment, SEEDER_PIECE)
+            blob = origin.blobs[digest]
+            for dealt, data, run in answers:
+                assert data == plain[1]
+                start = last * segment + dealt[0] * piece
+                assert dealt and run == blob[start : start + len(run)]
+                assert len(run) == min(len(dealt) * piece, len(blob) - start)
+            assert sorted(p for dealt, _, _ in answers for p in dealt) == list(range(-(-(
+                len(blob) - last * segment) // piece)))
+            assert late == ([], plain[1], b"")
+            assert plain[0] == [] and plain[2] == b""
+            assert seeder.metrics.value("piece_bytes_total") == len(blob) - last * segment
