@@ -365,7 +365,7 @@ class Fetcher:
                 async for piece, data in pieces:
                     if not meta.piece_ok(piece, data):
                         raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
-                    transfer.add_piece(piece, data)
+                    await transfer.add_piece(piece, data)
                     self.metrics.inc("seeder_pieces_total")
         except (Fallback, aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as e:
             log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",

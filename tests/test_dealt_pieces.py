@@ -186,13 +186,31 @@ async def test_a_peer_that_turns_seed_while_we_wait_still_sends_its_last_piece(
                         peers=[("127.0.0.1", holder.port)])  # fmt: skip
     last = meta.num_pieces - 1
     for piece in range(last):
-        held.add_piece(piece, DATA[piece * PIECE : (piece + 1) * PIECE])
+        await held.add_piece(piece, DATA[piece * PIECE : (piece + 1) * PIECE])
     for piece in range(last):
         assert await wanted.wait_piece(piece, timeout=5)
     await asyncio.sleep(0.3)  # our NOT_INTERESTED reaches the holder
     loop = asyncio.get_running_loop()
     start = loop.time()
-    held.add_piece(last, DATA[last * PIECE :])
+    await held.add_piece(last, DATA[last * PIECE :])
     assert await wanted.wait_piece(last, timeout=5)
     assert loop.time() - start < 0.5
     assert len(wanted.handle.get_peer_info()) == 1
+
+
+async def test_pieces_handed_over_the_moment_a_torrent_is_added_are_kept(
+    tmp_path: Path, pair: tuple[Swarm, Swarm, Metainfo]
+) -> None:
+    """A dealt run can arrive right behind its torrent; libtorrent lost pieces added while it
+    still checked the new torrent's files (2 of 30 torrents). Forty fresh torrents, every
+    piece handed over at once: all of them finish."""
+    _, agent, meta = pair
+    for round_ in range(40):
+        save = tmp_path / f"agent{round_}"
+        save.mkdir()
+        transfer = agent.add(meta, save, seed=False, announce=False)
+        for piece in range(meta.num_pieces):
+            await transfer.add_piece(piece, DATA[piece * PIECE : (piece + 1) * PIECE])
+        for piece in range(meta.num_pieces):
+            assert await transfer.wait_piece(piece, timeout=5), (round_, piece)
+        agent.remove(transfer)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from mirror.swarm import Transfer
 
 
@@ -47,3 +49,29 @@ async def test_a_cancelled_wait_ends_even_when_a_piece_finishes_at_that_moment()
     waiting.cancel()  # ...as the fetch is cancelled
     done, _ = await asyncio.wait([waiting], timeout=2)
     assert waiting in done and waiting.cancelled()
+
+
+class RecordingHandle:
+    def __init__(self) -> None:
+        self.added: list[int] = []
+
+    def add_piece(self, piece: int, data: bytes, flags: int) -> None:
+        self.added.append(piece)
+
+
+async def test_a_piece_waits_for_libtorrents_check_of_the_new_torrent() -> None:
+    """libtorrent loses a piece added while it checks a new torrent's files: hand it over
+    only once it reported the check done, and give up if that never comes."""
+    t = transfer()
+    t.handle = RecordingHandle()  # type: ignore[assignment]
+    adding = asyncio.create_task(t.add_piece(3, b"x"))
+    await asyncio.sleep(0.05)
+    assert t.handle.added == []
+    t.checked.set()
+    await adding
+    assert t.handle.added == [3]
+    never = transfer()
+    never.handle = RecordingHandle()  # type: ignore[assignment]
+    with pytest.raises(TimeoutError):
+        await never.add_piece(0, b"x", timeout=0.05)
+    assert never.handle.added == []
