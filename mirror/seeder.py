@@ -352,7 +352,8 @@ class Seeder:
                                 headers=headers)  # fmt: skip
         # The run follows the torrent in this response: a second request would reach us a
         # round trip after the segment is out (78 ms median at N=8, 20 Mbit/s), and until
-        # then the uplink idles (measured, 16 MiB at N=8: 9.7 -> 9.5 s median of 7 runs).
+        # then the uplink may idle (16 MiB at N=8: 9.73 -> 9.60 s, medians of 6 alternating
+        # runs; and 256 fewer requests per pull).
         headers[TORRENT_LENGTH_HEADER] = str(len(data))
         resp = web.StreamResponse(headers={**headers, "Content-Type": "application/octet-stream"})
         pieces = range(run[0], run[-1] + 1) if run else range(0)
@@ -412,8 +413,6 @@ class Seeder:
                     await resp.prepare(request)
                 await resp.write(data)
                 sent += len(data)
-            if not resp.prepared:
-                await resp.prepare(request)
             await resp.write_eof()
         self.metrics.inc("piece_bytes_total", sent)
         return resp
