@@ -7,13 +7,17 @@ hosts.toml ``server``: nothing here needs DNS.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -133,44 +137,91 @@ def get_all(agents: list[AgentProc], digest: str) -> list[bytes]:
         return list(pool.map(one, agents))
 
 
+@contextlib.contextmanager
+def throttled(upstream: str, rate: int) -> Iterator[str]:
+    """``upstream`` behind a proxy that sends response bodies at ``rate`` bytes/s: an origin
+    as slow as a real link, so the seeder publishes segments while every agent waits."""
+
+    class Handler(BaseHTTPRequestHandler):  # HTTP/1.0: each response ends with its connection
+        def _forward(self) -> None:
+            sent = {k: v for k, v in self.headers.items() if k.lower() in ("authorization",
+                                                                        "accept", "range")}
+            req = urllib.request.Request(upstream + self.path, method=self.command, headers=sent)
+            try:
+                resp = urllib.request.urlopen(req, timeout=30)
+            except urllib.error.HTTPError as e:
+                resp = e
+            with resp:
+                self.send_response(resp.status)
+                for key, value in resp.headers.items():
+                    if key.lower() not in ("connection", "transfer-encoding"):
+                        self.send_header(key, value)
+                self.end_headers()
+                while self.command == "GET" and (chunk := resp.read(32 * 1024)):
+                    self.wfile.write(chunk)
+                    time.sleep(len(chunk) / rate)
+
+        do_GET = do_HEAD = _forward  # noqa: N815 - http.server's names
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
 def test_each_piece_leaves_the_seeder_once(
-    stack: LocalStack, registry: Registry, image: PushedImage
+    tmp_path: Path, registry: Registry, image: PushedImage
 ) -> None:
     """Agents pulling at once: the seeder deals each segment's pieces out over the agents
     waiting for it, and every agent gets the other pieces from its peers, so the seeder's
-    link carries the blob ~once and every agent uploads."""
+    link carries the blob ~once and every agent uploads. The origin sends at 1 MiB/s: from
+    a loopback registry the seeder could publish every segment before the last agent asked,
+    and an agent that waited for none is dealt none."""
     layer = image.layout.layers[2]  # 3 MiB: several segments
-    agents = [stack.add_agent(f"agent{i}") for i in range(4)]
+    with (
+        throttled(registry.url, 1 * MiB) as origin,
+        LocalStack(tmp_path / "stack", {REG: origin}, segment_size="2MiB") as stack,
+    ):
+        agents = [stack.add_agent(f"agent{i}") for i in range(4)]
+        for data in get_all(agents, layer.digest):
+            assert hashlib.sha256(data).hexdigest() == layer.digest[7:]
 
-    for data in get_all(agents, layer.digest):
-        assert hashlib.sha256(data).hexdigest() == layer.digest[7:]
+        segment = segment_size_for(layer.size, 2 * MiB, PIECE)
+        piece = piece_size_for(segment, PIECE)
+        segments = -(-layer.size // segment)
+        pieces = sum(-(-min(segment, layer.size - i * segment) // piece)
+                     for i in range(segments))  # fmt: skip
+        assert segments > 1
+        # Each piece dealt to exactly one agent (a segment nobody waited for goes whole to the
+        # first agent that asks), and every agent had some to share.
+        dealt = [a.metric("seeder_pieces_total") for a in agents]
+        assert sum(dealt) == pieces and all(n > 0 for n in dealt), dealt
+        assert sum(a.metric("seeder_segments_total", reason="stalled") for a in agents) == 0
+        assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
+        # Every payload byte received was either a byte of the blob or counted as wasted; the
+        # dealt pieces came over HTTP, not as swarm payload. libtorrent adds a peer's bytes to
+        # its torrent's totals once a second: wait for the last second's to be counted.
+        def received(a: AgentProc) -> float:
+            return a.metric("swarm_download_bytes") - a.metric("swarm_wasted_bytes")
 
-    segment = segment_size_for(layer.size, 2 * MiB, PIECE)
-    piece = piece_size_for(segment, PIECE)
-    segments = -(-layer.size // segment)
-    pieces = sum(-(-min(segment, layer.size - i * segment) // piece) for i in range(segments))
-    assert segments > 1
-    # Each piece dealt to exactly one agent (a segment nobody waited for goes whole to the
-    # first agent that asks), and every agent had some to share.
-    dealt = [a.metric("seeder_pieces_total") for a in agents]
-    assert sum(dealt) == pieces and all(n > 0 for n in dealt), dealt
-    assert sum(a.metric("seeder_segments_total", reason="stalled") for a in agents) == 0
-    assert all(a.blob_sources() == {"swarm": layer.size} for a in agents)
-    # Every payload byte received was either a byte of the blob or counted as wasted; the
-    # dealt pieces came over HTTP, not as swarm payload. libtorrent adds a peer's bytes to its
-    # torrent's totals on its once-a-second tick: wait for the last second's to be counted.
-    def received(a: AgentProc) -> float:
-        return a.metric("swarm_download_bytes") - a.metric("swarm_wasted_bytes")
-
-    for a, n in zip(agents, dealt, strict=True):
-        least = layer.size - n * piece
-        wait_for(lambda a=a, least=least: received(a) >= least, 3, f"{a.name}'s payload counted")
-        assert least <= received(a) <= layer.size
-    # 4 agents, yet exactly one copy left the seeder (dealt pieces, over HTTP), not four;
-    # the other three copies went from agent to agent.
-    assert seeder_metric(stack, "piece_bytes_total") == layer.size
-    assert seeder_metric(stack, "upload_bytes") == 0
-    assert sum(a.metric("swarm_upload_bytes") for a in agents) >= 3 * layer.size
+        for a, n in zip(agents, dealt, strict=True):
+            least = layer.size - n * piece
+            wait_for(lambda a=a, least=least: received(a) >= least, 3,
+                     f"{a.name}'s payload counted")  # fmt: skip
+            assert least <= received(a) <= layer.size
+        # 4 agents, yet exactly one copy left the seeder (dealt pieces, over HTTP), not four;
+        # the other three copies went from agent to agent.
+        assert seeder_metric(stack, "piece_bytes_total") == layer.size
+        assert seeder_metric(stack, "upload_bytes") == 0
+        assert sum(a.metric("swarm_upload_bytes") for a in agents) >= 3 * layer.size
 
 
 def test_without_a_tracker_agents_still_get_blobs_from_the_seeder(
