@@ -161,7 +161,7 @@ def throttled(upstream: str, rate: int) -> Iterator[str]:
                     self.wfile.write(chunk)
                     time.sleep(len(chunk) / rate)
 
-        do_GET = do_HEAD = _forward  # noqa: N815 - http.server's names
+        do_GET = do_HEAD = _forward  # the names http.server calls
 
         def log_message(self, *args: object) -> None:
             pass
