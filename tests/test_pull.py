@@ -11,13 +11,12 @@ import contextlib
 import hashlib
 import json
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from mirror.lab.procs import wait_for
 from mirror.lab.registry import Registry
 from mirror.lab.stack import AgentProc, LocalStack, metric_sum
 from mirror.seeder import piece_size_for, segment_size_for
-from tests.conftest import failed, require_binaries
+from tests.conftest import failed, http_server, require_binaries
 
 PIECE = 128 * 1024  # the seeder's default piece size
 
@@ -166,15 +165,8 @@ def throttled(upstream: str, rate: int) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with http_server(Handler) as url:
+        yield url
 
 
 def test_each_piece_leaves_the_seeder_once(

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -244,96 +245,111 @@ async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path: Path) -> None:
-    """Three agents wait for a segment: each gets a run of consecutive pieces, none twice,
-    all of them dealt; the piece endpoint serves one piece or a run; a late agent gets none."""
+@dataclass
+class HeldSegment:
+    """A seeder serving one 4 MiB blob whose last segment the origin holds back until the
+    test releases it: agents can wait for that segment together."""
+
+    origin: HeldOrigin
+    seeder: Seeder
+    client: TestClient
+    digest: str
+    segment: int  # segment size
+    last: int  # the held segment's index
+
+
+@contextlib.asynccontextmanager
+async def last_segment_held(tmp_path: Path) -> AsyncIterator[HeldSegment]:
     origin = HeldOrigin([os.urandom(4 * MiB)])
     (digest,) = origin.blobs
     async with (
         served(origin) as origin_server,
         seeder_of(tmp_path, origin_server) as (seeder, client),
     ):
-            info = await ask(client, digest)
-            segment, last = info["segment_size"], info["segments"] - 1
-            assert segment > SEEDER_PIECE  # several pieces per segment
-            await _until(lambda: seeder.origin_bytes >= 2 * MiB)  # the last segment is held
+        info = await ask(client, digest)
+        await _until(lambda: seeder.origin_bytes >= 2 * MiB)  # up to the held half
+        yield HeldSegment(origin, seeder, client, digest, info["segment_size"],
+                          info["segments"] - 1)  # fmt: skip
 
-            async def torrent(port: int) -> list[int]:
-                resp = await client.get(f"/v1/blobs/{digest}/torrents/{last}",
-                                        params={"wait": "10", "bt_port": str(port)})  # fmt: skip
-                assert resp.status == 200
-                return parse_piece_list(resp.headers[PIECES_HEADER])
 
-            waiting = [asyncio.create_task(torrent(port)) for port in (1, 2, 3)]
-            job = seeder.jobs[Digest.parse(digest)]
-            await _until(lambda: sum(job.waiting.get(last, {}).values()) == 3)
-            origin.release[digest].set()
-            hands = await asyncio.gather(*waiting)
-            piece = piece_size_for(segment, SEEDER_PIECE)
-            assert piece < SEEDER_PIECE  # a small segment gets small pieces
-            pieces = -(-(4 * MiB - last * segment) // piece)
-            assert sorted(p for hand in hands for p in hand) == list(range(pieces))
-            assert all(hand == list(range(hand[0], hand[-1] + 1)) for hand in hands), hands
-            assert await torrent(4) == []  # dealt already
+async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path: Path) -> None:
+    """Three agents wait for a segment: each gets a run of consecutive pieces, none twice,
+    all of them dealt; the piece endpoint serves one piece or a run; a late agent gets none."""
+    async with last_segment_held(tmp_path) as held:
+        origin, seeder, client, digest = held.origin, held.seeder, held.client, held.digest
+        segment, last = held.segment, held.last
+        assert segment > SEEDER_PIECE  # several pieces per segment
 
-            blob = origin.blobs[digest]
-            for p in range(pieces):
-                resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{p}")
-                assert resp.status == 200
-                start = last * segment + p * piece
-                assert await resp.read() == blob[start : min(start + piece, len(blob))]
-            whole = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0",
-                                     params={"count": str(pieces)})  # fmt: skip
-            assert await whole.read() == blob[last * segment :]
-            for bad in ({"count": str(pieces + 1)}, {"count": "0"}, {"count": "x"}):
-                resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0", params=bad)
-                assert resp.status == 404, bad
-            missing = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{pieces}")
-            assert missing.status == 404
-            assert (await missing.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
-            assert seeder.metrics.value("piece_bytes_total") == 2 * (len(blob) - last * segment)
+        async def torrent(port: int) -> list[int]:
+            resp = await client.get(f"/v1/blobs/{digest}/torrents/{last}",
+                                    params={"wait": "10", "bt_port": str(port)})  # fmt: skip
+            assert resp.status == 200
+            return parse_piece_list(resp.headers[PIECES_HEADER])
+
+        waiting = [asyncio.create_task(torrent(port)) for port in (1, 2, 3)]
+        job = seeder.jobs[Digest.parse(digest)]
+        await _until(lambda: sum(job.waiting.get(last, {}).values()) == 3)
+        origin.release[digest].set()
+        hands = await asyncio.gather(*waiting)
+        piece = piece_size_for(segment, SEEDER_PIECE)
+        assert piece < SEEDER_PIECE  # a small segment gets small pieces
+        pieces = -(-(4 * MiB - last * segment) // piece)
+        assert sorted(p for hand in hands for p in hand) == list(range(pieces))
+        assert all(hand == list(range(hand[0], hand[-1] + 1)) for hand in hands), hands
+        assert await torrent(4) == []  # dealt already
+
+        blob = origin.blobs[digest]
+        for p in range(pieces):
+            resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{p}")
+            assert resp.status == 200
+            start = last * segment + p * piece
+            assert await resp.read() == blob[start : min(start + piece, len(blob))]
+        whole = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0",
+                                 params={"count": str(pieces)})  # fmt: skip
+        assert await whole.read() == blob[last * segment :]
+        for bad in ({"count": str(pieces + 1)}, {"count": "0"}, {"count": "x"}):
+            resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0", params=bad)
+            assert resp.status == 404, bad
+        missing = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{pieces}")
+        assert missing.status == 404
+        assert (await missing.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+        assert seeder.metrics.value("piece_bytes_total") == 2 * (len(blob) - last * segment)
 
 
 async def test_an_agent_that_asks_inline_gets_its_run_after_the_torrent(tmp_path: Path) -> None:
     """``?pieces=inline``: the torrent response goes on with the agent's dealt run, so no
     second request; the torrent is the one others get, the run is the blob's bytes, each
     piece leaves once; a late agent, dealt nothing, gets the torrent alone."""
-    origin = HeldOrigin([os.urandom(4 * MiB)])
-    (digest,) = origin.blobs
-    async with (
-        served(origin) as origin_server,
-        seeder_of(tmp_path, origin_server) as (seeder, client),
-    ):
-            info = await ask(client, digest)
-            segment, last = info["segment_size"], info["segments"] - 1
-            await _until(lambda: seeder.origin_bytes >= 2 * MiB)  # the last segment is held
+    async with last_segment_held(tmp_path) as held:
+        origin, seeder, client, digest = held.origin, held.seeder, held.client, held.digest
+        segment, last = held.segment, held.last
 
-            async def torrent(port: int, **inline: str) -> tuple[list[int], bytes, bytes]:
-                resp = await client.get(f"/v1/blobs/{digest}/torrents/{last}",
-                                        params={"wait": "10", "bt_port": str(port), **inline})
-                assert resp.status == 200
-                body = await resp.read()
-                length = int(resp.headers.get(TORRENT_LENGTH_HEADER, len(body)))
-                assert resp.content_length == len(body)
-                return parse_piece_list(resp.headers[PIECES_HEADER]), body[:length], body[length:]
+        async def torrent(port: int, **inline: str) -> tuple[list[int], bytes, bytes]:
+            resp = await client.get(f"/v1/blobs/{digest}/torrents/{last}",
+                                    params={"wait": "10", "bt_port": str(port), **inline})
+            assert resp.status == 200
+            body = await resp.read()
+            length = int(resp.headers.get(TORRENT_LENGTH_HEADER, len(body)))
+            assert resp.content_length == len(body)
+            return parse_piece_list(resp.headers[PIECES_HEADER]), body[:length], body[length:]
 
-            waiting = [asyncio.create_task(torrent(port, pieces="inline")) for port in (1, 2)]
-            job = seeder.jobs[Digest.parse(digest)]
-            await _until(lambda: sum(job.waiting.get(last, {}).values()) == 2)
-            origin.release[digest].set()
-            answers = await asyncio.gather(*waiting)
-            plain = await torrent(3)  # not inline: the torrent only, the same bytes
-            late = await torrent(4, pieces="inline")
+        waiting = [asyncio.create_task(torrent(port, pieces="inline")) for port in (1, 2)]
+        job = seeder.jobs[Digest.parse(digest)]
+        await _until(lambda: sum(job.waiting.get(last, {}).values()) == 2)
+        origin.release[digest].set()
+        answers = await asyncio.gather(*waiting)
+        plain = await torrent(3)  # not inline: the torrent only, the same bytes
+        late = await torrent(4, pieces="inline")
 
-            piece = piece_size_for(segment, SEEDER_PIECE)
-            blob = origin.blobs[digest]
-            for dealt, data, run in answers:
-                assert data == plain[1]
-                start = last * segment + dealt[0] * piece
-                assert dealt and run == blob[start : start + len(run)]
-                assert len(run) == min(len(dealt) * piece, len(blob) - start)
-            assert sorted(p for dealt, _, _ in answers for p in dealt) == list(range(-(-(
-                len(blob) - last * segment) // piece)))
-            assert late == ([], plain[1], b"")
-            assert plain[0] == [] and plain[2] == b""
-            assert seeder.metrics.value("piece_bytes_total") == len(blob) - last * segment
+        piece = piece_size_for(segment, SEEDER_PIECE)
+        blob = origin.blobs[digest]
+        for dealt, data, run in answers:
+            assert data == plain[1]
+            start = last * segment + dealt[0] * piece
+            assert dealt and run == blob[start : start + len(run)]
+            assert len(run) == min(len(dealt) * piece, len(blob) - start)
+        assert sorted(p for dealt, _, _ in answers for p in dealt) == list(range(-(-(
+            len(blob) - last * segment) // piece)))
+        assert late == ([], plain[1], b"")
+        assert plain[0] == [] and plain[2] == b""
+        assert seeder.metrics.value("piece_bytes_total") == len(blob) - last * segment

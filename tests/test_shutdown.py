@@ -11,13 +11,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from mirror.lab.procs import port_open
 from mirror.lab.stack import LocalStack
+from tests.conftest import http_server
 
 REG = "slow.example.test"
 DIGEST = "sha256:" + "5" * 64
@@ -54,16 +55,11 @@ def slow_origin() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
+    with http_server(Handler) as url:
+        try:
+            yield url
+        finally:
+            stop.set()  # before the server stops: its handlers are still sending
 
 
 def test_sigterm_drains_then_cuts_a_blob_stream(tmp_path: Path) -> None:
