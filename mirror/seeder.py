@@ -55,7 +55,6 @@ HAND_ON_BYTES = 512 * 1024
 PIECE_SEND_PATIENCE = 1.0  # a piece send this long without draining lets the next one start
 SEGMENT_PIECES = 32  # pieces per segment that small segments' piece size aims for
 MIN_PIECE = 32 * 1024  # smaller cost more CPU than they save (16 KiB: N=8 9.5 -> 14.6 s)
-MIN_SPLIT_SEGMENT = 512 * 1024  # a blob is cut finer than in 8 only down to this
 
 
 @dataclass
@@ -429,19 +428,16 @@ class Seeder:
 
 
 def segment_size_for(size: int, largest: int, piece: int, parts: int = 8) -> int:
-    """Cut every blob in at least ``parts`` segments, and a large one in up to twice as
-    many of at least ``MIN_SPLIT_SEGMENT`` (whole pieces, at most ``largest``).
+    """Cut every blob in at least ``parts`` segments (whole pieces, at most ``largest``).
 
     Peers can start on a segment as soon as the seeder has it, so even a small layer's
     distribution overlaps with its origin download, and the last segment (what is left to
     send when the origin is done) is small; large blobs stay at ``largest`` per torrent so
-    the tracker does not see thousands of swarms. (Measured at 20 Mbit/s, 4 x 16 MiB
-    layers: 4 MiB segments 20.6 s at N=8, 2 MiB 17-18 s. Later, with dealt pieces: 2 MiB
-    34.2-35.5 s at N=8, 1 MiB 33.8-34.2 s (4 runs each); at N=16, where the lab's two
-    cores are the limit, 38.8-46.1 s and 46.6-47.5 s. But 4 x 4 MiB layers at N=8: 512 KiB
-    segments 9.3-9.4 s, 256 KiB 10.1-10.2 s: twice the torrents, ends and duplicates.)
+    the tracker does not see thousands of swarms. (Measured, 4 x 16 MiB layers: 4 MiB
+    segments 20.6 s at N=8, 2 MiB 17-18 s; 1 MiB 15.5 s at N=8 but 34 s instead of 25 s at
+    N=16, where dozens more announces and connections per node hit the CPU.)
     """
-    part = min(-(-size // parts), max(MIN_SPLIT_SEGMENT, -(-size // (2 * parts))))
+    part = -(-size // parts)
     return max(piece, min(largest, -(-part // piece) * piece))
 
 

@@ -20,7 +20,6 @@ from mirror.oci import Digest
 from mirror.seeder import (
     HAND_ON_BYTES,
     MIN_PIECE,
-    MIN_SPLIT_SEGMENT,
     PIECES_HEADER,
     TORRENT_LENGTH_HEADER,
     Seeder,
@@ -39,11 +38,10 @@ SEEDER_PIECE = 128 * 1024  # the seeder's default
         (0, PIECE),  # an empty blob is still one (empty) segment
         (1000, PIECE),
         (1 * MiB, PIECE),  # 4 segments of one piece
-        (4 * MiB, 2 * PIECE),  # 8: not cut finer than MIN_SPLIT_SEGMENT
-        (8 * MiB + 5, 3 * PIECE),  # 11, rounded up to whole pieces
-        (16 * MiB, 1 * MiB),  # 16
-        (64 * MiB, 4 * MiB),
-        (128 * MiB, 8 * MiB),
+        (8 * MiB + 5, 5 * PIECE),  # rounded up to whole pieces
+        (16 * MiB, 2 * MiB),
+        (64 * MiB, 8 * MiB),
+        (128 * MiB, 16 * MiB),
         (1024 * MiB, 16 * MiB),  # large blobs: capped, so swarms stay few
     ],
 )
@@ -52,8 +50,7 @@ def test_segment_size(size: int, segment: int) -> None:
     assert got == segment
     assert got % PIECE == 0
     count = max(1, -(-size // got))
-    assert count <= max(16, -(-size // (16 * MiB)))
-    assert count <= 8 or got >= MIN_SPLIT_SEGMENT
+    assert count <= max(8, -(-size // (16 * MiB)))
 
 
 @pytest.mark.parametrize(
