@@ -435,7 +435,10 @@ def segment_size_for(size: int, largest: int, piece: int, parts: int = 8) -> int
     send when the origin is done) is small; large blobs stay at ``largest`` per torrent so
     the tracker does not see thousands of swarms. (Measured, 4 x 16 MiB layers: 4 MiB
     segments 20.6 s at N=8, 2 MiB 17-18 s; 1 MiB 15.5 s at N=8 but 34 s instead of 25 s at
-    N=16, where dozens more announces and connections per node hit the CPU.)
+    N=16, where dozens more announces and connections per node hit the CPU. Again later,
+    at 20 Mbit/s N=8: 1 MiB 33.8-34.2 s, 2 MiB 34.2-35.5 s; but at 50 Mbit/s N=8, where
+    the lab's CPU is the limit, 1 MiB 15.5-17.1 s, 2 MiB 15.1-15.2 s: each byte costs more
+    CPU in smaller pieces and more torrent ends, which a node on a fast link pays too.)
     """
     part = -(-size // parts)
     return max(piece, min(largest, -(-part // piece) * piece))
