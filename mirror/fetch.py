@@ -151,8 +151,13 @@ class SeederClient:
                     f"{url}/v1/blobs/{digest}/torrents/{index}",
                     params={"bt_port": str(bt_port), "wait": f"{patience / 3:g}",
                             "pieces": "inline"},  # fmt: skip
-                    # the wait, then the dealt run (a second request had ``patience``)
-                    timeout=aiohttp.ClientTimeout(total=patience * 4 / 3),
+                    # No bound on the whole response: the dealt run after the torrent goes
+                    # at the pace of our download link, which at N=16 lags the seeder more
+                    # and more during a 256 MiB pull; a total of 40 s then cut runs that were
+                    # still moving, and the agents piled onto the seeder's swarm (origin
+                    # egress 1.86x). A seeder silent for that long is given up.
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, sock_connect=patience, sock_read=patience * 4 / 3),
                 )
                 if resp.status == 200:
                     return await _offer(resp)

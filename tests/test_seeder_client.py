@@ -39,15 +39,25 @@ class QueueingSeeder:
 
 class InlineSeeder:
     """A seeder stand-in whose torrent response goes on with the dealt pieces ``0,1``; its
-    length header may lie (``length``), its body may stop short (``cut`` bytes less)."""
+    length header may lie (``length``), its body may stop short (``cut`` bytes less), or
+    come 25 bytes at a time, ``gap`` seconds apart (a congested link)."""
 
-    def __init__(self, length: str | None = None, cut: int = 0) -> None:
-        self.length, self.cut = length, cut
+    def __init__(self, length: str | None = None, cut: int = 0, gap: float = 0.0) -> None:
+        self.length, self.cut, self.gap = length, cut, gap
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         body = (b"torrent" + b"a" * 100 + b"b" * 50)[: 157 - self.cut]
-        return web.Response(body=body, headers={
-            PIECES_HEADER: "0,1", TORRENT_LENGTH_HEADER: self.length or "7"})  # fmt: skip
+        headers = {PIECES_HEADER: "0,1", TORRENT_LENGTH_HEADER: self.length or "7"}
+        if not self.gap:
+            return web.Response(body=body, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        for start in range(0, len(body), 25):
+            await resp.write(body[start : start + 25])
+            await asyncio.sleep(self.gap)
+        await resp.write_eof()
+        return resp
 
 
 @pytest.fixture
@@ -116,3 +126,23 @@ async def test_dealt_pieces_follow_the_torrent_in_its_response(serve) -> None:
 def test_dealt_pieces_header(header: str, pieces: list[int]) -> None:
     """A malformed list means no pieces: peers, or the seeder's swarm after a stall, cover it."""
     assert parse_piece_list(header) == pieces
+
+
+async def test_a_slow_run_is_read_while_it_moves_and_given_up_when_it_stops(serve) -> None:
+    """The run after the torrent goes at the pace of the agent's link: a body that takes
+    longer than the timeout is read as long as bytes keep coming (here 7 parts 0.15 s apart,
+    1 s against a timeout of 0.4 s); one silent for longer than that is a failure."""
+    client = SeederClient([], timeout=0.3)
+    try:
+        started = asyncio.get_running_loop().time()
+        offer = await client.torrent(await serve(InlineSeeder(gap=0.15)), DIGEST, 0, 6881)
+        pieces = [p async for p in offer.inline_pieces([100, 50])]
+        assert asyncio.get_running_loop().time() - started > 0.8
+        assert pieces == [(0, b"a" * 100), (1, b"b" * 50)]
+        offer.close()
+        stalled = await client.torrent(await serve(InlineSeeder(gap=0.6)), DIGEST, 0, 6881)
+        with pytest.raises(TimeoutError):
+            _ = [p async for p in stalled.inline_pieces([100, 50])]
+        stalled.close()
+    finally:
+        await client.close()
