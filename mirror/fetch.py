@@ -152,10 +152,9 @@ class SeederClient:
                     params={"bt_port": str(bt_port), "wait": f"{patience / 3:g}",
                             "pieces": "inline"},  # fmt: skip
                     # No bound on the whole response: the dealt run after the torrent goes
-                    # at the pace of our download link, which at N=16 lags the seeder more
-                    # and more during a 256 MiB pull; a total of 40 s then cut runs that were
-                    # still moving, and the agents piled onto the seeder's swarm (origin
-                    # egress 1.86x). A seeder silent for that long is given up.
+                    # at the pace of our download link, which can fall behind the seeder in
+                    # a long pull (256 MiB at N=16); only a seeder silent this long is given
+                    # up, and the segment then comes from its swarm.
                     timeout=aiohttp.ClientTimeout(
                         total=None, sock_connect=patience, sock_read=patience * 4 / 3),
                 )
