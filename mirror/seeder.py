@@ -53,6 +53,7 @@ STUCK_STREAM_SECONDS = 5.0  # an origin body this long without a byte lets the n
 # MiB layers at 20 Mbit/s: each switch idled the origin link for 0.3-0.6 s without it).
 HAND_ON_BYTES = 512 * 1024
 PIECE_SEND_PATIENCE = 1.0  # a piece send this long without draining lets the next one start
+BACKLOG_SEGMENTS = 2  # dealt runs waiting to be sent, in segments, before the origin waits
 SEGMENT_PIECES = 32  # pieces per segment that small segments' piece size aims for
 MIN_PIECE = 32 * 1024  # smaller cost more CPU than they save (16 KiB: N=8 9.5 -> 14.6 s)
 
@@ -186,20 +187,29 @@ class Seeder:
         # A blob of one piece (an image config, a tiny layer) costs the origin link next to
         # nothing: it does not wait behind the large bodies (runtimes need the config early).
         if size <= self.cfg.piece_size:
-            await self._stream(job, layout, upstream, name, send, lambda: None)
+            await self._stream(job, layout, upstream, name, send, lambda: None, None)
         else:
-            async with self.origin_turns.turn(lambda: job.received, f"blob {job.digest}") as on:
-                await self._stream(job, layout, upstream, name, send, on)
+            def moved() -> int:  # paused for the dealt runs (_stream): not stuck while they go
+                return job.received + self.piece_turns.granted
+
+            async with self.origin_turns.turn(moved, f"blob {job.digest}") as on:
+                backlog = BACKLOG_SEGMENTS * layout.segment_size
+                await self._stream(job, layout, upstream, name, send, on, backlog)
         await self._publish(job, layout.count - 1)  # the digest matched: peers may finish
         await asyncio.to_thread(self.store.commit, layout)  # fsync, off the event loop
         log.info("seeding %s (%d bytes, %d segments)", job.digest, layout.size, layout.count)
 
     async def _stream(
         self, job: SeedJob, layout: BlobLayout, upstream, name: str, send,
-        nearly_done: Callable[[], None],
+        nearly_done: Callable[[], None], backlog: int | None,
     ) -> None:
         """Write the blob into its segment files, publishing each one as it completes;
-        ``nearly_done()`` once the last ``HAND_ON_BYTES`` are on their way."""
+        ``nearly_done()`` once the last ``HAND_ON_BYTES`` are on their way.
+
+        Reading pauses while the dealt runs not yet sent add up to more than ``backlog``
+        bytes (if given): agents that take their runs more slowly than the origin sends (a
+        CPU-bound lab, 256 MiB at N=16) would otherwise wait in a queue that only grows, time
+        out and fetch those segments again, from the seeder's swarm or the origin."""
         resp = await self.origin.open_blob(upstream, name, job.digest, send)
         try:
             if resp.status != 200:
@@ -230,6 +240,8 @@ class Seeder:
                     self.metrics.inc("origin_bytes_total", len(chunk))
                     if layout.size - offset <= HAND_ON_BYTES:
                         nearly_done()
+                    if backlog is not None and self.piece_turns.queued > backlog:
+                        await self.piece_turns.backlog_below(backlog)
             finally:
                 seg.close()
         finally:
@@ -402,7 +414,8 @@ class Seeder:
         sent = 0
         what = f"pieces {pieces.start}+{len(pieces)} of {job.digest}"
         # an inline response without a run only ends: no turn to wait for
-        turn = self.piece_turns.turn(lambda: sent, what) if pieces else contextlib.nullcontext()
+        turn = (self.piece_turns.turn(lambda: sent, what, _run_bytes(meta, pieces)) if pieces
+                else contextlib.nullcontext())  # fmt: skip
         async with turn:
             for piece in pieces:
                 lo, hi = meta.piece_range(piece)

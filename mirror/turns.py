@@ -7,6 +7,10 @@ moving hands its turn on early (and goes on by itself), so one stuck origin stre
 hold every queued blob for the whole origin timeout. A transfer about to end may hand on
 early too, so the next one's request and TCP ramp-up overlap its last bytes instead of
 leaving the link idle between the two.
+
+The queue is also a measure of how far a producer is ahead of the link: the seeder reads the
+origin only while the dealt runs waiting for a turn stay under a bound (``backlog_below``).
+That wait always ends, since a turn that stops moving is handed on.
 """
 
 from __future__ import annotations
@@ -23,15 +27,26 @@ class Turns:
     def __init__(self, at_once: int, patience: float) -> None:
         self._slots = asyncio.Semaphore(at_once)  # FIFO: waiters are woken in order
         self.patience = patience
+        self.queued = 0  # sizes of the transfers waiting for a turn, added up
+        self.granted = 0  # turns given so far: it moves as long as the queue moves
+        self._dequeued = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def turn(
-        self, progress: Callable[[], int], what: str
+        self, progress: Callable[[], int], what: str, size: int = 0
     ) -> AsyncIterator[Callable[[], None]]:
         """Hold a turn while the body runs; ``progress`` (e.g. bytes so far) must keep
         changing, or after ``patience`` seconds the next waiter may start. The body gets a
-        function that lets the next waiter start now (idempotent)."""
-        await self._slots.acquire()
+        function that lets the next waiter start now (idempotent). ``size`` counts in
+        ``queued`` while this one waits."""
+        self.queued += size
+        try:
+            await self._slots.acquire()
+        finally:
+            self.queued -= size
+            self._dequeued.set()
+            self._dequeued = asyncio.Event()
+        self.granted += 1
         held = True
 
         def hand_on() -> None:
@@ -58,3 +73,8 @@ class Turns:
         finally:
             watcher.cancel()
             hand_on()
+
+    async def backlog_below(self, limit: int) -> None:
+        """Until the transfers waiting for a turn add up to ``limit`` or less."""
+        while self.queued > limit:
+            await self._dequeued.wait()

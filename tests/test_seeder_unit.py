@@ -18,6 +18,7 @@ from mirror.config import SeederConfig, load_config
 from mirror.fetch import parse_piece_list
 from mirror.oci import Digest
 from mirror.seeder import (
+    BACKLOG_SEGMENTS,
     HAND_ON_BYTES,
     MIN_PIECE,
     PIECES_HEADER,
@@ -26,6 +27,7 @@ from mirror.seeder import (
     piece_size_for,
     segment_size_for,
 )
+from mirror.turns import Turns
 
 MiB = 1024 * 1024
 PIECE = 256 * 1024
@@ -350,3 +352,48 @@ async def test_an_agent_that_asks_inline_gets_its_run_after_the_torrent(tmp_path
         assert late == ([], plain[1], b"")
         assert plain[0] == [] and plain[2] == b""
         assert seeder.metrics.value("piece_bytes_total") == len(blob) - last * segment
+
+
+async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_path: Path) -> None:
+    """The agent's dealt runs cannot leave (the test holds the only send turn): the seeder
+    stops reading the origin once ``BACKLOG_SEGMENTS`` segments of runs wait, rather than
+    queueing the whole blob; once runs leave it reads on, and every run is the blob's bytes."""
+    origin = HeldOrigin([os.urandom(8 * MiB)], held=0)  # the origin sends it all at once
+    (digest,) = origin.blobs
+    origin.release[digest].set()
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server) as (seeder, client),
+    ):
+        seeder.piece_turns = Turns(1, patience=60.0)
+        release = asyncio.Event()
+
+        async def hold_the_link() -> None:
+            async with seeder.piece_turns.turn(lambda: 0, "the test"):
+                await release.wait()
+
+        holder = asyncio.create_task(hold_the_link())
+        info = await ask(client, digest)
+        segment, count = info["segment_size"], info["segments"]
+        assert count == 8
+
+        async def run(index: int) -> bytes:
+            resp = await client.get(f"/v1/blobs/{digest}/torrents/{index}",
+                                    params={"wait": "20", "bt_port": "1", "pieces": "inline"})
+            assert resp.status == 200
+            return (await resp.read())[int(resp.headers[TORRENT_LENGTH_HEADER]):]
+
+        runs = [asyncio.create_task(run(i)) for i in range(count)]
+        await _until(lambda: seeder.piece_turns.queued > BACKLOG_SEGMENTS * segment)
+        await asyncio.sleep(0.3)  # the stream sees it at its next chunk
+        paused_at = seeder.origin_bytes
+        await asyncio.sleep(0.5)
+        assert seeder.origin_bytes == paused_at  # paused, not just slow
+        # a run joins the queue a little after its segment is out: up to a segment more
+        assert paused_at < (BACKLOG_SEGMENTS + 3) * segment < 8 * MiB
+        release.set()
+        blob = origin.blobs[digest]
+        assert await asyncio.gather(*runs) == [blob[i * segment : (i + 1) * segment]
+                                               for i in range(count)]  # fmt: skip
+        assert seeder.origin_bytes == len(blob)
+        await holder
