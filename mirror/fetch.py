@@ -30,6 +30,7 @@ from mirror.swarm import Metainfo, Swarm, SwarmError, Transfer
 log = logging.getLogger("p2p_mirror.fetch")
 READ_CHUNK = 4 * MiB
 DEFAULT_SEGMENT = 64 * MiB
+TORRENT_ATTEMPTS = 2  # a torrent request whose connection fails is sent again this often
 
 
 class Fallback(Exception):
@@ -140,11 +141,13 @@ class SeederClient:
 
         The seeder publishes a segment once its bytes arrived from the origin, which for a
         blob queued behind others can take minutes: wait as long as the seeder's origin
-        downloads advance, and give up after ``timeout`` seconds in which they did not.
+        downloads advance, and give up after ``timeout`` seconds in which they did not, or
+        when ``TORRENT_ATTEMPTS`` requests in a row lost their connection.
         """
         loop = asyncio.get_running_loop()
         patience = self.timeout.total or 30.0
         progress, since = None, loop.time()
+        failures = 0
         while True:
             try:
                 resp = await self.session.get(
@@ -164,9 +167,19 @@ class SeederClient:
                     if resp.status != 202:
                         raise Fallback("seeder", f"torrent {index}: {resp.status}")
                     now = (await resp.json()).get("origin_bytes")
-            except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError,
-                    ValueError) as e:  # fmt: skip
-                raise Fallback("seeder", f"torrent {index}: {e or type(e).__name__}") from None
+            except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as e:
+                # One lost connection is no dead seeder: on a busy lab's links (256 MiB at
+                # N=16) a few of its TCP connections stall or time out, and giving up here
+                # costs the rest of the blob from the origin. Ask again (on another connection).
+                failures += 1
+                error = f"torrent {index}: {e or type(e).__name__}"
+                if failures >= TORRENT_ATTEMPTS:
+                    raise Fallback("seeder", error) from None
+                log.warning("blob %s: %s; asking again", digest, error)
+                continue
+            except ValueError as e:
+                raise Fallback("seeder", f"torrent {index}: {e}") from None
+            failures = 0
             if now != progress:
                 progress, since = now, loop.time()
             elif loop.time() - since >= patience:

@@ -10,6 +10,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+# Every agent asks for all of a blob's segment torrents at once: at the start of a pull with
+# 16 agents the seeder's port took ~500 connections together, and aiohttp's default queue of
+# 128 overflowed (the kernel logged "Possible SYN flooding" on it).
+LISTEN_BACKLOG = 1024
 
 async def serve(
     app: web.Application, host: str, port: int, what: str, log: logging.Logger, drain: float
@@ -21,7 +25,7 @@ async def serve(
     # a response that is only writing never notices), then waits as long again: half each.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain / 2)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
     await site.start()
     log.info("%s ready on http://%s:%d", what, host, port)
     return runner

@@ -60,11 +60,26 @@ class InlineSeeder:
         return resp
 
 
+class SilentSeeder:
+    """A seeder stand-in that takes the first ``silent`` requests and never answers them (a
+    stalled connection), then answers with the torrent."""
+
+    def __init__(self, silent: int) -> None:
+        self.silent = silent
+        self.requests = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if self.requests <= self.silent:
+            await asyncio.sleep(3600)
+        return web.Response(body=b"torrent", headers={PIECES_HEADER: "1"})
+
+
 @pytest.fixture
 async def serve() -> AsyncIterator:
     servers: list[TestServer] = []
 
-    async def start(seeder: QueueingSeeder | InlineSeeder) -> str:
+    async def start(seeder: QueueingSeeder | InlineSeeder | SilentSeeder) -> str:
         app = web.Application()
         app.router.add_get("/v1/blobs/{digest}/torrents/{index}", seeder.handle)
         server = TestServer(app, host="127.0.0.1")
@@ -144,5 +159,21 @@ async def test_a_slow_run_is_read_while_it_moves_and_given_up_when_it_stops(serv
         with pytest.raises(TimeoutError):
             _ = [p async for p in stalled.inline_pieces([100, 50])]
         stalled.close()
+    finally:
+        await client.close()
+
+
+async def test_a_torrent_request_that_gets_no_answer_is_asked_again_once(serve) -> None:
+    """One silent connection costs a second request, not the blob (the agent would fetch
+    the rest of it from the origin); two in a row are a seeder failure."""
+    client = SeederClient([], timeout=0.3)
+    try:
+        once = SilentSeeder(silent=1)
+        offer = await client.torrent(await serve(once), DIGEST, 0, 6881)
+        assert (offer.torrent, offer.dealt, once.requests) == (b"torrent", [1], 2)
+        twice = SilentSeeder(silent=2)
+        with pytest.raises(Fallback, match="torrent 0"):
+            await client.torrent(await serve(twice), DIGEST, 0, 6881)
+        assert twice.requests == 2
     finally:
         await client.close()

@@ -391,6 +391,9 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
         assert seeder.origin_bytes == paused_at  # paused, not just slow
         # a run joins the queue a little after its segment is out: up to a segment more
         assert paused_at < (BACKLOG_SEGMENTS + 3) * segment < 8 * MiB
+        metrics = await (await client.get("/metrics")).text()
+        assert f"p2p_mirror_dealt_backlog_bytes {seeder.piece_turns.queued}\n" in metrics
+        assert seeder.piece_turns.queued > BACKLOG_SEGMENTS * segment
         release.set()
         blob = origin.blobs[digest]
         assert await asyncio.gather(*runs) == [blob[i * segment : (i + 1) * segment]
