@@ -349,7 +349,8 @@ class Fetcher:
                 dealer = asyncio.create_task(
                     self._dealt_pieces(fetch, url, index, transfer, offer, peers))  # fmt: skip
                 fetch.watchers.append(dealer)
-            fetch.watchers.append(asyncio.create_task(self._seeder_if_stalled(transfer, peers)))
+            fetch.watchers.append(
+                asyncio.create_task(self._seeder_if_stalled(transfer, peers, dealer)))  # fmt: skip
             return transfer
         finally:  # the response ends with the dealt pieces, even if that task never ran
             if dealer is None:
@@ -390,12 +391,20 @@ class Fetcher:
             self.metrics.inc("seeder_segments_total", reason="piece_failed")
             transfer.connect(seeder)
 
-    async def _seeder_if_stalled(self, transfer: Transfer, seeder: list[tuple[str, int]]) -> None:
+    async def _seeder_if_stalled(
+        self, transfer: Transfer, seeder: list[tuple[str, int]], dealer: asyncio.Task[None] | None
+    ) -> None:
         """Peers sent nothing for this segment for ``seeder_grace``: ask the seeder too.
 
         Covers a designated agent that died or is slow, and a tracker that is down. Bytes,
         not pieces, count as progress: on a busy swarm one piece may take longer than that.
+        The clock starts once our own dealt run is in (``dealer``): until the seeder has sent
+        the segment's runs no peer has anything to send, and they wait in its queue for as
+        long as its uplink is behind (256 MiB at N=16: counted from the torrent, 230 of 512
+        segments were asked from the seeder, whose uplink then carried 1.6x the image).
         """
+        if dealer is not None:
+            await asyncio.wait([dealer])  # done or failed: a failure asked the seeder already
         received = 0
         while True:
             await asyncio.sleep(self.seeder_grace)

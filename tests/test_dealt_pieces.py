@@ -172,6 +172,31 @@ async def test_a_failed_dealt_piece_joins_the_seeders_swarm(
     assert agent.hash_failures == 0
 
 
+async def test_peers_are_given_their_grace_only_once_our_dealt_run_is_in(
+    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo]
+) -> None:
+    """No peer sends anything: while our own dealt run is still on its way (the seeder's
+    queue; nobody else has a piece yet either) that is no stall; once it is in and the grace
+    has passed with no peer bytes, the agent asks the seeder's swarm and completes from it."""
+    seeder, agent, meta = sessions
+    metrics = Metrics()
+    fetcher = Fetcher(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, None, metrics,
+                      swarm_timeout=5, stall_timeout=5, seeder_grace=0.2)  # fmt: skip
+    (tmp_path / "agent").mkdir()
+    transfer = agent.add(meta, tmp_path / "agent", seed=False, announce=False)
+    run_in = asyncio.Event()
+    dealer = asyncio.create_task(run_in.wait())
+    watcher = asyncio.create_task(
+        fetcher._seeder_if_stalled(transfer, [("127.0.0.1", seeder.port)], dealer))
+    await asyncio.sleep(1.0)  # five graces
+    assert metrics.value("seeder_segments_total", reason="stalled") == 0
+    run_in.set()
+    await asyncio.wait_for(watcher, timeout=5)
+    assert metrics.value("seeder_segments_total", reason="stalled") == 1
+    for piece in range(meta.num_pieces):
+        assert await transfer.wait_piece(piece, timeout=10)
+
+
 async def test_a_peer_that_turns_seed_while_we_wait_still_sends_its_last_piece(
     tmp_path: Path, pair: tuple[Swarm, Swarm, Metainfo]
 ) -> None:
