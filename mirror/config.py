@@ -263,7 +263,8 @@ class AgentConfig:
     swarm_timeout: float = _opt(30.0, parse_seconds, "give up on seeder/swarm start after this")
     stall_timeout: float = _opt(15.0, parse_seconds, "fall back to origin after no progress")
     # Measured at N=16: 2 s let congested (not broken) peers pile onto the seeder (seeder
-    # egress 2.2x, 30.6 s); 5 s kept it at 1.04x (25 s).
+    # egress 2.2x, 30.6 s); 5 s kept it at 1.04x (25 s). The clock starts once the agent's
+    # own dealt run is in: before, the seeder's queue of runs outlasted it (256 MiB, N=16).
     seeder_grace: float = _opt(5.0, parse_seconds, "ask the seeder itself after no peer progress")
     # Every connection of a torrent near its end asks for blocks already on their way from
     # another peer (BitTorrent end game), so payload wasted grows with connections per

@@ -15,6 +15,7 @@ from aiohttp import web
 # 128 overflowed (the kernel logged "Possible SYN flooding" on it).
 LISTEN_BACKLOG = 1024
 
+
 async def serve(
     app: web.Application, host: str, port: int, what: str, log: logging.Logger, drain: float
 ) -> web.AppRunner:
