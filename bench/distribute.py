@@ -99,6 +99,13 @@ def median_run(tries: list[RunResult]) -> RunResult:
     return replace(pick, all_done_runs=[r.all_done_s for r in tries])
 
 
+def merge_runs(earlier: list[RunResult], runs: list[RunResult]) -> list[RunResult]:
+    """``earlier`` rows that ``runs`` did not measure again, then ``runs``: re-measuring one
+    mode after a change keeps the other modes' rows of the full run."""
+    again = {(r.mode, r.nodes, r.image_bytes) for r in runs}
+    return [r for r in earlier if (r.mode, r.nodes, r.image_bytes) not in again] + runs
+
+
 def cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -337,13 +344,18 @@ def _csv(kind: type, text: str) -> list:
               help="Scratch space [a temp dir under /var/tmp].")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @click.option("--keep-workdir", is_flag=True, help="Keep logs and data for inspection.")
+@click.option("--merge", is_flag=True,
+              help="Keep the rows of the report already in --out that this run does not "
+              "measure (same links only); the report lists both commands.")  # fmt: skip
 def main(
     nodes: str, sizes: str, modes: str, rate_mbit: float, mtu: int, layers: int, seed: int,
     timeout: float, repeat: int, workdir: Path | None, out: Path, keep_workdir: bool,
+    merge: bool,
 ) -> None:  # fmt: skip
     """Run direct / cache / p2p side by side for each N and image size; write the report."""
     if os.geteuid() != 0:
         raise click.UsageError("needs root (network namespaces, tc, containerd)")
+    earlier = _earlier_report(out / "distribute.json", links(rate_mbit, mtu)) if merge else None
     exit_on_signals()
     cleanup_stale()  # leftovers of crashed runs (dead PIDs, our prefix only)
     node_counts = _csv(int, nodes)
@@ -371,24 +383,48 @@ def main(
                     tries = [run_one(scratch / "run", mode, n, layout, storage, rate_mbit,
                                      timeout, mtu) for _ in range(repeat)]  # fmt: skip
                     runs.append(median_run(tries))
-                    _write_all(out, runs, command, rate_mbit, mtu, started)
+                    _write_all(out, runs, command, rate_mbit, mtu, started, earlier)
     finally:
         if runs:
-            _write_all(out, runs, command, rate_mbit, mtu, started)
+            _write_all(out, runs, command, rate_mbit, mtu, started, earlier)
             print(f"wrote {out}/distribute.md, .png, .json", flush=True)
         if not keep_workdir and workdir is None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def links(rate: float, mtu: int) -> str:
+    return f"{rate:g} Mbit/s each way (tbf) on every node, MTU {mtu}"
+
+
+def _earlier_report(path: Path, on_links: str) -> dict:
+    """The report ``--merge`` keeps rows of (none yet: an empty one)."""
+    if not path.exists():
+        return {"runs": []}
+    try:
+        report = json.loads(path.read_text())
+        report["runs"] = [RunResult(**r) for r in report["runs"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise click.UsageError(f"--merge: {path} is not a report of this benchmark: {e}") from e
+    if report.get("links") != on_links:
+        raise click.UsageError(f"--merge: {path} was measured on other links "
+                               f"({report.get('links')}), not {on_links}")  # fmt: skip
+    return report
+
+
 def _write_all(out: Path, runs: list[RunResult], command: str, rate: float, mtu: int,
-               t0: float) -> None:
+               t0: float, earlier: dict | None = None) -> None:
     meta = {
         "machine": f"{os.cpu_count()} cores, Linux {platform.release()}, "
         f"Python {platform.python_version()}",
-        "links": f"{rate:g} Mbit/s each way (tbf) on every node, MTU {mtu}",
+        "links": links(rate, mtu),
         "wall time of the whole benchmark": f"{(time.monotonic() - t0) / 60:.1f} min",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    if earlier is not None and earlier["runs"]:
+        runs = merge_runs(earlier["runs"], runs)
+        command = f"{earlier['command']}\n{command}   # --merge: its rows replace those above"
+        for key in ("wall time of the whole benchmark", "date"):
+            meta[key] = f"{earlier.get(key, '?')}; then {meta[key]}"
     write_markdown(out / "distribute.md", runs, command, meta)
     (out / "distribute.json").write_text(json.dumps(
         {"command": command, **meta, "runs": [asdict(r) for r in runs]}, indent=1) + "\n")

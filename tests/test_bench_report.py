@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
-from bench.distribute import CPU_BOUND, MiB, RunResult, median_run, write_markdown
+import click
+import pytest
+
+from bench.distribute import (
+    CPU_BOUND,
+    MiB,
+    RunResult,
+    _earlier_report,
+    _write_all,
+    links,
+    median_run,
+    write_markdown,
+)
 
 
 def run(mode: str, nodes: int, cpu_busy: float, ok: bool = True, done: float = 0.0) -> RunResult:
@@ -48,3 +62,25 @@ def test_a_failed_try_is_never_hidden_by_the_median() -> None:
     tries = [run("p2p", 8, 0.5, done=9.2), run("p2p", 8, 0.5, ok=False, done=30.0),
              run("p2p", 8, 0.5, done=9.3)]  # fmt: skip
     assert not median_run(tries).ok
+
+
+def test_merge_replaces_the_rows_measured_again_and_keeps_the_others(tmp_path: Path) -> None:
+    """``--merge``: a p2p-only run after a full one; the report has every mode, the new p2p
+    rows, both commands; a report from other links is refused, not mixed in."""
+    full = [run("direct", 8, 0.1, done=56.0), run("p2p", 8, 0.7, done=9.4),
+            run("p2p", 16, 0.9, done=13.5)]  # fmt: skip
+    _write_all(tmp_path, full, "python bench/distribute.py", 20.0, 1500, time.monotonic())
+    earlier = _earlier_report(tmp_path / "distribute.json", links(20.0, 1500))
+    again = [run("p2p", 8, 0.7, done=9.0)]
+    _write_all(tmp_path, again, "python bench/distribute.py --modes p2p --nodes 8 --merge",
+               20.0, 1500, time.monotonic(), earlier)  # fmt: skip
+    report = json.loads((tmp_path / "distribute.json").read_text())
+    assert sorted((r["mode"], r["nodes"], r["all_done_s"]) for r in report["runs"]) == [
+        ("direct", 8, 56.0), ("p2p", 8, 9.0), ("p2p", 16, 13.5)]  # fmt: skip
+    text = (tmp_path / "distribute.md").read_text()
+    assert "python bench/distribute.py\npython bench/distribute.py --modes p2p" in text
+    assert "| p2p | 8 | 9.00 |" in text and "9.40" not in text
+    assert (tmp_path / "distribute.png").stat().st_size > 0
+    with pytest.raises(click.UsageError, match="other links"):
+        _earlier_report(tmp_path / "distribute.json", links(50.0, 1500))
+    assert _earlier_report(tmp_path / "none.json", links(20.0, 1500)) == {"runs": []}
