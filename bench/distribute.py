@@ -393,6 +393,7 @@ def main(
 
 
 def links(rate: float, mtu: int) -> str:
+    """The report's links line: ``--merge`` mixes only reports whose lines are equal."""
     return f"{rate:g} Mbit/s each way (tbf) on every node, MTU {mtu}"
 
 
@@ -422,7 +423,8 @@ def _write_all(out: Path, runs: list[RunResult], command: str, rate: float, mtu:
     }
     if earlier is not None and earlier["runs"]:
         runs = merge_runs(earlier["runs"], runs)
-        command = f"{earlier['command']}\n{command}   # --merge: its rows replace those above"
+        above = earlier.get("command", "?")
+        command = f"{above}\n{command}   # --merge: its rows replace those above"
         for key in ("wall time of the whole benchmark", "date"):
             meta[key] = f"{earlier.get(key, '?')}; then {meta[key]}"
     write_markdown(out / "distribute.md", runs, command, meta)
