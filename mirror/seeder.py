@@ -122,8 +122,8 @@ class Seeder:
         self.metrics.gauge("torrents", lambda: len(self.swarm.transfers), "Torrents in session")
         self.metrics.gauge("upload_bytes", lambda: self.swarm.totals().uploaded, "Payload seeded")
         self.metrics.gauge("dealt_backlog_bytes", lambda: self.piece_turns.queued,
-                           "Dealt pieces waiting for a send turn (the origin waits above "
-                           "BACKLOG_SEGMENTS segments)")  # fmt: skip
+                           "Bytes of dealt pieces waiting for a send turn (above "
+                           f"{BACKLOG_SEGMENTS} segments' worth, the origin download waits)")
 
     @property
     def origin_bytes(self) -> int:
