@@ -236,8 +236,9 @@ def test_containerd_pulls_directly_from_registry(
     certs = direct_hosts(tmp_path / "certs.d", registry)
     ref = f"{FAKE_REGISTRY}/{image.name}"
     since = registry.mark()
-    containerd.pull(ref, certs)  # no --plain-http: hosts.toml says http://
+    bars = containerd.pull(ref, certs)  # no --plain-http: hosts.toml says http://
     registry.settle()
+    assert "elapsed:" in bars.stdout  # ctr's progress bars, by default
 
     assert containerd.image_digest(ref) == layout.manifest_digest
     for layer in layout.layers:
@@ -259,8 +260,9 @@ def test_containerd_pulls_directly_from_registry(
     assert ref not in containerd.images()
     assert not containerd.content_digests() & {x.digest for x in layout.layers}
     since = registry.mark()
-    containerd.pull(ref, certs)
+    quiet = containerd.pull(ref, certs, progress=False)  # as the cluster's nodes pull
     registry.settle()
+    assert "elapsed:" not in quiet.stdout
     assert registry.blob_egress_bytes(since) == layout.total_size - layout.manifest_size
     assert containerd.read_file(ref, layout.layers[2].text_file) == layout.layers[2].text
 

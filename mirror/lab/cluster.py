@@ -410,7 +410,8 @@ class Cluster:
         interval: float = 0.5,
         timeout: float = 900.0,
     ) -> list[NodeResult]:
-        """Every node runs ``ctr image pull`` at the same instant; each is timed from there.
+        """Every node runs ``ctr image pull`` at the same instant (without progress bars, as a
+        kubelet pulls); each is timed from there.
 
         ``progress`` gets one sample per node every ``interval`` seconds (bytes received on
         the node's link, which works the same in every mode).
@@ -426,7 +427,8 @@ class Cluster:
             parts = self.parts[name]
             barrier.wait()
             try:
-                proc = parts.containerd.pull(ref, parts.hosts_dir, timeout=timeout, check=False)
+                proc = parts.containerd.pull(ref, parts.hosts_dir, timeout=timeout,
+                                             check=False, progress=False)
                 ok, err = proc.returncode == 0, proc.stderr.strip()[-2000:]
             except (subprocess.TimeoutExpired, LabError) as e:
                 ok, err = False, str(e)
