@@ -346,9 +346,9 @@ class Containerd:
         ``user`` is ``"name:password"``. No ``--plain-http``: an ``http://`` host in
         hosts.toml is enough. ``progress=False`` pulls like a kubelet, without ctr's progress
         bars: they ask containerd for every download's status ten times a second, and ctr
-        shows none only with ``--debug`` (which also logs to stderr). On one machine that
-        polling by many nodes at once takes the CPU their transfers need (measured, 16 MiB on
-        8 nodes: containerd 2.7 -> 2.1 s of CPU, the ctr processes 1.6 -> 1.0 s).
+        shows none only with ``--debug`` (which also logs to stderr). On one machine, many
+        nodes polling at once take CPU from the transfers they time (measured, 16 MiB on 8
+        nodes: containerd 2.7 -> 2.1 s of CPU, the ctr processes 1.6 -> 1.0 s).
         """
         args = self.pull_args(ref, hosts_dir, user)
         return self.ctr(*args[:-1], *extra, ref, check=check, timeout=timeout,
