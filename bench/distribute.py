@@ -3,7 +3,7 @@
 Every run is a fresh ``Cluster`` (namespaces, shaped links, real docker-registry, containerd
 and p2p-mirror processes); nodes, origin, cache and seeder all get the same link rate, so the
 figures compare distribution strategies, not hardware. The default rate, 20 Mbit/s, keeps
-the links the bottleneck up to N=8 on a 2-core machine (CPU 54-72% busy at N=8); at 50 Mbit/s
+the links the bottleneck up to N=8 on a 2-core machine (CPU 53-76% busy at N=8); at 50 Mbit/s
 the CPU is (85-100% busy at N=8), and the figures measure the machine instead. Results go
 to ``bench/results/``: ``distribute.md`` (tables + the exact command), ``distribute.png``
 and ``distribute.json``.
