@@ -322,7 +322,7 @@ class Containerd:
     def ctr(
         self, *args: str, check: bool = True, timeout: float = 120.0, debug: bool = False
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``ctr -a SOCK -n NS ARGS`` (in the netns too, so pulls use its network)."""
+        """Run ``ctr [--debug] -a SOCK -n NS ARGS`` (in the netns too, so pulls use its network)."""
         argv = self.ctr_argv(*args, debug=debug)
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
