@@ -10,9 +10,7 @@ ARG VERSION=0.1.0
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY mirror ./mirror
-COPY tracker ./tracker
-COPY installer ./installer
+COPY p2p_mirror ./p2p_mirror
 # The wheel and every dependency wheel (libtorrent's manylinux wheel from PyPI bundles its
 # C++ libraries), so the final stage needs neither a compiler nor the index.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .

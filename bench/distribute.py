@@ -10,8 +10,8 @@ and ``distribute.json``.
 
 Run as root from the repository root::
 
-    python bench/distribute.py                       # the defaults, ~50 min on 2 cores
-    python bench/distribute.py --nodes 1,2 --sizes 8MiB --modes direct,cache   # quick look
+    python -m bench.distribute                       # the defaults, ~50 min on 2 cores
+    python -m bench.distribute --nodes 1,2 --sizes 8MiB --modes direct,cache   # quick look
 """
 
 from __future__ import annotations
@@ -30,28 +30,25 @@ from pathlib import Path
 
 import click
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from mirror.config import parse_size  # noqa: E402
-from mirror.lab.cluster import (  # noqa: E402
+from lab.cluster import (
     MODES,
     Cluster,
     NodeResult,
     Progress,
     progress_cells,
 )
-from mirror.lab.images import ImageLayout, build_image, push_image  # noqa: E402
-from mirror.lab.netns import (  # noqa: E402
+from lab.images import ImageLayout, build_image, push_image
+from lab.netns import (
     DEFAULT_MTU,
     MTU_RANGE,
     cleanup_stale,
     exit_on_signals,
 )
-from mirror.lab.registry import Registry  # noqa: E402
+from lab.registry import Registry
+from p2p_mirror.core.config import parse_size
 
 MiB = 1024 * 1024
+REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench" / "results"
 REPO, TAG = "bench/image", "v1"
 # A run with the machine's CPU at least this busy measured the cores that run every node of
@@ -366,9 +363,7 @@ def main(
     bad = set(mode_list) - set(MODES)
     if bad:
         raise click.UsageError(f"unknown modes {sorted(bad)}; choose from {MODES}")
-    command = "python " + " ".join(shlex.quote(a) for a in [
-        os.path.relpath(sys.argv[0], REPO_ROOT) if sys.argv[0] else "bench/distribute.py",
-        *sys.argv[1:]])  # fmt: skip
+    command = "python -m bench.distribute " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     scratch = workdir or Path(tempfile.mkdtemp(prefix="p2pm-bench-", dir="/var/tmp"))
     scratch.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)

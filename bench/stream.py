@@ -7,7 +7,7 @@ sendfile from disk) and a second cold agent once the seeder and the first agent 
 Everything shares this machine's 2 cores, so the swarm rows are CPU-bound here.
 The agent's peak RSS is sampled with psutil during the swarm run.
 
-    python bench/stream.py --size 256MiB --segment-size 16MiB
+    python -m bench.stream --size 256MiB --segment-size 16MiB
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import psutil
 
-from mirror.config import parse_size
-from mirror.lab.images import build_image, push_image
-from mirror.lab.registry import Registry
-from mirror.lab.stack import LocalStack
+from lab.images import build_image, push_image
+from lab.registry import Registry
+from lab.stack import LocalStack
+from p2p_mirror.core.config import parse_size
 
 REG = "registry.example.test"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -127,7 +127,7 @@ def main() -> None:
 
     lines = [
         f"Blob of {size / 2**20:.0f} MiB, segments of {args.segment_size}, loopback, "
-        f"command: `python bench/stream.py --size {args.size} --segment-size {args.segment_size}`",
+        f"command: `python -m bench.stream --size {args.size} --segment-size {args.segment_size}`",
         "",
         "| source | first byte (s) | all bytes (s) | MB/s | digest ok | agent peak RSS (MiB) |",
         "|---|---|---|---|---|---|",

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-exec python3 -m mirror demo "$@"
+exec python3 -m lab.demo "$@"

@@ -6,48 +6,22 @@ A missing binary skips the tests that need it on a developer's machine, but neve
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from support import require_binaries, require_root
 
-from mirror.lab.containerd import Containerd
-from mirror.lab.images import ImageLayout, PushedImage, build_image, push_image
-from mirror.lab.registry import Registry
+from lab.containerd import Containerd
+from lab.images import ImageLayout, PushedImage, build_image, push_image
+from lab.registry import Registry
 
 MiB = 1024 * 1024
 DEMO_REPO = "library/demo"
 DEMO_TAG = "v1"
 DEMO_LAYER_SIZES = [1 * MiB, 2 * MiB, 3 * MiB]
 DEMO_SEED = 1234
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
-def require_binaries(*names: str) -> None:
-    """Skip (outside CI) or fail (in CI) when a real part this test needs is not installed."""
-    missing = [n for n in names if shutil.which(n) is None]
-    if not missing:
-        return
-    reason = f"not installed: {', '.join(missing)} (see .ci install step)"
-    if in_ci():
-        pytest.fail(f"CI=true and {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-def require_root() -> None:
-    if os.geteuid() == 0:
-        return
-    if in_ci():
-        pytest.fail("CI=true but not root (containerd and mounts need root)", pytrace=False)
-    pytest.skip("needs root")
+TIERS = ("unit", "component", "e2e")
 
 
 @pytest.fixture
@@ -123,21 +97,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     setattr(item, f"rep_{report.when}", report)
 
 
-def failed(request: pytest.FixtureRequest) -> bool:
-    report = getattr(request.node, "rep_call", None)
-    return report is None or report.failed
-
-
-@contextlib.contextmanager
-def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """``handler`` served on a loopback port from a thread while the block runs: its URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, taken from its folder: ``pytest -m unit`` is the fast lane."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))

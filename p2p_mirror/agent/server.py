@@ -1,0 +1,381 @@
+"""The node agent: an OCI distribution pull API on 127.0.0.1:5004 for the local runtime.
+
+Manifests pass through to the origin with the client's credentials; blobs come from the
+local cache or the swarm (``p2p_mirror.agent.pull``), after the origin confirmed that this client
+may read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from p2p_mirror.agent.pull import Fetcher, SeederClient
+from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
+from p2p_mirror.core.metrics import Metrics
+from p2p_mirror.core.oci import (
+    Digest,
+    OCIError,
+    looks_like_registry,
+    validate_name,
+    validate_reference,
+)
+from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, forward_headers
+from p2p_mirror.core.service import background, every, healthz, serve, wait_for_signal
+from p2p_mirror.core.store import BlobLayout, BlobStore
+from p2p_mirror.core.swarm import Swarm
+
+log = logging.getLogger("p2p_mirror.agent")
+ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
+API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+STREAM_CHUNK = 4 * 1024 * 1024
+
+
+class StreamAborted(Exception):
+    """A blob failed after its response started; aiohttp drops the connection."""
+
+
+@dataclass(frozen=True)
+class Target:
+    upstream: Upstream
+    name: str
+    kind: str
+    ref: str
+
+
+@dataclass(frozen=True)
+class Access:
+    """What the origin said about a blob for one client's credentials."""
+
+    status: int
+    headers: CIMultiDict
+    body: bytes
+    size: int
+    expires: float
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.store = BlobStore(cfg.data_dir)
+        self.origin = Origin(cfg.origin_timeout, "agent")
+        self.metrics = Metrics()
+        self.swarm = (
+            Swarm(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit,
+                  tracker_peers=cfg.swarm_peers)
+            if cfg.seeder
+            else None
+        )
+        self.seeders = SeederClient(cfg.seeder, cfg.swarm_timeout) if cfg.seeder else None
+        self.fetcher = Fetcher(
+            self.store,
+            self.origin,
+            self.swarm,
+            self.seeders,
+            self.metrics,
+            cfg.swarm_timeout,
+            cfg.stall_timeout,
+            cfg.seeder_grace,
+            on_cached=lambda digest: self.gc(),
+        )
+        self.access: dict[tuple[str, ...], Access] = {}
+        self.flights: dict[tuple, asyncio.Future] = {}
+        for name, text in (
+            ("blob_bytes_total", "Blob bytes obtained, by source (swarm, origin, cache)"),
+            ("served_bytes_total", "Blob bytes sent to clients"),
+            ("fallbacks_total", "Swarm fetches that fell back to the origin, by reason"),
+            ("requests_total", "Requests by kind and HTTP status"),
+            ("blob_failures_total", "Blob fetches that failed, by OCI error code"),
+            ("seeder_pieces_total", "Pieces the seeder dealt to this agent, fetched over HTTP"),
+            ("seeder_segments_total", "Segments taken from the seeder's swarm: stalled, or a "
+             "dealt piece failed"),
+        ):
+            self.metrics.describe(name, text)
+
+    async def start(self) -> None:
+        removed = self.store.recover()
+        if removed:
+            log.info("removed %d unverified leftovers from an earlier run", len(removed))
+        if self.swarm is not None:
+            await self.swarm.start()
+            self.metrics.gauge("swarm_download_bytes", lambda: self.swarm.totals().downloaded,
+                               "Payload downloaded from peers (live torrents)")
+            self.metrics.gauge("swarm_upload_bytes", lambda: self.swarm.totals().uploaded,
+                               "Payload uploaded to peers (live torrents)")
+            self.metrics.gauge("swarm_wasted_bytes", lambda: self.swarm.totals().wasted,
+                               "Payload received twice or failing its hash (live torrents)")
+            self.metrics.gauge("torrents", lambda: len(self.swarm.transfers), "Torrents")
+            log.info("re-seeding %d cached blobs", self.fetcher.reseed())
+        self.metrics.gauge("cache_bytes", self.store.usage, "Bytes of verified cached blobs")
+
+    async def close(self) -> None:
+        if self.swarm is not None:
+            await self.swarm.close()
+        if self.seeders is not None:
+            await self.seeders.close()
+        await self.origin.close()
+
+    def gc(self) -> None:
+        protected = set(self.fetcher.active)
+        evicted = self.store.gc(
+            self.cfg.cache_max_bytes,
+            self.cfg.min_free_disk,
+            protected,
+            before_evict=self.fetcher.stop_seeding,
+        )
+        for digest in evicted:
+            log.info("evicted %s from the cache", digest)
+
+    # --- routing -------------------------------------------------------------------------
+
+    def parse_target(self, request: web.Request) -> Target:
+        m = ROUTE.fullmatch(request.path)
+        if not m:
+            raise OCIError("NAME_UNKNOWN", "unsupported path")
+        name, kind, ref = m.group("name"), m.group("kind"), m.group("ref")
+        ns = request.query.get("ns")
+        if ns is not None:
+            try:
+                registry = parse_registry_name(ns)
+            except ValueError:
+                raise OCIError("NAME_INVALID", "invalid ns parameter", {"ns": ns[:200]}) from None
+        else:
+            first, _, rest = name.partition("/")
+            if rest and looks_like_registry(first):
+                try:
+                    registry, name = parse_registry_name(first), rest
+                except ValueError:
+                    raise OCIError("NAME_INVALID", "invalid registry in path") from None
+            else:
+                registry = self.cfg.default_registry
+        validate_name(name)
+        if kind == "blobs":
+            Digest.parse(ref)
+        else:
+            validate_reference(ref)
+        return Target(self.cfg.upstream(registry), name, kind, ref)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        kind = "other"
+        try:
+            if request.method not in ("GET", "HEAD"):
+                raise OCIError("UNSUPPORTED", "this mirror is pull-only")
+            target = self.parse_target(request)
+            kind = target.kind
+            if target.kind == "manifests":
+                resp = await self.manifest(request, target)
+            else:
+                resp = await self.blob(request, target)
+        except OCIError as e:
+            resp = e.response(API_HEADERS)
+        except OriginUnavailable as e:
+            log.warning("origin unavailable: %s", e)
+            resp = OCIError("UNAVAILABLE", "origin registry unavailable").response(API_HEADERS)
+        self.metrics.inc("requests_total", kind=kind, status=str(resp.status))
+        return resp
+
+    async def v2_root(self, request: web.Request) -> web.Response:
+        return web.json_response({}, headers=API_HEADERS)
+
+    # --- manifests -----------------------------------------------------------------------
+
+    async def manifest(self, request: web.Request, target: Target) -> web.Response:
+        accept = [a.strip() for v in request.headers.getall("Accept", []) for a in v.split(",")]
+        headers = forward_headers(request.headers, [a for a in accept if a])
+        key = (request.method, target.upstream.name, target.name, target.ref,
+               headers.get("Authorization", ""), tuple(headers.getall("Accept", [])))
+        status, resp_headers, body = await self._coalesced(
+            key,
+            lambda: self.origin.request(
+                request.method, target.upstream, target.name, "manifests", target.ref, headers
+            ),
+        )
+        if status == 200 and request.method == "GET" and ":" in target.ref:
+            digest = Digest.parse(target.ref)
+            if hashlib.new(digest.algorithm, body).hexdigest() != digest.hex:
+                raise OCIError("MANIFEST_INVALID", "origin manifest does not match its digest")
+        out = CIMultiDict(resp_headers)
+        out.update(API_HEADERS)
+        if request.method == "HEAD":
+            length = out.pop("Content-Length", None)
+            head = web.StreamResponse(status=status, headers=out)
+            if length is not None:
+                head.content_length = int(length)
+            await head.prepare(request)
+            await head.write_eof()
+            return head
+        out.pop("Content-Length", None)
+        return web.Response(status=status, headers=out, body=body)
+
+    async def _coalesced(self, key: tuple, call: Callable[[], Awaitable]) -> tuple:
+        """Identical concurrent requests share one origin round trip."""
+        flight = self.flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(call())
+            self.flights[key] = flight
+            flight.add_done_callback(lambda f: self.flights.pop(key, None))
+        return await asyncio.shield(flight)
+
+    # --- blobs ---------------------------------------------------------------------------
+
+    async def check_access(self, request: web.Request, target: Target) -> Access:
+        """Ask the origin (HEAD, client's credentials) whether this client may read the blob."""
+        auth = request.headers.get("Authorization", "")
+        auth_id = hashlib.sha256(auth.encode()).hexdigest()
+        key = (target.upstream.name, target.name, target.ref, auth_id)
+        now = time.monotonic()
+        cached = self.access.get(key)
+        if cached and cached.expires > now:
+            return cached
+        headers = forward_headers(request.headers)
+        status, resp_headers, body = await self._coalesced(
+            ("HEAD-blob", *key),
+            lambda: self.origin.request("HEAD", target.upstream, target.name, "blobs",
+                                        target.ref, headers),
+        )
+        size = int(resp_headers.get("Content-Length", "-1") or -1)
+        access = Access(status, resp_headers, body, size, now + self.cfg.auth_cache_ttl)
+        if status == 200 and size >= 0:
+            if len(self.access) > 10000:
+                self.access.clear()
+            self.access[key] = access
+        return access
+
+    async def blob(self, request: web.Request, target: Target) -> web.StreamResponse:
+        digest = Digest.parse(target.ref)
+        access = await self.check_access(request, target)
+        if access.status != 200:
+            # The origin's refusal goes back with its challenge, so the client can log in.
+            extra = {k: v for k, v in access.headers.items() if k.lower() == "www-authenticate"}
+            return error_for_status(access.status, "blobs").response({**API_HEADERS, **extra})
+        if access.size < 0:
+            raise OCIError("UNAVAILABLE", "origin did not report the blob size")
+        headers = {
+            **API_HEADERS,
+            "Docker-Content-Digest": str(digest),
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+        }
+        byte_range = parse_range(request.headers.get("Range"), access.size)
+        layout = self.store.layout(digest)
+        if layout is not None:
+            self.store.touch(digest)
+            return await self.serve_cached(request, layout, byte_range, headers)
+        if request.method == "HEAD":
+            head = web.StreamResponse(headers=headers)
+            head.content_length = access.size
+            await head.prepare(request)
+            await head.write_eof()
+            return head
+        fetch = self.fetcher.start(digest, access.size, target.upstream, target.name,
+                                   request.headers)
+        return await self.stream(request, fetch, byte_range, headers)
+
+    async def serve_cached(
+        self, request: web.Request, layout: BlobLayout, byte_range, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        start, end = byte_range or (0, layout.size)
+        if request.method == "GET":
+            self.metrics.inc("blob_bytes_total", end - start, source="cache")
+            self.metrics.inc("served_bytes_total", end - start)
+        if layout.count == 1:
+            # sendfile, with Range and HEAD handled by aiohttp
+            return web.FileResponse(layout.segment_path(0), headers=headers)
+        return await self._send(request, layout.size, byte_range, headers,
+                                lambda pos: None, layout.read)
+
+    async def stream(self, request: web.Request, fetch, byte_range, headers) -> web.StreamResponse:
+        """Send bytes as the fetch produces them; abort (never finish) if it fails."""
+        await fetch.wait_beyond(byte_range[0] if byte_range else 0)  # fails before any byte
+
+        async def ready(pos: int) -> None:
+            await fetch.wait_beyond(pos)
+
+        def read(pos: int, n: int) -> bytes:
+            return fetch.layout.read(pos, min(n, fetch.available - pos))
+
+        return await self._send(request, fetch.size, byte_range, headers, ready, read)
+
+    async def _send(self, request, size, byte_range, headers, ready, read) -> web.StreamResponse:
+        start, end = byte_range or (0, size)
+        resp = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
+        resp.content_length = end - start
+        if byte_range:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        await resp.prepare(request)
+        pos = start
+        try:
+            while pos < end:
+                waiting = ready(pos)
+                if waiting is not None:
+                    await waiting
+                data = await asyncio.to_thread(read, pos, min(STREAM_CHUNK, end - pos))
+                if not data:
+                    raise OCIError("UNAVAILABLE", "blob source ended early")
+                await resp.write(data)
+                pos += len(data)
+                self.metrics.inc("served_bytes_total", len(data))
+        except OCIError as e:
+            # Headers are gone: cut the connection so the client never sees a complete blob.
+            log.warning("aborting %s after %d bytes: %s", request.path, pos - start, e)
+            raise StreamAborted(str(e)) from e
+        await resp.write_eof()
+        return resp
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", self.metrics.handler)
+        app.router.add_route("GET", "/v2/", self.v2_root)
+        app.router.add_route("GET", "/v2", self.v2_root)
+        app.router.add_route("*", "/v2/{tail:.*}", self.handle)
+        return app
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A single ``bytes=a-b`` range as [start, end); None for no (or a multi-) range."""
+    if not header:
+        return None
+    if not header.strip().startswith("bytes=") or "," in header:
+        return None  # another unit, or several ranges: RFC 9110 lets us send the whole blob
+    m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if not m or (not m.group(1) and not m.group(2)):
+        raise OCIError("RANGE_INVALID", "invalid Range header")
+    if not m.group(1):
+        length = int(m.group(2))
+        start, end = max(0, size - length), size
+    else:
+        start = int(m.group(1))
+        end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+    if start >= size or start >= end:
+        raise OCIError("RANGE_INVALID", "range not satisfiable", {"size": size})
+    return start, end
+
+
+async def _main(cfg: AgentConfig) -> None:
+    agent = Agent(cfg)
+    await agent.start()
+    runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
+                         cfg.drain_timeout)  # fmt: skip
+    if agent.swarm is not None:
+        log.info("agent BitTorrent on %s:%d", cfg.bt_listen.host, agent.swarm.port)
+    else:
+        log.info("no seeder configured: blobs come from the origin (and the cache)")
+    try:
+        async with background(every(60, agent.gc, log)):
+            await wait_for_signal()
+    finally:
+        await runner.cleanup()
+        await agent.close()
+
+
+def run_agent(cfg: AgentConfig) -> None:
+    asyncio.run(_main(cfg))

@@ -1,0 +1,129 @@
+"""``p2p-mirror install`` / ``uninstall``: click commands the main CLI group adds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from p2p_mirror.core.config import Upstream, parse_registry_flag, parse_url
+from p2p_mirror.installer import engine
+from p2p_mirror.installer.base import InstallError
+from p2p_mirror.installer.lock import LockBusy
+from p2p_mirror.installer.restart import RestartError
+
+HUB_NOTE = (
+    "dockerd mirrors Docker Hub (docker.io) images only: with dockerd, pulls from other "
+    "registries do not go through the mirror."
+)
+
+
+def _registries(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]):
+    try:
+        return [parse_registry_flag(v) for v in value]
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return parse_url(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+root_option = click.option(
+    "--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"),
+    show_default=True, help="Host root all paths are under (the DaemonSet mounts it at /host).",
+)
+restart_option = click.option(
+    "--restart-command", metavar="CMD",
+    help="Restart command instead of `systemctl restart UNIT`; split like a shell would "
+         "(no shell runs), `{unit}` becomes containerd or docker.",
+)
+no_restart_option = click.option(
+    "--no-restart", is_flag=True, help="Write the files but do not restart the runtime."
+)
+health_option = click.option(
+    "--health-timeout", type=float, default=60.0, show_default=True, metavar="SECONDS",
+    help="How long the restarted runtime has to answer on its socket.",
+)
+containerd_socket_option = click.option(
+    "--containerd-socket", type=click.Path(path_type=Path),
+    help="containerd socket for the health check, taken as is [ROOT + config's grpc.address, "
+         "else ROOT/run/containerd/containerd.sock].",
+)
+docker_socket_option = click.option(
+    "--docker-socket", type=click.Path(path_type=Path),
+    help="dockerd socket for the health check [ROOT/var/run/docker.sock].",
+)
+containerd_config_option = click.option(
+    "--containerd-config", default="/etc/containerd/config.toml", show_default=True,
+    metavar="PATH", help="containerd config file (a host path, under --root).",
+)
+
+
+def _run(fn, opts: engine.Options) -> None:
+    try:
+        code = fn(opts, click.echo)
+    except (InstallError, LockBusy, RestartError) as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    if code:
+        raise SystemExit(code)
+
+
+@click.command(epilog=HUB_NOTE)
+@root_option
+@click.option("--runtime", type=click.Choice(["auto", "containerd", "dockerd"]), default="auto",
+              show_default=True, help="Runtime to configure; auto: every one found under --root.")
+@click.option("--mirror", default="http://127.0.0.1:5004", show_default=True, callback=_url,
+              help="The node agent's URL.")
+@click.option("--registry", "registries", multiple=True, metavar="NAME[=URL]",
+              callback=_registries,
+              help="Registry to send through the mirror (repeatable); URL is the fallback server "
+                   "[https://NAME]. None given: every registry (containerd _default).")
+@restart_option
+@click.option("--dry-run", is_flag=True, help="Print the diff it would apply; change nothing.")
+@no_restart_option
+@health_option
+@containerd_config_option
+@containerd_socket_option
+@docker_socket_option
+def install(root: Path, runtime: str, mirror: str, registries: list[Upstream],
+            restart_command: str | None, dry_run: bool, no_restart: bool, health_timeout: float,
+            containerd_config: str, containerd_socket: Path | None,
+            docker_socket: Path | None) -> None:
+    """Point the node's container runtime at the local mirror, restart it, check it.
+
+    containerd: sets the CRI registry config_path in config.toml (every other setting and
+    comment kept) and writes certs.d/<registry>/hosts.toml with the mirror first and the
+    registry itself as fallback. dockerd: adds registry-mirrors to daemon.json. Originals are
+    kept for `p2p-mirror uninstall`; if the runtime does not come back, they are restored.
+    """
+    opts = engine.Options(
+        root=root.absolute(), runtime=runtime, mirror=mirror, registries=registries,
+        restart_command=restart_command, restart=not no_restart, health_timeout=health_timeout,
+        containerd_config=containerd_config, containerd_socket=containerd_socket,
+        docker_socket=docker_socket,
+    )
+    _run(engine.dry_run if dry_run else engine.install, opts)
+
+
+@click.command()
+@root_option
+@restart_option
+@no_restart_option
+@health_option
+@containerd_socket_option
+@docker_socket_option
+def uninstall(root: Path, restart_command: str | None, no_restart: bool, health_timeout: float,
+              containerd_socket: Path | None, docker_socket: Path | None) -> None:
+    """Undo `p2p-mirror install`: restore every changed file byte for byte, remove the files
+    and directories it added, restart the runtime."""
+    opts = engine.Options(
+        root=root.absolute(), restart_command=restart_command, restart=not no_restart,
+        health_timeout=health_timeout, containerd_socket=containerd_socket,
+        docker_socket=docker_socket,
+    )
+    _run(engine.uninstall, opts)

@@ -1,0 +1,50 @@
+"""``p2p-mirror tracker``: run the BitTorrent HTTP tracker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from p2p_mirror.cli.common import load_or_exit, setup_logging
+from p2p_mirror.core.config import ConfigError, TrackerConfig
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path),
+    help="YAML file with keys listen, interval, peer_ttl, max_numwant, log_level; "
+    "flags override it.",
+)
+@click.option("--listen", metavar="HOST:PORT", help="Announce/scrape address [0.0.0.0:6969].")
+@click.option(
+    "--interval", metavar="SECONDS", help="Re-announce interval told to peers [30]."
+)
+@click.option(
+    "--peer-ttl",
+    metavar="SECONDS",
+    help="Forget a peer not heard from for this long [0: 3 x interval].",
+)
+@click.option("--max-numwant", metavar="N", help="Most peers returned per announce [200].")
+@click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error [info].")
+def tracker(config: Path | None, **flags: Any) -> None:
+    """Run the BitTorrent HTTP tracker the seeders and agents announce to.
+
+    Serves GET /announce (compact IPv4 `peers` and IPv6 `peers6`, or the dict form with
+    compact=0; v1 and v2 info-hashes), GET /scrape (one or more info_hash, or all swarms),
+    GET /healthz and GET /metrics (Prometheus). State is in memory: peers re-announce every
+    --interval seconds and are dropped after --peer-ttl, so a restarted tracker refills
+    within one interval. Put its URL, http://HOST:PORT/announce, in the seeder's `tracker`
+    list. Stops cleanly on SIGTERM.
+    """
+    from p2p_mirror.tracker.server import check_config, run_tracker
+
+    cfg = load_or_exit(TrackerConfig, config, flags)
+    try:
+        check_config(cfg)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    setup_logging(cfg.log_level)
+    run_tracker(cfg)

@@ -1,0 +1,401 @@
+"""How the seeder cuts blobs into segment torrents, and in which order it fetches them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from p2p_mirror.agent.pull import parse_piece_list
+from p2p_mirror.core.config import SeederConfig, load_config
+from p2p_mirror.core.oci import Digest
+from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER
+from p2p_mirror.seeder.server import (
+    BACKLOG_SEGMENTS,
+    HAND_ON_BYTES,
+    MIN_PIECE,
+    Seeder,
+    piece_size_for,
+    segment_size_for,
+)
+from p2p_mirror.seeder.turns import Turns
+
+MiB = 1024 * 1024
+PIECE = 256 * 1024
+SEEDER_PIECE = 128 * 1024  # the seeder's default
+
+
+@pytest.mark.parametrize(
+    ("size", "segment"),
+    [
+        (0, PIECE),  # an empty blob is still one (empty) segment
+        (1000, PIECE),
+        (1 * MiB, PIECE),  # 4 segments of one piece
+        (8 * MiB + 5, 5 * PIECE),  # rounded up to whole pieces
+        (16 * MiB, 2 * MiB),
+        (64 * MiB, 8 * MiB),
+        (128 * MiB, 16 * MiB),
+        (1024 * MiB, 16 * MiB),  # large blobs: capped, so swarms stay few
+    ],
+)
+def test_segment_size(size: int, segment: int) -> None:
+    got = segment_size_for(size, 16 * MiB, PIECE)
+    assert got == segment
+    assert got % PIECE == 0
+    count = max(1, -(-size // got))
+    assert count <= max(8, -(-size // (16 * MiB)))
+
+
+@pytest.mark.parametrize(
+    ("segment", "largest", "piece"),
+    [
+        (512 * 1024, 128 * 1024, MIN_PIECE),  # never below the floor
+        (2 * MiB - 1, 128 * 1024, 32 * 1024),
+        (2 * MiB, 128 * 1024, 64 * 1024),  # 32 pieces
+        (4 * MiB, 128 * 1024, 128 * 1024),
+        (16 * MiB, 128 * 1024, 128 * 1024),  # large segments keep the configured size
+        (512 * 1024, 16 * 1024, 16 * 1024),  # a configured size under the floor stays
+        (512 * 1024, 96 * 1024, 96 * 1024),  # not a power of two: not halved
+    ],
+)
+def test_small_segments_get_small_pieces(segment: int, largest: int, piece: int) -> None:
+    assert piece_size_for(segment, largest) == piece
+
+
+# --- origin order and the waiting protocol (a stand-in origin whose bodies the test holds) --
+
+REG = "reg.test"
+BLOB = 1_600_000
+
+
+class HeldOrigin:
+    """A registry stand-in: HEAD answers at once, a GET sends the blob but its last ``held``
+    bytes (default: half), which wait until the test releases them; it records the order in
+    which GETs began."""
+
+    def __init__(self, blobs: list[bytes], held: int | None = None) -> None:
+        self.blobs = {f"sha256:{hashlib.sha256(b).hexdigest()}": b for b in blobs}
+        self.held = held
+        self.release = {digest: asyncio.Event() for digest in self.blobs}
+        self.gets: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        data = self.blobs[digest]
+        if request.method == "HEAD":
+            return web.Response(body=data)  # aiohttp sends the headers only
+        self.gets.append(digest)
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await resp.prepare(request)
+        cut = len(data) // 2 if self.held is None else len(data) - self.held
+        await resp.write(data[:cut])
+        await self.release[digest].wait()
+        await resp.write(data[cut:])
+        await resp.write_eof()
+        return resp
+
+
+@contextlib.asynccontextmanager
+async def served(origin: HeldOrigin) -> AsyncIterator[TestServer]:
+    """``origin`` on loopback; every held body is released before it stops."""
+    app = web.Application()
+    app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", origin.handle)
+    origin_server = TestServer(app, host="127.0.0.1")
+    await origin_server.start_server()
+    try:
+        yield origin_server
+    finally:
+        for event in origin.release.values():
+            event.set()
+        await origin_server.close()
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[HeldOrigin, TestServer]]:
+    origin = HeldOrigin([os.urandom(BLOB), os.urandom(BLOB)])  # half held: > HAND_ON_BYTES
+    async with served(origin) as origin_server:
+        yield origin, origin_server
+
+
+@contextlib.asynccontextmanager
+async def seeder_of(tmp_path: Path, origin_server: TestServer) -> AsyncIterator[
+    tuple[Seeder, TestClient]
+]:
+    """A real seeder (libtorrent on loopback, never announcing) in front of ``origin_server``."""
+    cfg = load_config(SeederConfig, None, {
+        "data_dir": str(tmp_path), "tracker": ["http://127.0.0.1:9/announce"],
+        "bt_listen": "127.0.0.1:0", "registries": {REG: str(origin_server.make_url(""))},
+    })  # fmt: skip
+    seeder = Seeder(cfg)
+    await seeder.start()
+    client = TestClient(TestServer(seeder.app(), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield seeder, client
+    finally:
+        await client.close()
+        await seeder.close()
+
+
+async def ask(client: TestClient, digest: str) -> dict:
+    resp = await client.get(f"/v1/blobs/{digest}", params={"registry": REG, "repo": "library/demo"})
+    assert resp.status == 200
+    return await resp.json()
+
+
+async def test_blobs_come_from_the_origin_one_at_a_time(
+    tmp_path: Path, held: tuple[HeldOrigin, TestServer]
+) -> None:
+    """Two blobs asked for at once: both layouts are known at once (HEAD), but the second
+    body is fetched only after the first, and a request for its segment meanwhile gets
+    202 with the seeder's origin progress instead of hanging."""
+    origin, origin_server = held
+    first, second = origin.blobs
+    async with seeder_of(tmp_path, origin_server) as (seeder, client):
+        assert seeder.cfg.origin_streams == 1
+        for digest in (first, second):
+            assert (await ask(client, digest))["size"] == BLOB
+        await _until(lambda: seeder.origin_bytes >= BLOB // 2)
+        assert origin.gets == [first]
+
+        resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={"wait": "0.2"})
+        assert resp.status == 202
+        assert (await resp.json())["origin_bytes"] >= BLOB // 2
+
+        origin.release[first].set()
+        resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={"wait": "10"})
+        assert resp.status == 200  # its first half arrived: segment 0 is published
+        assert origin.gets == [first, second]
+        origin.release[second].set()
+        last = (await ask(client, second))["segments"] - 1
+        assert (await client.get(f"/v1/blobs/{second}/torrents/{last}")).status == 200
+        assert seeder.origin_bytes == 2 * BLOB
+
+
+async def test_a_stuck_origin_stream_lets_the_next_blob_start(
+    tmp_path: Path, held: tuple[HeldOrigin, TestServer]
+) -> None:
+    """The first body stops half way: after the patience the second one starts anyway (and
+    the first still completes once its bytes come)."""
+    origin, origin_server = held
+    first, second = origin.blobs
+    async with seeder_of(tmp_path, origin_server) as (seeder, client):
+        seeder.origin_turns.patience = 0.3
+        for digest in (first, second):
+            await ask(client, digest)
+        await _until(lambda: origin.gets == [first, second], timeout=3)  # not the 5 s default
+        origin.release[second].set()
+        last = (await ask(client, second))["segments"] - 1
+        assert (await client.get(f"/v1/blobs/{second}/torrents/{last}")).status == 200
+        origin.release[first].set()
+        assert (await client.get(f"/v1/blobs/{first}/torrents/{last}")).status == 200
+
+
+async def test_the_next_blob_starts_as_the_current_one_nearly_ends(tmp_path: Path) -> None:
+    """With the current body's last bytes on their way, the next blob's request goes out
+    (no idle link between two bodies); until then it waits its turn."""
+    origin = HeldOrigin([os.urandom(3 * MiB), os.urandom(3 * MiB)], held=HAND_ON_BYTES // 2)
+    first, second = origin.blobs
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server) as (seeder, client),
+    ):
+            seeder.origin_turns.patience = 60.0  # no hand-off for a stalled body
+            for digest in (first, second):
+                await ask(client, digest)
+            await _until(lambda: origin.gets == [first, second])
+            assert not origin.release[first].is_set()  # the first body is not finished
+            assert seeder.origin_bytes >= 3 * MiB - HAND_ON_BYTES
+
+
+async def test_a_one_piece_blob_does_not_wait_its_turn(tmp_path: Path) -> None:
+    """An image config asked for while a large body is still arriving is fetched at once."""
+    origin = HeldOrigin([os.urandom(BLOB), os.urandom(1000)])
+    large, config = origin.blobs
+    origin.release[config].set()
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server) as (seeder, client),
+    ):
+            seeder.origin_turns.patience = 60.0  # no hand-off: only the bypass can help
+            await ask(client, large)
+            await _until(lambda: origin.gets == [large])
+            assert (await ask(client, config))["segments"] == 1
+            resp = await client.get(f"/v1/blobs/{config}/torrents/0", params={"wait": "5"})
+            assert resp.status == 200
+            assert origin.gets == [large, config]
+            assert not origin.release[large].is_set()  # the large body is still held
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class HeldSegment:
+    """A seeder serving one 4 MiB blob whose last segment the origin holds back until the
+    test releases it: agents can wait for that segment together."""
+
+    origin: HeldOrigin
+    seeder: Seeder
+    client: TestClient
+    digest: str
+    segment: int  # segment size
+    last: int  # the held segment's index
+
+
+@contextlib.asynccontextmanager
+async def last_segment_held(tmp_path: Path) -> AsyncIterator[HeldSegment]:
+    origin = HeldOrigin([os.urandom(4 * MiB)])
+    (digest,) = origin.blobs
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server) as (seeder, client),
+    ):
+        info = await ask(client, digest)
+        await _until(lambda: seeder.origin_bytes >= 2 * MiB)  # up to the held half
+        yield HeldSegment(origin, seeder, client, digest, info["segment_size"],
+                          info["segments"] - 1)  # fmt: skip
+
+
+async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path: Path) -> None:
+    """Three agents wait for a segment: each gets a run of consecutive pieces, none twice,
+    all of them dealt; the piece endpoint serves one piece or a run; a late agent gets none."""
+    async with last_segment_held(tmp_path) as held:
+        origin, seeder, client, digest = held.origin, held.seeder, held.client, held.digest
+        segment, last = held.segment, held.last
+        assert segment > SEEDER_PIECE  # several pieces per segment
+
+        async def torrent(port: int) -> list[int]:
+            resp = await client.get(f"/v1/blobs/{digest}/torrents/{last}",
+                                    params={"wait": "10", "bt_port": str(port)})  # fmt: skip
+            assert resp.status == 200
+            return parse_piece_list(resp.headers[PIECES_HEADER])
+
+        waiting = [asyncio.create_task(torrent(port)) for port in (1, 2, 3)]
+        job = seeder.jobs[Digest.parse(digest)]
+        await _until(lambda: sum(job.waiting.get(last, {}).values()) == 3)
+        origin.release[digest].set()
+        hands = await asyncio.gather(*waiting)
+        piece = piece_size_for(segment, SEEDER_PIECE)
+        assert piece < SEEDER_PIECE  # a small segment gets small pieces
+        pieces = -(-(4 * MiB - last * segment) // piece)
+        assert sorted(p for hand in hands for p in hand) == list(range(pieces))
+        assert all(hand == list(range(hand[0], hand[-1] + 1)) for hand in hands), hands
+        assert await torrent(4) == []  # dealt already
+
+        blob = origin.blobs[digest]
+        for p in range(pieces):
+            resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{p}")
+            assert resp.status == 200
+            start = last * segment + p * piece
+            assert await resp.read() == blob[start : min(start + piece, len(blob))]
+        whole = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0",
+                                 params={"count": str(pieces)})  # fmt: skip
+        assert await whole.read() == blob[last * segment :]
+        for bad in ({"count": str(pieces + 1)}, {"count": "0"}, {"count": "x"}):
+            resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0", params=bad)
+            assert resp.status == 404, bad
+        missing = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{pieces}")
+        assert missing.status == 404
+        assert (await missing.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+        assert seeder.metrics.value("piece_bytes_total") == 2 * (len(blob) - last * segment)
+
+
+async def test_an_agent_that_asks_inline_gets_its_run_after_the_torrent(tmp_path: Path) -> None:
+    """``?pieces=inline``: the torrent response goes on with the agent's dealt run, so no
+    second request; the torrent is the one others get, the run is the blob's bytes, each
+    piece leaves once; a late agent, dealt nothing, gets the torrent alone."""
+    async with last_segment_held(tmp_path) as held:
+        origin, seeder, client, digest = held.origin, held.seeder, held.client, held.digest
+        segment, last = held.segment, held.last
+
+        async def torrent(port: int, **inline: str) -> tuple[list[int], bytes, bytes]:
+            resp = await client.get(f"/v1/blobs/{digest}/torrents/{last}",
+                                    params={"wait": "10", "bt_port": str(port), **inline})
+            assert resp.status == 200
+            body = await resp.read()
+            length = int(resp.headers.get(TORRENT_LENGTH_HEADER, len(body)))
+            assert resp.content_length == len(body)
+            return parse_piece_list(resp.headers[PIECES_HEADER]), body[:length], body[length:]
+
+        waiting = [asyncio.create_task(torrent(port, pieces="inline")) for port in (1, 2)]
+        job = seeder.jobs[Digest.parse(digest)]
+        await _until(lambda: sum(job.waiting.get(last, {}).values()) == 2)
+        origin.release[digest].set()
+        answers = await asyncio.gather(*waiting)
+        plain = await torrent(3)  # not inline: the torrent only, the same bytes
+        late = await torrent(4, pieces="inline")
+
+        piece = piece_size_for(segment, SEEDER_PIECE)
+        blob = origin.blobs[digest]
+        for dealt, data, run in answers:
+            assert data == plain[1]
+            start = last * segment + dealt[0] * piece
+            assert dealt and run == blob[start : start + len(run)]
+            assert len(run) == min(len(dealt) * piece, len(blob) - start)
+        assert sorted(p for dealt, _, _ in answers for p in dealt) == list(range(-(-(
+            len(blob) - last * segment) // piece)))
+        assert late == ([], plain[1], b"")
+        assert plain[0] == [] and plain[2] == b""
+        assert seeder.metrics.value("piece_bytes_total") == len(blob) - last * segment
+
+
+async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_path: Path) -> None:
+    """The agent's dealt runs cannot leave (the test holds the only send turn): the seeder
+    stops reading the origin once ``BACKLOG_SEGMENTS`` segments of runs wait, rather than
+    queueing the whole blob; once runs leave it reads on, and every run is the blob's bytes."""
+    origin = HeldOrigin([os.urandom(8 * MiB)], held=0)  # the origin sends it all at once
+    (digest,) = origin.blobs
+    origin.release[digest].set()
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server) as (seeder, client),
+    ):
+        seeder.piece_turns = Turns(1, patience=60.0)
+        release = asyncio.Event()
+
+        async def hold_the_link() -> None:
+            async with seeder.piece_turns.turn(lambda: 0, "the test"):
+                await release.wait()
+
+        holder = asyncio.create_task(hold_the_link())
+        info = await ask(client, digest)
+        segment, count = info["segment_size"], info["segments"]
+        assert count == 8
+
+        async def run(index: int) -> bytes:
+            resp = await client.get(f"/v1/blobs/{digest}/torrents/{index}",
+                                    params={"wait": "20", "bt_port": "1", "pieces": "inline"})
+            assert resp.status == 200
+            return (await resp.read())[int(resp.headers[TORRENT_LENGTH_HEADER]):]
+
+        runs = [asyncio.create_task(run(i)) for i in range(count)]
+        await _until(lambda: seeder.piece_turns.queued > BACKLOG_SEGMENTS * segment)
+        await asyncio.sleep(0.3)  # the stream sees it at its next chunk
+        paused_at = seeder.origin_bytes
+        await asyncio.sleep(0.5)
+        assert seeder.origin_bytes == paused_at  # paused, not just slow
+        # a run joins the queue a little after its segment is out: up to a segment more
+        assert paused_at < (BACKLOG_SEGMENTS + 3) * segment < 8 * MiB
+        metrics = await (await client.get("/metrics")).text()
+        assert f"p2p_mirror_dealt_backlog_bytes {seeder.piece_turns.queued}\n" in metrics
+        assert seeder.piece_turns.queued > BACKLOG_SEGMENTS * segment
+        release.set()
+        blob = origin.blobs[digest]
+        assert await asyncio.gather(*runs) == [blob[i * segment : (i + 1) * segment]
+                                               for i in range(count)]  # fmt: skip
+        assert seeder.origin_bytes == len(blob)
+        await holder

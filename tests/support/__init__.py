@@ -1,0 +1,40 @@
+"""Helpers shared by the test tiers: the checkout's root, required parts, failure state."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SUPPORT = Path(__file__).resolve().parent
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def require_binaries(*names: str) -> None:
+    """Skip (outside CI) or fail (in CI) when a real part this test needs is not installed."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if not missing:
+        return
+    reason = f"not installed: {', '.join(missing)} (see .ci install step)"
+    if in_ci():
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_root() -> None:
+    if os.geteuid() == 0:
+        return
+    if in_ci():
+        pytest.fail("CI=true but not root (containerd and mounts need root)", pytrace=False)
+    pytest.skip("needs root")
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    report = getattr(request.node, "rep_call", None)
+    return report is None or report.failed
