@@ -11,6 +11,7 @@ import click
 from p2p_mirror import __version__
 from p2p_mirror.cli.common import (
     cache_option,
+    cluster_secret_option,
     config_option,
     data_dir_option,
     load_or_exit,
@@ -39,6 +40,7 @@ def main() -> None:
 @cache_option
 @click.option("--download-rate-limit", metavar="RATE", help="Swarm download bytes/s (0: none).")
 @upload_option
+@cluster_secret_option
 @log_level_option
 def agent(config: Path | None, **flags: Any) -> None:
     """Run the node agent: an OCI pull-only registry mirror fed by the BitTorrent swarm.
@@ -65,6 +67,7 @@ def agent(config: Path | None, **flags: Any) -> None:
 @click.option("--segment-size", metavar="SIZE", help="Largest segment per torrent [16MiB].")
 @cache_option
 @upload_option
+@cluster_secret_option
 @log_level_option
 def seeder(config: Path | None, **flags: Any) -> None:
     """Run a seeder: pulls each blob from the origin once, makes its torrents, seeds them."""

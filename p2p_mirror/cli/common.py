@@ -53,3 +53,10 @@ log_level_option = click.option(
 
 def data_dir_option(what: str) -> Any:
     return click.option("--data-dir", type=click.Path(path_type=Path), help=f"{what} directory.")
+
+
+cluster_secret_option = click.option(
+    "--cluster-secret", type=click.Path(path_type=Path), metavar="FILE",
+    help="File with the cluster secret shared by agents, seeders and trackers "
+    "(without it the role runs open: a one-machine lab only).",
+)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from p2p_mirror.cli.common import load_or_exit, setup_logging
+from p2p_mirror.cli.common import cluster_secret_option, load_or_exit, setup_logging
 from p2p_mirror.core.config import ConfigError, TrackerConfig
 
 
@@ -28,6 +28,7 @@ from p2p_mirror.core.config import ConfigError, TrackerConfig
     help="Forget a peer not heard from for this long [0: 3 x interval].",
 )
 @click.option("--max-numwant", metavar="N", help="Most peers returned per announce [200].")
+@cluster_secret_option
 @click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error [info].")
 def tracker(config: Path | None, **flags: Any) -> None:
     """Run the BitTorrent HTTP tracker the seeders and agents announce to.

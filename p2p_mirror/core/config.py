@@ -224,6 +224,9 @@ class TrackerConfig:
     interval: float = _opt(30.0, parse_seconds, "announce interval told to peers")
     peer_ttl: float = _opt(0.0, float, "forget a peer after this many seconds (0: 3 x interval)")
     max_numwant: int = _opt(200, int, "most peers returned per announce")
+    cluster_secret: Path | None = _opt(
+        None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
+    )
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
 
@@ -245,6 +248,9 @@ class SeederConfig:
     download_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
     drain_timeout: float = _opt(10.0, parse_seconds, "on SIGTERM, finish transfers this long")
     origin_timeout: float = _opt(300.0, parse_seconds, "origin request timeout")
+    cluster_secret: Path | None = _opt(
+        None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
+    )
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
 
@@ -282,6 +288,9 @@ class AgentConfig:
     # well inside that, so the swarm still says goodbye to the tracker and its peers.
     drain_timeout: float = _opt(10.0, parse_seconds, "on SIGTERM, finish transfers this long")
     origin_timeout: float = _opt(300.0, parse_seconds, "origin request timeout")
+    cluster_secret: Path | None = _opt(
+        None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
+    )
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
     def upstream(self, name: str) -> Upstream:
