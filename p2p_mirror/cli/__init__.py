@@ -40,6 +40,12 @@ def main() -> None:
 @cache_option
 @click.option("--download-rate-limit", metavar="RATE", help="Swarm download bytes/s (0: none).")
 @upload_option
+@click.option("--announce-ip", metavar="ADDR",
+              help="Node address announced to trackers (Kubernetes: status.hostIP).")
+@click.option("--proxy-listen", metavar="HOST:PORT",
+              help="HTTPS proxy for dockerd [127.0.0.1:5003]; empty: off.")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Extra /metrics and /healthz address for Prometheus [off].")
 @cluster_secret_option
 @log_level_option
 def agent(config: Path | None, **flags: Any) -> None:
@@ -65,6 +71,9 @@ def agent(config: Path | None, **flags: Any) -> None:
 @click.option("--bt-listen", metavar="HOST:PORT", help="BitTorrent address [0.0.0.0:6882].")
 @registry_option
 @click.option("--segment-size", metavar="SIZE", help="Largest segment per torrent [16MiB].")
+@click.option("--registry-auth", type=click.Path(path_type=Path), metavar="FILE",
+              help="Docker config.json with the seeder's own registry credentials.")
+@click.option("--announce-ip", metavar="ADDR", help="Address agents reach this seeder's swarm on.")
 @cache_option
 @upload_option
 @cluster_secret_option

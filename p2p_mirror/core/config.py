@@ -197,6 +197,21 @@ def parse_count(value: Any) -> int:
     return int(value)
 
 
+def parse_ip(value: Any) -> str:
+    """An IPv4 or IPv6 address, normalised."""
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {value!r}") from None
+
+
+def parse_optional_hostport(value: Any) -> HostPort | None:
+    """``HOST:PORT``, or empty/None to turn the listener off."""
+    if value is None or str(value).strip() == "":
+        return None
+    return value if isinstance(value, HostPort) else HostPort.parse(str(value))
+
+
 def parse_fraction(value: Any) -> float:
     text = str(value).strip()
     frac = float(text[:-1]) / 100 if text.endswith("%") else float(text)
@@ -248,6 +263,10 @@ class SeederConfig:
     download_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
     drain_timeout: float = _opt(10.0, parse_seconds, "on SIGTERM, finish transfers this long")
     origin_timeout: float = _opt(300.0, parse_seconds, "origin request timeout")
+    registry_auth: Path | None = _opt(
+        None, parse_path, "Docker config.json with the seeder's own registry credentials"
+    )
+    announce_ip: str | None = _opt(None, parse_ip, "address peers reach this seeder on")
     cluster_secret: Path | None = _opt(
         None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
     )
@@ -288,6 +307,16 @@ class AgentConfig:
     # well inside that, so the swarm still says goodbye to the tracker and its peers.
     drain_timeout: float = _opt(10.0, parse_seconds, "on SIGTERM, finish transfers this long")
     origin_timeout: float = _opt(300.0, parse_seconds, "origin request timeout")
+    announce_ip: str | None = _opt(
+        None, parse_ip, "node address announced to the tracker (Kubernetes: status.hostIP)"
+    )
+    proxy_listen: HostPort | None = _opt(
+        HostPort("127.0.0.1", 5003), parse_optional_hostport,
+        "HTTPS proxy for dockerd (CONNECT); empty: off",
+    )
+    metrics_listen: HostPort | None = _opt(
+        None, parse_optional_hostport, "extra /metrics and /healthz address for Prometheus"
+    )
     cluster_secret: Path | None = _opt(
         None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
     )
