@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from support import SUPPORT
-from tests.test_installer import snapshot
+from support import SUPPORT, require_binaries, require_root, snapshot
 
 from lab.containerd import Containerd, pick_snapshotter, render_config
 from lab.images import PushedImage
@@ -29,7 +28,6 @@ from lab.registry import Registry
 from p2p_mirror.cli.install import install, uninstall
 from p2p_mirror.installer.backup import under
 from p2p_mirror.installer.containerd import Containerd as ContainerdAdapter
-from tests.conftest import require_binaries, require_root
 
 pytestmark = pytest.mark.integration
 

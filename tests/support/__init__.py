@@ -38,3 +38,13 @@ def require_root() -> None:
 def failed(request: pytest.FixtureRequest) -> bool:
     report = getattr(request.node, "rep_call", None)
     return report is None or report.failed
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, bytes | None, int]]:
+    """Every file and dir under root: kind, bytes, mode. Equal snapshots = identical trees."""
+    out: dict[str, tuple[str, bytes | None, int]] = {}
+    for p in sorted(root.rglob("*")):
+        mode = p.stat().st_mode & 0o7777
+        out[str(p.relative_to(root))] = ("dir", None, mode) if p.is_dir() else (
+            "file", p.read_bytes(), mode)
+    return out

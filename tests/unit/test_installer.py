@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tomllib
 from click.testing import CliRunner
-from support import SUPPORT
+from support import SUPPORT, snapshot
 
 from p2p_mirror.cli.install import install, uninstall
 from p2p_mirror.core.config import Upstream
@@ -80,16 +80,6 @@ DAEMON_JSON = """\
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, bytes | None, int]]:
-    """Every file and dir under root: kind, bytes, mode. Equal snapshots = identical trees."""
-    out: dict[str, tuple[str, bytes | None, int]] = {}
-    for p in sorted(root.rglob("*")):
-        mode = p.stat().st_mode & 0o7777
-        out[str(p.relative_to(root))] = ("dir", None, mode) if p.is_dir() else (
-            "file", p.read_bytes(), mode)
-    return out
 
 
 def write(root: Path, host_path: str, text: str, mode: int = 0o644) -> Path:
