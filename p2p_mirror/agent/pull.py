@@ -25,7 +25,7 @@ from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, forward_headers
 from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER
 from p2p_mirror.core.store import BlobLayout, BlobStore, segment_name
-from p2p_mirror.core.swarm import Metainfo, Swarm, SwarmError, Transfer
+from p2p_mirror.core.swarm import Metainfo, SwarmError, TorrentSession, Transfer
 
 log = logging.getLogger("p2p_mirror.fetch")
 READ_CHUNK = 4 * MiB
@@ -239,7 +239,7 @@ class Fetcher:
 
     store: BlobStore
     origin: Origin
-    swarm: Swarm | None
+    swarm: TorrentSession | None
     seeders: SeederClient | None
     metrics: Metrics
     swarm_timeout: float

@@ -31,7 +31,7 @@ from p2p_mirror.core.oci import (
 from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, forward_headers
 from p2p_mirror.core.service import background, every, healthz, serve, wait_for_signal
 from p2p_mirror.core.store import BlobLayout, BlobStore
-from p2p_mirror.core.swarm import Swarm
+from p2p_mirror.core.swarm import TorrentSession
 
 log = logging.getLogger("p2p_mirror.agent")
 ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
@@ -69,7 +69,7 @@ class Agent:
         self.origin = Origin(cfg.origin_timeout, "agent")
         self.metrics = Metrics()
         self.swarm = (
-            Swarm(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit,
+            TorrentSession(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit,
                   tracker_peers=cfg.swarm_peers)
             if cfg.seeder
             else None

@@ -1,6 +1,6 @@
 """The only module that touches libtorrent: a session with a small asyncio interface.
 
-A ``Swarm`` seeds and downloads single-file torrents. Callers wait for pieces with
+A ``TorrentSession`` seeds and downloads single-file torrents. Callers wait for pieces with
 ``Transfer.wait_piece`` (driven by libtorrent's alerts, so a finished piece wakes the
 reader at once) and read the bytes from the file themselves.
 """
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SwarmTotals:
+class SessionTotals:
     """Payload byte counters of a session; ``wasted`` = received twice or failing a hash."""
 
     downloaded: int
@@ -197,7 +197,7 @@ class Transfer:
         return ", ".join(parts) or "no peers"
 
 
-class Swarm:
+class TorrentSession:
     """A libtorrent session tuned for a LAN swarm of registry blobs (TCP only, no DHT)."""
 
     def __init__(
@@ -363,7 +363,7 @@ class Swarm:
         transfer.error = transfer.error or "removed"
         transfer._notify()
 
-    def totals(self) -> SwarmTotals:
+    def totals(self) -> SessionTotals:
         """Payload bytes over all torrents in the session."""
         down = up = wasted = 0
         for transfer in list(self.transfers.values()):
@@ -372,7 +372,7 @@ class Swarm:
                 down += status.total_payload_download
                 up += status.total_payload_upload
                 wasted += status.total_redundant_bytes + status.total_failed_bytes
-        return SwarmTotals(down, up, wasted)
+        return SessionTotals(down, up, wasted)
 
     async def _pump_alerts(self) -> None:
         while not self._closing:
