@@ -243,8 +243,7 @@ class TorrentSession:
                 "connections_limit": 1000,
                 # libtorrent drops a peer that turns seed while we are not interested in it,
                 # before the HAVE that made it a seed makes us interested again: the piece it
-                # just completed then waits >= 1 s for a reconnect (measured: 1-3 s stalls at
-                # segment ends, several per 16 MiB pull at N=2). Keep such connections; idle
+                # just completed then waits for a reconnect. Keep such connections; idle
                 # ones are closed once the connection limit is reached, after this many seconds.
                 "close_redundant_connections": False,
                 "inactivity_timeout": 10,
@@ -325,7 +324,7 @@ class TorrentSession:
 
         Downloads use rarest-first, not sequential order: when every node pulls the same
         blob at once, sequential peers all hold the same pieces and only the seeder has
-        anything to give. (Measured: piece deadlines ahead of the reader cost 25% too.)
+        anything to give.
         Peers are found through the tracker only (no DHT, LSD or peer exchange), so a torrent
         added with ``announce=False`` stays unknown to peers that were not told about it.
         """

@@ -12,7 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from p2p_mirror.agent.pull import BlobFetch, Fetcher, SeederClient, SegmentOffer
+from p2p_mirror.agent.blob_download import BlobDownload
+from p2p_mirror.agent.pull import BlobPuller
+from p2p_mirror.agent.seeder_client import SeederClient, SegmentOffer
 from p2p_mirror.core.config import HostPort
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest
@@ -100,16 +102,16 @@ async def deal(tmp_path: Path, agent: TorrentSession, seeder: TorrentSession, me
     url = str(server.make_url("")).rstrip("/")
     client = SeederClient([url], timeout=5)
     metrics = Metrics()
-    fetcher = Fetcher(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, client, metrics,
+    puller = BlobPuller(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, client, metrics,
                       swarm_timeout=5, stall_timeout=5, seeder_grace=5)  # fmt: skip
-    fetch = BlobFetch(DIGEST, len(DATA), None, "demo", {})  # type: ignore[arg-type]
+    download = BlobDownload(DIGEST, len(DATA), None, "demo", {})  # type: ignore[arg-type]
     save = tmp_path / "agent"
     save.mkdir()
     transfer = agent.add(meta, save, seed=False, announce=False)
     offer = await client.torrent(url, DIGEST, 0, 6881) if inline else SegmentOffer(b"", pieces)
     assert (offer.body is not None) == inline
     try:
-        await fetcher._dealt_pieces(fetch, url, 0, transfer, offer, [("127.0.0.1", seeder.port)])
+        await puller._dealt_pieces(download, url, 0, transfer, offer, [("127.0.0.1", seeder.port)])
     finally:
         offer.close()
         await client.close()
@@ -188,14 +190,14 @@ async def test_peers_are_given_their_grace_only_once_our_dealt_run_is_in(
     has passed with no peer bytes, the agent asks the seeder's swarm and completes from it."""
     seeder, agent, meta = sessions
     metrics = Metrics()
-    fetcher = Fetcher(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, None, metrics,
+    puller = BlobPuller(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, None, metrics,
                       swarm_timeout=5, stall_timeout=5, seeder_grace=0.2)  # fmt: skip
     (tmp_path / "agent").mkdir()
     transfer = agent.add(meta, tmp_path / "agent", seed=False, announce=False)
     run_in = asyncio.Event()
     dealer = asyncio.create_task(run_in.wait())
     watcher = asyncio.create_task(
-        fetcher._seeder_if_stalled(transfer, [("127.0.0.1", seeder.port)], dealer)
+        puller._seeder_if_stalled(transfer, [("127.0.0.1", seeder.port)], dealer)
     )
     await asyncio.sleep(1.0)  # five graces
     assert metrics.value("seeder_segments_total", reason="stalled") == 0
