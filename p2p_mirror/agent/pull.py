@@ -3,7 +3,7 @@
 A ``BlobPuller`` runs each ``BlobDownload``: it asks a seeder for the blob's segment
 torrents, joins each segment's swarm, takes the pieces the seeder dealt this agent, and
 reads the segments in order as their pieces complete. Swarm trouble (no seeder, no torrent,
-no progress within a deadline) hands over to the origin at the current offset, so the pull
+no progress within a deadline) passes to the origin at the current offset, so the pull
 still succeeds. The blob enters the cache only when the whole of it matched its digest, and
 is then seeded (``p2p_mirror.core.seeding``).
 """

@@ -20,6 +20,9 @@ import libtorrent as lt
 from p2p_mirror.core.config import HostPort, MiB
 
 log = logging.getLogger(__name__)
+# What libtorrent's bindings raise: RuntimeError (e.g. a handle of a removed torrent),
+# TypeError or ValueError (arguments it cannot convert).
+LIBTORRENT_ERRORS = (RuntimeError, TypeError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Metainfo:
     def parse(cls, data: bytes) -> Metainfo:
         try:
             ti = lt.torrent_info(lt.bdecode(data))
-        except Exception as e:  # noqa: BLE001 - libtorrent raises RuntimeError or TypeError
+        except LIBTORRENT_ERRORS as e:
             raise SwarmError(f"invalid torrent: {e}") from None
         if ti.num_files() != 1:
             raise SwarmError("torrent must hold exactly one file")
@@ -131,7 +134,7 @@ class Transfer:
 
     def payload_received(self) -> int:
         """Payload bytes downloaded from peers so far (0 if libtorrent cannot say)."""
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*LIBTORRENT_ERRORS):
             return self.handle.status().total_payload_download
         return 0
 
@@ -148,7 +151,7 @@ class Transfer:
 
     def connect(self, peers: Iterable[tuple[str, int]]) -> None:
         for host, port in peers:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*LIBTORRENT_ERRORS):
                 self.handle.connect_peer((host, port))
 
     async def read_pieces(self, first: int, stop: int, timeout: float = 5.0) -> bytes:
@@ -168,7 +171,7 @@ class Transfer:
             if loop.time() > deadline:
                 raise SwarmError(f"pieces {first}-{stop - 1} of {self.meta.name} never reached "
                                  "the disk")  # fmt: skip
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*LIBTORRENT_ERRORS):
                 self.handle.flush_cache()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
@@ -190,7 +193,7 @@ class Transfer:
     def peer_summary(self) -> str:
         """``ip:port down/up`` per connected peer, for the logs."""
         parts = []
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*LIBTORRENT_ERRORS):
             for peer in self.handle.get_peer_info():
                 ip, port = peer.ip
                 parts.append(f"{ip}:{port} {peer.total_download}/{peer.total_upload}")
@@ -357,7 +360,7 @@ class TorrentSession:
         """Stop sharing a torrent; its file stays on disk."""
         if self.transfers.get(transfer.meta.info_hash) is transfer:
             del self.transfers[transfer.meta.info_hash]
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*LIBTORRENT_ERRORS):
             self.session.remove_torrent(transfer.handle)
         transfer.error = transfer.error or "removed"
         transfer._notify()
@@ -366,7 +369,7 @@ class TorrentSession:
         """Payload bytes over all torrents in the session."""
         down = up = wasted = 0
         for transfer in list(self.transfers.values()):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*LIBTORRENT_ERRORS):
                 status = transfer.handle.status()
                 down += status.total_payload_download
                 up += status.total_payload_upload
@@ -391,7 +394,7 @@ class TorrentSession:
             return
         try:
             info_hash = str(handle.info_hashes().v1)
-        except Exception:  # noqa: BLE001 - handle of a torrent already removed
+        except LIBTORRENT_ERRORS:  # a handle of a torrent already removed
             return
         transfer = self.transfers.get(info_hash)
         if transfer is None:
