@@ -78,7 +78,7 @@ class Agent:
             else None
         )
         self.seeders = SeederClient(cfg.seeder, cfg.swarm_timeout) if cfg.seeder else None
-        self.seeded = SeededBlobs(self.store, self.session) if self.session else None
+        self.seeded = SeededBlobs(self.store, self.session) if self.session is not None else None
         self.puller = BlobPuller(
             self.store,
             self.origin,
