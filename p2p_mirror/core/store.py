@@ -188,18 +188,20 @@ class BlobStore:
         return BlobLayout(digest, size, segment_size, path)
 
     def commit(self, layout: BlobLayout) -> None:
-        """Mark a fully verified blob as cached (atomic: write, fsync, rename)."""
+        """Mark a fully verified blob as cached, durably: the segments and their torrents
+        reach the disk first, then the marker (temp, fsync, rename), then the directories
+        that name them, so after a power loss an entry is whole or absent."""
         for seg in layout.paths():
-            fd = os.open(seg, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(seg)
+        for index in range(layout.count):
+            with contextlib.suppress(FileNotFoundError):  # an origin-only blob has none
+                fsync_path(layout.torrent_path(index))
         meta = {"digest": str(layout.digest), "size": layout.size,
                 "segment_size": layout.segment_size, "verified_at": time.time()}
-        tmp = layout.dir / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, layout.dir / MARKER)
+        write_durably(layout.dir / MARKER, json.dumps(meta).encode())
+        # begin() may have created the digest and algorithm directories too
+        for directory in (layout.dir.parent, layout.dir.parent.parent):
+            fsync_path(directory)
 
     def discard(self, digest: Digest) -> None:
         """Forget a blob: every download directory of it, verified or not."""
@@ -271,6 +273,31 @@ class BlobStore:
                     continue
                 out.append((digest, path))
         return out
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes its entries durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably: temp file, fsync, rename,
+    fsync of the directory (without it the rename may be lost on a power cut)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def _subdirs(path: Path) -> list[Path]:

@@ -129,6 +129,37 @@ class TestBlobStoreContract:
             [MARKER] + [p.name for p in layout.paths()]
         )
 
+    def test_commit_is_durable_in_order(
+        self, store: BlobStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Segments, then the marker's bytes, then the rename, then the directories that
+        name it reach the disk: a power cut leaves the entry whole or absent."""
+        data = payload(30)
+        layout = store.begin(Digest.of(data), len(data), 10)
+        layout.write(0, data)
+        events: list[tuple[str, str]] = []
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd: int) -> None:
+            events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            real_fsync(fd)
+
+        def replace(src: str | Path, dst: str | Path) -> None:
+            events.append(("rename", str(dst)))
+            real_replace(src, dst)
+
+        monkeypatch.setattr(store_mod.os, "fsync", fsync)
+        monkeypatch.setattr(store_mod.os, "replace", replace)
+        store.commit(layout)
+        marker = str(layout.dir / MARKER)
+        rename = events.index(("rename", marker))
+        synced = [path for kind, path in events if kind == "fsync"]
+        assert {str(p) for p in layout.paths()} <= set(synced[:rename])
+        assert any(Path(p).name == f".{MARKER}.tmp" for _, p in events[:rename])
+        after = [path for kind, path in events[rename:] if kind == "fsync"]
+        assert str(layout.dir) in after
+        assert str(layout.dir.parent) in after and str(layout.dir.parent.parent) in after
+
     def test_commit_fails_when_a_segment_is_missing(self, store: BlobStore) -> None:
         data = payload(25)
         layout = store.begin(Digest.of(data), 25, 10)
