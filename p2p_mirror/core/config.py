@@ -80,7 +80,7 @@ def parse_url(text: str) -> str:
 
 def parse_registry_name(text: str) -> str:
     name = str(text).strip()
-    if not REGISTRY_NAME.fullmatch(name):
+    if len(name) > 255 or not REGISTRY_NAME.fullmatch(name):
         raise ValueError(f"invalid registry name {text!r}")
     host, _, port = name.partition(":")
     if port and not 0 < int(port) <= 65535:
@@ -263,6 +263,11 @@ class SeederConfig:
     download_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
     drain_timeout: float = _opt(10.0, parse_seconds, "on SIGTERM, finish transfers this long")
     origin_timeout: float = _opt(300.0, parse_seconds, "origin request timeout")
+    # One origin body at a time: a trickling one must not hold the queue for the others.
+    origin_min_rate: int = _opt(
+        64 * 1024, parse_size, "an origin body slower than this (bytes/s) lets the next one start"
+    )
+    max_blob_size: int = _opt(64 * GiB, parse_size, "refuse blobs larger than this (0: no cap)")
     registry_auth: Path | None = _opt(
         None, parse_path, "Docker config.json with the seeder's own registry credentials"
     )
@@ -292,6 +297,11 @@ class AgentConfig:
     # Few peers per announce: payload wasted in torrent end games grows with connections.
     swarm_peers: int = _opt(2, parse_count, "peers to ask the tracker for per announce")
     auth_cache_ttl: float = _opt(30.0, parse_seconds, "cache origin access checks this long")
+    swarm_min_rate: int = _opt(
+        256 * 1024, parse_size, "each segment must arrive by swarm_timeout + its end offset at "
+        "this rate (bytes/s), else the rest comes from the origin (0: no deadline)",
+    )
+    max_blob_size: int = _opt(64 * GiB, parse_size, "refuse blobs larger than this (0: no cap)")
     # Kubernetes kills a pod 30 s after SIGTERM by default (deploy/daemonset sets 30): drain
     # well inside that, so the swarm still says goodbye to the tracker and its peers.
     drain_timeout: float = _opt(10.0, parse_seconds, "on SIGTERM, finish transfers this long")

@@ -31,6 +31,8 @@ class OCIError(Exception):
         "MANIFEST_INVALID": 400,
         "NAME_INVALID": 400,
         "NAME_UNKNOWN": 404,
+        "SIZE_INVALID": 400,  # here: larger than max_blob_size, or a manifest above 4 MiB
+        "PARAMETER_INVALID": 400,  # the seeder API's own: a malformed query parameter
         "UNAUTHORIZED": 401,
         "DENIED": 403,
         "UNSUPPORTED": 405,

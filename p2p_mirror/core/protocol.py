@@ -5,7 +5,10 @@
 - ``GET /v1/blobs/<digest>/torrents/<i>?bt_port=P&wait=S[&pieces=inline]``: segment ``i``'s
   torrent, with the agent's dealt run of pieces in ``PIECES_HEADER``; with ``pieces=inline``
   the run's bytes follow the torrent in the body (``TORRENT_LENGTH_HEADER`` says where the
-  torrent ends). Not published within ``wait`` seconds: 202 with ``not_yet_body``.
+  torrent ends). Not published within ``wait`` seconds: 202 with ``not_yet_body`` (this
+  blob's origin progress).
+
+A malformed or out-of-bounds parameter is a 400 (``ProtocolError`` -> ``PARAMETER_INVALID``).
 - ``GET /v1/blobs/<digest>/segments/<i>/pieces/<p>?count=K``: K consecutive pieces.
 """
 
@@ -16,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from p2p_mirror.core.config import parse_count
+from p2p_mirror.core.config import parse_registry_name
 
 PIECES_HEADER = "X-P2P-Mirror-Pieces"  # the pieces this agent takes from the seeder itself
 TORRENT_LENGTH_HEADER = "X-P2P-Mirror-Torrent-Length"  # inline: the body's torrent, then pieces
@@ -38,6 +41,7 @@ COUNT_PARAM = "count"
 
 DEFAULT_WAIT = 30.0  # seconds a torrent request waits for its segment without ``wait``
 LONGEST_WAIT = 300.0
+MAX_PIECES = 1 << 20  # no segment has more pieces than this (a piece is at least 16 KiB)
 
 
 class ProtocolError(ValueError):
@@ -71,33 +75,89 @@ def pieces_query(count: int) -> dict[str, str]:
     return {COUNT_PARAM: str(count)}
 
 
-def wants_inline(query: Mapping[str, str]) -> bool:
-    return query.get(PIECES_PARAM) == INLINE
+MAX_PARAM_LENGTH = 32  # longer numbers are not numbers we take
+
+
+def _number(name: str, text: str) -> float:
+    if len(text) > MAX_PARAM_LENGTH:
+        raise ProtocolError(f"{name}: longer than {MAX_PARAM_LENGTH} characters")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ProtocolError(f"{name}: not a number: {text[:MAX_PARAM_LENGTH]!r}") from None
+    if not math.isfinite(value):
+        raise ProtocolError(f"{name}: not a finite number")
+    return value
+
+
+def _whole(name: str, text: str, low: int, high: int) -> int:
+    if len(text) > MAX_PARAM_LENGTH or not text.isascii() or not text.isdigit():
+        raise ProtocolError(f"{name}: expected a whole number, got {text[:MAX_PARAM_LENGTH]!r}")
+    value = int(text)
+    if not low <= value <= high:
+        raise ProtocolError(f"{name}: {value} is outside [{low}, {high}]")
+    return value
 
 
 def parse_wait(text: str | None) -> float:
-    """``?wait=``: how long a torrent request may wait for its segment (clamped; a malformed
-    or absent value means the default)."""
-    try:
-        wait = float(text) if text is not None else DEFAULT_WAIT
-    except ValueError:
-        return DEFAULT_WAIT
-    return min(max(wait, 0.0), LONGEST_WAIT) if math.isfinite(wait) else DEFAULT_WAIT
-
-
-def parse_piece_count(text: str | None) -> int | None:
-    """``?count=`` of a piece request: a positive integer, 1 if absent, else None."""
+    """``?wait=``: seconds a torrent request may wait for its segment, in [0, LONGEST_WAIT];
+    absent means ``DEFAULT_WAIT``."""
     if text is None:
-        return 1
+        return DEFAULT_WAIT
+    wait = _number(WAIT_PARAM, text)
+    if not 0 <= wait <= LONGEST_WAIT:
+        raise ProtocolError(f"{WAIT_PARAM}: {wait:g} is outside [0, {LONGEST_WAIT:g}]")
+    return wait
+
+
+def parse_piece_count(text: str | None) -> int:
+    """``?count=`` of a piece request: consecutive pieces, 1 if absent (bounded again by the
+    segment's piece count where it is used)."""
+    return 1 if text is None else _whole(COUNT_PARAM, text, 1, MAX_PIECES)
+
+
+def parse_bt_port(text: str | None) -> int:
+    """``?bt_port=``: the agent's BitTorrent port (it names the agent with its address)."""
+    if text is None:
+        raise ProtocolError(f"{BT_PORT_PARAM} parameter required")
+    return _whole(BT_PORT_PARAM, text, 1, 65535)
+
+
+def parse_inline(text: str | None) -> bool:
+    """``?pieces=``: absent, or ``inline`` for the dealt run after the torrent."""
+    if text is None or text == INLINE:
+        return text == INLINE
+    raise ProtocolError(f"{PIECES_PARAM}: expected {INLINE!r}, got {text[:MAX_PARAM_LENGTH]!r}")
+
+
+def parse_registry(text: str | None) -> str:
+    """``?registry=``: a registry name (host[:port]) the seeder maps to its endpoint."""
+    if not text:
+        raise ProtocolError(f"{REGISTRY_PARAM} parameter required")
     try:
-        return parse_count(text)
-    except ValueError:
-        return None
+        return parse_registry_name(text)
+    except ValueError as e:
+        raise ProtocolError(f"{REGISTRY_PARAM}: {str(e)[:300]}") from None
 
 
-def agent_key(remote: str | None, query: Mapping[str, str]) -> str:
+@dataclass(frozen=True)
+class TorrentQuery:
+    """A torrent request's parameters, parsed."""
+
+    bt_port: int
+    wait: float
+    inline: bool
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str]) -> TorrentQuery:
+        return cls(parse_bt_port(query.get(BT_PORT_PARAM)),
+                   parse_wait(query.get(WAIT_PARAM)),
+                   parse_inline(query.get(PIECES_PARAM)))  # fmt: skip
+
+
+def agent_key(remote: str | None, bt_port: int) -> str:
     """An agent is its address and BitTorrent port: several may share a host."""
-    return f"{remote}:{query.get(BT_PORT_PARAM, '')}"
+    return f"{remote}:{bt_port}"
 
 
 @dataclass(frozen=True)
@@ -172,13 +232,15 @@ def parse_offer_headers(headers: Mapping[str, str]) -> tuple[list[int], int | No
     return dealt, value
 
 
-def not_yet_body(origin_bytes: int) -> dict[str, int]:
-    """The 202 body: the seeder's origin byte count, a sign of life while a segment waits."""
-    return {"origin_bytes": origin_bytes}
+def not_yet_body(blob_bytes: int, queue_bytes: int | None) -> dict[str, int | None]:
+    """The 202 body: the bytes of this blob that arrived from the origin, and while the blob
+    still waits for its origin turn (else None), how far the blobs ahead of it got; the
+    agent waits as long as one of them moves."""
+    return {"blob_bytes": blob_bytes, "queue_bytes": queue_bytes}
 
 
-def parse_not_yet(data: object) -> object:
-    """The origin byte count of a 202 body (compared only for change; None if absent)."""
+def parse_not_yet(data: object) -> tuple[object, object]:
+    """The progress in a 202 body, compared only for change."""
     if not isinstance(data, dict):
         raise ProtocolError(f"202 body is not an object: {str(data)[:200]}")
-    return data.get("origin_bytes")
+    return data.get("blob_bytes"), data.get("queue_bytes")

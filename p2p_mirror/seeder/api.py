@@ -24,9 +24,22 @@ def oci_error_for(error: IngestError) -> OCIError:
     """The answer an agent gets for a failed ingest."""
     if error.reason == IngestError.ORIGIN_REFUSED and error.origin_status is not None:
         return error_for_status(error.origin_status, "blobs")
+    if error.reason == IngestError.TOO_LARGE:
+        return OCIError("SIZE_INVALID", error.message)
     if error.reason == IngestError.DIGEST_MISMATCH:
         return OCIError("DIGEST_INVALID", error.message)
     return OCIError("UNAVAILABLE", error.message)
+
+
+def parameter_error(error: protocol.ProtocolError) -> OCIError:
+    return OCIError("PARAMETER_INVALID", str(error))
+
+
+def _index(text: str) -> int:
+    """A segment or piece index from the path (the route allows digits only)."""
+    if len(text) > 9:
+        raise protocol.ProtocolError(f"index {text[:20]}...: too large")
+    return int(text)
 
 
 class SeederAPI:
@@ -42,10 +55,10 @@ class SeederAPI:
         try:
             digest = Digest.parse(request.match_info["digest"])
             name = validate_name(request.query.get(protocol.REPO_PARAM, ""))
-            registry = request.query.get(protocol.REGISTRY_PARAM, "")
-            if not registry:
-                raise OCIError("NAME_INVALID", "registry parameter required")
+            registry = protocol.parse_registry(request.query.get(protocol.REGISTRY_PARAM))
             job = await self.ingest.ensure(digest, registry, name, request.headers)
+        except protocol.ProtocolError as e:
+            return parameter_error(e).response()
         except OCIError as e:
             return e.response()
         except IngestError as e:
@@ -59,24 +72,26 @@ class SeederAPI:
     async def handle_torrent(self, request: web.Request) -> web.StreamResponse:
         try:
             digest = Digest.parse(request.match_info["digest"])
+            index = _index(request.match_info["index"])
+            query = protocol.TorrentQuery.parse(request.query)
+        except protocol.ProtocolError as e:
+            return parameter_error(e).response()
         except OCIError as e:
             return e.response()
         job = self.ingest.job(digest)
-        index = int(request.match_info["index"])
         if job is None or not job.has_segment(index):
             return OCIError("BLOB_UNKNOWN", "no such blob or segment").response()
-        agent = protocol.agent_key(request.remote, request.query)
+        agent = protocol.agent_key(request.remote, query.bt_port)
         try:
-            data, run = await self.ingest.torrent_for(
-                job, index, agent, protocol.parse_wait(request.query.get(protocol.WAIT_PARAM))
-            )
+            data, run = await self.ingest.torrent_for(job, index, agent, query.wait)
         except IngestError as e:
             return oci_error_for(e).response()
         except TimeoutError:
-            # Not published yet (queued, or still arriving): how far the origin downloads
-            # got tells the agent a busy seeder from a stuck one.
-            return web.json_response(protocol.not_yet_body(self.ingest.origin_bytes), status=202)
-        if not protocol.wants_inline(request.query):
+            # Not published yet (queued, or still arriving): this blob's progress tells the
+            # agent a busy seeder from a stuck (or trickling) origin body.
+            blob_bytes, queue_bytes = self.ingest.progress(job)
+            return web.json_response(protocol.not_yet_body(blob_bytes, queue_bytes), status=202)
+        if not query.inline:
             return web.Response(body=data, headers=protocol.offer_headers(run))
         # The run follows the torrent in this response: a second request would reach us a
         # round trip after the segment is out, and until then the uplink may idle.
@@ -93,13 +108,15 @@ class SeederAPI:
         they were dealt to (one that did not ask for them inline), streamed piece by piece."""
         try:
             digest = Digest.parse(request.match_info["digest"])
+            index, first = _index(request.match_info["index"]), _index(request.match_info["piece"])
+            count = protocol.parse_piece_count(request.query.get(protocol.COUNT_PARAM))
+        except protocol.ProtocolError as e:
+            return parameter_error(e).response()
         except OCIError as e:
             return e.response()
         job = self.ingest.job(digest)
-        index, first = int(request.match_info["index"]), int(request.match_info["piece"])
-        count = protocol.parse_piece_count(request.query.get(protocol.COUNT_PARAM))
         meta = job.metas.get(index) if job is not None else None
-        if (job is None or job.layout is None or meta is None or count is None
+        if (job is None or job.layout is None or meta is None
                 or first + count > meta.num_pieces):  # fmt: skip
             return OCIError("BLOB_UNKNOWN", "no such blob, segment or pieces").response()
         pieces = range(first, first + count)

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+from p2p_mirror.core.bounds import TooLarge, check_size, content_length
 from p2p_mirror.core.config import SeederConfig, Upstream, upstream_for
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest
@@ -49,6 +50,7 @@ class IngestError(Exception):
     ORIGIN_UNAVAILABLE = "origin_unavailable"
     ORIGIN_INCOMPLETE = "origin_incomplete"  # no size, sizes that disagree, a short body
     DIGEST_MISMATCH = "digest_mismatch"  # more bytes than announced, or bytes that fail it
+    TOO_LARGE = "too_large"  # larger than max_blob_size
     FAILED = "error"  # our own failure (a disk error)
 
     def __init__(self, reason: str, message: str, origin_status: int | None = None) -> None:
@@ -65,13 +67,15 @@ class IngestJob:
         self.digest = digest
         self._layout = layout
         self._ready = asyncio.Event()
-        self._torrents: list[asyncio.Future[bytes]] = []
+        # made on demand: a huge blob must not cost a future per segment up front
+        self._torrents: dict[int, asyncio.Future[bytes]] = {}
         self._error: IngestError | None = None
         self._task: asyncio.Task[None] | None = None
         self._metas: dict[int, Metainfo] = {}
         self._waiting: dict[int, Counter[str]] = {}  # agents waiting for each segment
         self._runs: dict[int, dict[str, list[int]]] = {}  # each segment's dealt runs
         self._received = 0  # body bytes from the origin so far
+        self._streaming = False  # the body has its origin turn (not queued behind others)
 
     @property
     def layout(self) -> BlobLayout | None:
@@ -92,7 +96,16 @@ class IngestJob:
 
     def has_segment(self, index: int) -> bool:
         """Whether the layout is known and has segment ``index`` (published or not)."""
-        return self._ready.is_set() and index < len(self._torrents)
+        return self._ready.is_set() and self._layout is not None and index < self._layout.count
+
+    def _torrent(self, index: int) -> asyncio.Future[bytes]:
+        fut = self._torrents.get(index)
+        if fut is None:
+            fut = self._torrents[index] = asyncio.get_running_loop().create_future()
+            if self._error is not None:
+                fut.set_exception(self._error)
+                fut.exception()
+        return fut
 
     def waiting_agents(self, index: int) -> int:
         return sum(self._waiting.get(index, Counter()).values())
@@ -100,7 +113,7 @@ class IngestJob:
     def _fail(self, error: IngestError) -> None:
         self._error = error
         self._ready.set()
-        for fut in self._torrents:
+        for fut in self._torrents.values():
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()  # mark retrieved: agents may never ask for it
@@ -117,7 +130,8 @@ class Ingest:
         self.seeded = seeded
         self.dealer = dealer
         self.metrics = metrics
-        self.origin_queue = LinkQueue(cfg.origin_streams, STUCK_STREAM_SECONDS)
+        self.origin_queue = LinkQueue(cfg.origin_streams, STUCK_STREAM_SECONDS,
+                                      cfg.origin_min_rate)  # fmt: skip
         self._jobs: dict[Digest, IngestJob] = {}
         metrics.describe("origin_bytes_total", "Blob bytes fetched from origin registries")
         metrics.describe("seed_jobs_total", "Blob seeding jobs by result")
@@ -130,6 +144,14 @@ class Ingest:
     def job(self, digest: Digest) -> IngestJob | None:
         return self._jobs.get(digest)
 
+    def jobs(self) -> int:
+        return len(self._jobs)
+
+    def progress(self, job: IngestJob) -> tuple[int, int | None]:
+        """(this blob's origin bytes, the seeder's origin bytes while the blob still waits
+        for its origin turn, else None): what a 202 tells the waiting agent."""
+        return job._received, None if job._streaming else self.origin_bytes
+
     def active(self) -> set[Digest]:
         """Blobs still being ingested (not to be evicted)."""
         return {d for d, job in self._jobs.items() if job.active}
@@ -137,12 +159,10 @@ class Ingest:
     def restore(self, stored: StoredTorrents) -> None:
         """A job for a blob stored (and seeded again) at start: every torrent published."""
         job = IngestJob(stored.digest, stored.layout)
-        loop = asyncio.get_running_loop()
         for index, (data, meta) in enumerate(zip(stored.torrents, stored.metas, strict=True)):
             job._metas[index] = meta
-            fut: asyncio.Future[bytes] = loop.create_future()
-            fut.set_result(data)
-            job._torrents.append(fut)
+            job._torrent(index).set_result(data)
+        job._received, job._streaming = stored.layout.size, True
         job._ready.set()
         self._jobs[stored.digest] = job
 
@@ -175,9 +195,11 @@ class Ingest:
         waiting = job._waiting.setdefault(index, Counter())
         waiting[agent] += 1
         try:
-            data = await asyncio.wait_for(asyncio.shield(job._torrents[index]), wait)
+            data = await asyncio.wait_for(asyncio.shield(job._torrent(index)), wait)
         finally:
             waiting[agent] -= 1
+            if not waiting[agent]:
+                del waiting[agent]
         if index not in job._runs:  # nobody was waiting when it was published
             job._runs[index] = self.dealer.assign(job._metas[index].num_pieces, [agent])
         return data, job._runs[index].get(agent, [])
@@ -209,6 +231,9 @@ class Ingest:
             self.seeded.stop(job.digest)
             if job.layout is not None:
                 self.store.abandon(job.layout)
+            # Forget it: its requesters have their error, and the next request starts over.
+            if self._jobs.get(job.digest) is job:
+                del self._jobs[job.digest]
 
     async def _ingest(self, job: IngestJob, upstream: Upstream, name: str,
                       headers: Mapping[str, str]) -> None:  # fmt: skip
@@ -218,26 +243,30 @@ class Ingest:
         )
         if status != 200:
             raise _refused(status)
-        size = _content_length(head)
+        size = content_length(head)
         if size is None:
             raise IngestError(IngestError.ORIGIN_INCOMPLETE, "origin sent no Content-Length")
+        try:
+            check_size("blob", size, self.cfg.max_blob_size, "max_blob_size")
+        except TooLarge as e:
+            raise IngestError(IngestError.TOO_LARGE, str(e)) from None
         segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
         layout = self.store.begin(job.digest, size, segment)
         job._layout = layout
-        loop = asyncio.get_running_loop()
-        job._torrents = [loop.create_future() for _ in range(layout.count)]
         job._ready.set()  # agents learn the layout now, while the blob may still be queued
         # A blob of one piece (an image config, a tiny layer) costs the origin link next to
         # nothing: it does not wait behind the large bodies (runtimes need the config early).
         if size <= self.cfg.piece_size:
+            job._streaming = True
             await self._stream(job, layout, upstream, name, send, lambda: None, None)
         else:
             send_queue = self.dealer.send_queue
 
             def moved() -> int:  # paused for the dealt runs (_stream): not stuck while they go
-                return job._received + send_queue.granted
+                return job._received + send_queue.granted_bytes
 
             async with self.origin_queue.slot(moved, f"blob {job.digest}") as let_next_start:
+                job._streaming = True
                 backlog = BACKLOG_SEGMENTS * layout.segment_size
                 await self._stream(job, layout, upstream, name, send, let_next_start, backlog)
         await self._publish(job, layout.count - 1)  # the digest matched: peers may finish
@@ -316,16 +345,9 @@ class Ingest:
         waiting = [agent for agent, n in job._waiting.get(index, Counter()).items() if n > 0]
         if waiting:
             job._runs[index] = self.dealer.assign(meta.num_pieces, waiting)
-        job._torrents[index].set_result(data)
+        job._torrent(index).set_result(data)
 
 
 def _refused(status: int) -> IngestError:
     return IngestError(IngestError.ORIGIN_REFUSED, f"origin answered {status}", status)
 
-
-def _content_length(headers: Mapping[str, str]) -> int | None:
-    try:
-        size = int(headers.get("Content-Length", ""))
-    except ValueError:
-        return None
-    return size if size >= 0 else None

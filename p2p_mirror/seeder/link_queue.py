@@ -4,7 +4,8 @@ The seeder downloads blob bodies from the origin this way: with every layer at o
 first segment of any layer is complete only after (segment size x layers) bytes and the
 seeder's uplink idles until then; one at a time, it is ready after one segment. A transfer
 that stops moving lets the next one start early (and goes on by itself), so one stuck origin
-stream cannot hold every queued blob for the whole origin timeout. A transfer about to end
+stream, nor one that trickles below a minimum rate, can hold every queued blob for the whole
+origin timeout. A transfer about to end
 may let the next one start too, so the next request and its TCP ramp-up overlap its last
 bytes instead of leaving the link idle between the two.
 
@@ -24,19 +25,23 @@ log = logging.getLogger(__name__)
 
 
 class LinkQueue:
-    def __init__(self, at_once: int, patience: float) -> None:
+    def __init__(self, at_once: int, patience: float, min_rate: float = 0) -> None:
         self._slots = asyncio.Semaphore(at_once)  # FIFO: waiters are woken in order
         self.patience = patience
+        self.min_rate = min_rate  # bytes/s a slot's progress must keep up (0: any change)
         self.queued = 0  # sizes of the transfers waiting for a slot, added up
         self.granted = 0  # slots given so far: it moves as long as the queue moves
+        self.granted_bytes = 0  # sizes of the transfers given a slot so far, added up
         self._dequeued = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def slot(
         self, progress: Callable[[], int], what: str, size: int = 0
     ) -> AsyncIterator[Callable[[], None]]:
-        """Hold a slot while the body runs; ``progress`` (e.g. bytes so far) must keep
-        changing, or after ``patience`` seconds the next waiter may start. The body gets a
+        """Hold a slot while the body runs; ``progress`` (bytes so far) must grow by at least
+        ``min_rate`` a second (or at all, without one), measured over ``patience`` seconds,
+        or the next waiter may start: a trickling transfer holds the link as surely as a
+        stuck one. The body gets a
         function that lets the next waiter start now (idempotent). ``size`` counts in
         ``queued`` while this one waits."""
         self.queued += size
@@ -47,6 +52,7 @@ class LinkQueue:
             self._dequeued.set()
             self._dequeued = asyncio.Event()
         self.granted += 1
+        self.granted_bytes += size
         held = True
 
         def let_next_start() -> None:
@@ -55,14 +61,16 @@ class LinkQueue:
                 held = False
                 self._slots.release()
 
+        least = max(1, int(self.min_rate * self.patience))
+
         async def watch() -> None:
             last = progress()
             while True:
                 await asyncio.sleep(self.patience)
                 now = progress()
-                if now == last:
-                    log.warning("%s made no progress for %gs: letting the next one start",
-                                what, self.patience)  # fmt: skip
+                if now - last < least:
+                    log.warning("%s moved %d bytes in %gs (less than %d): letting the next "
+                                "one start", what, now - last, self.patience, least)  # fmt: skip
                     let_next_start()
                     return
                 last = now

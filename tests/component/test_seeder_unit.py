@@ -31,6 +31,7 @@ SEEDER_PIECE = 128 * 1024  # the seeder's default
 
 REG = "reg.test"
 BLOB = 1_600_000
+BT = {"bt_port": "1"}  # the agent's BitTorrent port, required on torrent requests
 
 
 class HeldOrigin:
@@ -114,7 +115,7 @@ async def test_blobs_come_from_the_origin_one_at_a_time(
 ) -> None:
     """Two blobs asked for at once: both layouts are known at once (HEAD), but the second
     body is fetched only after the first, and a request for its segment meanwhile gets
-    202 with the seeder's origin progress instead of hanging."""
+    202 with its own and the queue's origin progress instead of hanging."""
     origin, origin_server = held
     first, second = origin.blobs
     async with seeder_of(tmp_path, origin_server) as (seeder, client):
@@ -124,17 +125,19 @@ async def test_blobs_come_from_the_origin_one_at_a_time(
         await _until(lambda: seeder.origin_bytes >= BLOB // 2)
         assert origin.gets == [first]
 
-        resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={"wait": "0.2"})
+        resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={**BT, "wait": "0.2"})
         assert resp.status == 202
-        assert (await resp.json())["origin_bytes"] >= BLOB // 2
+        # none of its own bytes yet, but the blob ahead of it moves: the agent keeps waiting
+        body = await resp.json()
+        assert body["blob_bytes"] == 0 and body["queue_bytes"] >= BLOB // 2
 
         origin.release[first].set()
-        resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={"wait": "10"})
+        resp = await client.get(f"/v1/blobs/{second}/torrents/0", params={**BT, "wait": "10"})
         assert resp.status == 200  # its first half arrived: segment 0 is published
         assert origin.gets == [first, second]
         origin.release[second].set()
         last = (await ask(client, second))["segments"] - 1
-        assert (await client.get(f"/v1/blobs/{second}/torrents/{last}")).status == 200
+        assert (await client.get(f"/v1/blobs/{second}/torrents/{last}", params=BT)).status == 200
         assert seeder.origin_bytes == 2 * BLOB
 
 
@@ -152,9 +155,9 @@ async def test_a_stuck_origin_stream_lets_the_next_blob_start(
         await _until(lambda: origin.gets == [first, second], timeout=3)  # not the 5 s default
         origin.release[second].set()
         last = (await ask(client, second))["segments"] - 1
-        assert (await client.get(f"/v1/blobs/{second}/torrents/{last}")).status == 200
+        assert (await client.get(f"/v1/blobs/{second}/torrents/{last}", params=BT)).status == 200
         origin.release[first].set()
-        assert (await client.get(f"/v1/blobs/{first}/torrents/{last}")).status == 200
+        assert (await client.get(f"/v1/blobs/{first}/torrents/{last}", params=BT)).status == 200
 
 
 async def test_the_next_blob_starts_as_the_current_one_nearly_ends(tmp_path: Path) -> None:
@@ -188,7 +191,7 @@ async def test_a_one_piece_blob_does_not_wait_in_the_queue(tmp_path: Path) -> No
             await ask(client, large)
             await _until(lambda: origin.gets == [large])
             assert (await ask(client, config))["segments"] == 1
-            resp = await client.get(f"/v1/blobs/{config}/torrents/0", params={"wait": "5"})
+            resp = await client.get(f"/v1/blobs/{config}/torrents/0", params={**BT, "wait": "5"})
             assert resp.status == 200
             assert origin.gets == [large, config]
             assert not origin.release[large].is_set()  # the large body is still held
@@ -265,9 +268,13 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
         whole = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0",
                                  params={"count": str(pieces)})  # fmt: skip
         assert await whole.read() == blob[last * segment :]
-        for bad in ({"count": str(pieces + 1)}, {"count": "0"}, {"count": "x"}):
+        beyond = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0",
+                                  params={"count": str(pieces + 1)})  # fmt: skip
+        assert beyond.status == 404
+        for bad in ({"count": "0"}, {"count": "x"}, {"count": "9" * 6000}):
             resp = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/0", params=bad)
-            assert resp.status == 404, bad
+            assert resp.status == 400, bad
+            assert (await resp.json())["errors"][0]["code"] == "PARAMETER_INVALID"
         missing = await client.get(f"/v1/blobs/{digest}/segments/{last}/pieces/{pieces}")
         assert missing.status == 404
         assert (await missing.json())["errors"][0]["code"] == "BLOB_UNKNOWN"

@@ -45,27 +45,52 @@ def test_query_parameters_round_trip() -> None:
         "registry": "reg.test", "repo": "library/demo"}  # fmt: skip
     query = protocol.torrent_query(6881, 10.0)
     assert query == {"bt_port": "6881", "wait": "10", "pieces": "inline"}
-    assert protocol.wants_inline(query) and protocol.parse_wait(query["wait"]) == 10.0
-    assert protocol.agent_key("10.0.0.5", query) == "10.0.0.5:6881"
+    assert protocol.TorrentQuery.parse(query) == protocol.TorrentQuery(6881, 10.0, True)
+    assert protocol.agent_key("10.0.0.5", 6881) == "10.0.0.5:6881"
     plain = protocol.torrent_query(6881, 2.5, inline=False)
-    assert not protocol.wants_inline(plain) and protocol.parse_wait(plain["wait"]) == 2.5
+    assert protocol.TorrentQuery.parse(plain) == protocol.TorrentQuery(6881, 2.5, False)
     assert protocol.parse_piece_count(protocol.pieces_query(7)["count"]) == 7
+    assert protocol.parse_registry("reg.test:5000") == "reg.test:5000"
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"),
-    [(None, 30.0), ("0.5", 0.5), ("-3", 0.0), ("1e9", 300.0), ("nan", 30.0), ("inf", 30.0),
-     ("x", 30.0)],
-)  # fmt: skip
-def test_a_wait_is_clamped_and_a_malformed_one_means_the_default(
-    text: str | None, seconds: float
-) -> None:
+    ("text", "seconds"), [(None, 30.0), ("0.5", 0.5), ("0", 0.0), ("300", 300)]
+)
+def test_a_wait_within_bounds(text: str | None, seconds: float) -> None:
     assert protocol.parse_wait(text) == seconds
 
 
-@pytest.mark.parametrize(("text", "count"), [(None, 1), ("4", 4), ("0", None), ("x", None)])
-def test_a_piece_count_is_positive(text: str | None, count: int | None) -> None:
+@pytest.mark.parametrize("text", ["-3", "1e9", "nan", "inf", "x", "", "1" * 40])
+def test_a_wait_out_of_bounds_or_malformed_is_refused(text: str) -> None:
+    with pytest.raises(ProtocolError, match="wait"):
+        protocol.parse_wait(text)
+
+
+@pytest.mark.parametrize(("text", "count"), [(None, 1), ("4", 4)])
+def test_a_piece_count_is_positive(text: str | None, count: int) -> None:
     assert protocol.parse_piece_count(text) == count
+
+
+@pytest.mark.parametrize("text", ["0", "x", "-1", "+1", "1.0", "\u0661", "9" * 6000, "2097152"])
+def test_a_malformed_or_huge_piece_count_is_refused(text: str) -> None:
+    with pytest.raises(ProtocolError, match="count"):
+        protocol.parse_piece_count(text)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{}, {"bt_port": "0"}, {"bt_port": "65536"}, {"bt_port": "1" * 6000},
+     {"bt_port": "1", "pieces": "all"}, {"bt_port": "1", "wait": "-1"}],
+)  # fmt: skip
+def test_a_malformed_torrent_query_is_refused(query: dict[str, str]) -> None:
+    with pytest.raises(ProtocolError):
+        protocol.TorrentQuery.parse(query)
+
+
+@pytest.mark.parametrize("text", [None, "", "a..b", "x" * 300, "reg.test:99999", "a/b"])
+def test_a_malformed_registry_is_refused(text: str | None) -> None:
+    with pytest.raises(ProtocolError, match="registry"):
+        protocol.parse_registry(text)
 
 
 def test_blob_info_round_trips_through_json() -> None:
@@ -118,8 +143,10 @@ def test_a_malformed_torrent_length_is_refused(length: str) -> None:
 
 
 def test_the_not_yet_body_round_trips_and_a_malformed_one_is_refused() -> None:
-    assert protocol.parse_not_yet(json.loads(json.dumps(protocol.not_yet_body(1234)))) == 1234
-    assert protocol.parse_not_yet({}) is None
+    body = json.loads(json.dumps(protocol.not_yet_body(1234, None)))
+    assert protocol.parse_not_yet(body) == (1234, None)
+    assert protocol.parse_not_yet(protocol.not_yet_body(0, 99)) == (0, 99)
+    assert protocol.parse_not_yet({}) == (None, None)
     with pytest.raises(ProtocolError):
         protocol.parse_not_yet([1234])
 
