@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
+from p2p_mirror.core.bounds import MAX_MANIFEST_BYTES, TooLarge, check_size, content_length
 from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
@@ -30,7 +31,13 @@ from p2p_mirror.core.oci import (
     validate_name,
     validate_reference,
 )
-from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, forward_headers
+from p2p_mirror.core.origin import (
+    Origin,
+    OriginBodyTooLarge,
+    OriginUnavailable,
+    error_for_status,
+    forward_headers,
+)
 from p2p_mirror.core.seeding import SeededBlobs
 from p2p_mirror.core.service import background, every, healthz, serve, wait_for_signal
 from p2p_mirror.core.store import BlobLayout, BlobStore
@@ -182,6 +189,11 @@ class Agent:
                 resp = await self.blob(request, target)
         except OCIError as e:
             resp = e.response(API_HEADERS)
+        except OriginBodyTooLarge as e:
+            resp = OCIError("SIZE_INVALID", f"manifest too large: {e} (containerd's limit "
+                            f"is {MAX_MANIFEST_BYTES})").response(API_HEADERS)  # fmt: skip
+        except TooLarge as e:
+            resp = OCIError("SIZE_INVALID", str(e)).response(API_HEADERS)
         except OriginUnavailable as e:
             log.warning("origin unavailable: %s", e)
             resp = OCIError("UNAVAILABLE", "origin registry unavailable").response(API_HEADERS)
@@ -201,7 +213,8 @@ class Agent:
         status, resp_headers, body = await self._coalesced(
             key,
             lambda: self.origin.request(
-                request.method, target.upstream, target.name, "manifests", target.ref, headers
+                request.method, target.upstream, target.name, "manifests", target.ref, headers,
+                limit=MAX_MANIFEST_BYTES,
             ),
         )
         if status == 200 and request.method == "GET" and ":" in target.ref:
@@ -211,14 +224,15 @@ class Agent:
         out = CIMultiDict(resp_headers)
         out.update(API_HEADERS)
         if request.method == "HEAD":
-            length = out.pop("Content-Length", None)
+            length = content_length(out)
+            out.popall("Content-Length", None)
             head = web.StreamResponse(status=status, headers=out)
             if length is not None:
-                head.content_length = int(length)
+                head.content_length = length
             await head.prepare(request)
             await head.write_eof()
             return head
-        out.pop("Content-Length", None)
+        out.popall("Content-Length", None)
         return web.Response(status=status, headers=out, body=body)
 
     async def _coalesced(self, key: tuple, call: Callable[[], Awaitable]) -> tuple:
@@ -247,7 +261,8 @@ class Agent:
             lambda: self.origin.request("HEAD", target.upstream, target.name, "blobs",
                                         target.ref, headers),
         )
-        size = int(resp_headers.get("Content-Length", "-1") or -1)
+        length = content_length(resp_headers)
+        size = -1 if length is None else length
         access = Access(status, resp_headers, body, size, now + self.cfg.auth_cache_ttl)
         if status == 200 and size >= 0:
             if len(self.access) > 10000:
@@ -264,6 +279,7 @@ class Agent:
             return error_for_status(access.status, "blobs").response({**API_HEADERS, **extra})
         if access.size < 0:
             raise OCIError("UNAVAILABLE", "origin did not report the blob size")
+        check_size("blob", access.size, self.cfg.max_blob_size, "max_blob_size")
         headers = {
             **API_HEADERS,
             "Docker-Content-Digest": str(digest),

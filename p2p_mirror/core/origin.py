@@ -40,6 +40,10 @@ class OriginUnavailable(RuntimeError):
     """The origin did not answer (connection refused, timeout, 5xx after retries)."""
 
 
+class OriginBodyTooLarge(ValueError):
+    """An origin response body above the caller's limit (read no further than that)."""
+
+
 class _Retryable(Exception):
     pass
 
@@ -95,8 +99,10 @@ class Origin:
         kind: str,
         ref: str,
         headers: CIMultiDict,
+        limit: int | None = None,
     ) -> tuple[int, CIMultiDict, bytes]:
-        """A small request (manifest, HEAD), retried on connection errors and 5xx."""
+        """A small request (manifest, HEAD), retried on connection errors and 5xx; a body
+        above ``limit`` bytes raises ``OriginBodyTooLarge``."""
         url = self.url(upstream, name, kind, ref)
         headers = CIMultiDict(headers)
         headers["User-Agent"] = self.user_agent
@@ -106,7 +112,7 @@ class Origin:
                     async with self.session.request(
                         method, url, headers=headers, ssl=self._ssl(upstream)
                     ) as resp:
-                        body = await resp.read()
+                        body = await _read_limited(resp, limit)
                         if resp.status >= 500:
                             raise _Retryable(f"{resp.status} from {url}")
                         return resp.status, _keep(resp.headers), body
@@ -147,6 +153,19 @@ class Origin:
             retry=retry_if_exception_type(RETRYABLE),
             reraise=True,
         )
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int | None) -> bytes:
+    if limit is None:
+        return await resp.read()
+    if resp.content_length is not None and resp.content_length > limit:
+        raise OriginBodyTooLarge(f"body of {resp.content_length} bytes, more than {limit}")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise OriginBodyTooLarge(f"body of more than {limit} bytes")
+    return bytes(body)
 
 
 def _keep(headers: Mapping[str, str]) -> CIMultiDict:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from p2p_mirror.core.diskspace import DiskLedger, NoSpace, Reservation
 from p2p_mirror.core.oci import Digest, OCIError
 
 MARKER = "verified"
@@ -144,6 +145,7 @@ class BlobStore:
         self.root = root.absolute()
         self.blobs = self.root / "blobs"
         self.blobs.mkdir(parents=True, exist_ok=True)
+        self.ledger = DiskLedger()
 
     def blob_dir(self, digest: Digest) -> Path:
         # Digest.parse allowed only [a-z0-9] algorithms and hex values: no path tricks.
@@ -232,14 +234,45 @@ class BlobStore:
     def usage(self) -> int:
         return sum(e.size for e in self.entries())
 
+    def _short(self, total: int, need: int, max_bytes: int, min_free: float) -> bool:
+        """Whether ``need`` more bytes, on top of the cache's ``total`` and every download
+        in flight, would break the size cap or the free-disk floor."""
+        if max_bytes and total + self.ledger.reserved + need > max_bytes:
+            return True
+        if not min_free:
+            return False
+        disk = psutil.disk_usage(str(self.root))
+        return disk.free - self.ledger.outstanding - need < min_free * disk.total
+
+    def reserve(
+        self,
+        size: int,
+        max_bytes: int,
+        min_free: float,
+        protected: Iterable[Digest] = (),
+        before_evict: Callable[[Digest], None] = lambda digest: None,
+    ) -> Reservation:
+        """Hold ``size`` bytes for a download, evicting LRU entries if that makes room;
+        ``NoSpace`` if it cannot. Release it when the download is committed or dropped."""
+        total = self.usage()
+        if self._short(total, size, max_bytes, min_free):
+            self.gc(max_bytes, min_free, protected, before_evict, need=size)
+            if self._short(self.usage(), size, max_bytes, min_free):
+                raise NoSpace(f"no room for {size} bytes in {self.root} (cache_max_bytes "
+                              f"{max_bytes}, min_free_disk {min_free:g}, "
+                              f"{self.ledger.reserved} bytes in flight)")  # fmt: skip
+        return self.ledger.add(size)
+
     def gc(
         self,
         max_bytes: int,
         min_free: float,
         protected: Iterable[Digest] = (),
         before_evict: Callable[[Digest], None] = lambda digest: None,
+        need: int = 0,
     ) -> list[Digest]:
-        """Evict least recently used blobs while over ``max_bytes`` or under ``min_free`` disk.
+        """Evict least recently used blobs while over ``max_bytes`` or under ``min_free`` disk,
+        counting the downloads in flight and ``need`` more bytes.
 
         ``before_evict`` runs first for each victim (stop seeding it before its files go).
         """
@@ -248,10 +281,7 @@ class BlobStore:
         total = sum(e.size for e in entries)
         evicted: list[Digest] = []
         for entry in entries:
-            over = max_bytes and total > max_bytes
-            disk = psutil.disk_usage(str(self.root))
-            low = min_free and disk.free < min_free * disk.total
-            if not (over or low):
+            if not self._short(total, need, max_bytes, min_free):
                 break
             if entry.digest in keep:
                 continue

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from p2p_mirror.core import store as store_mod
+from p2p_mirror.core.diskspace import NoSpace
 from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.store import MARKER, BlobLayout, BlobStore, segment_name
 
@@ -293,6 +294,42 @@ class TestBlobStoreContract:
         # Everything protected: over the cap, but nothing goes.
         assert store.gc(max_bytes=1, min_free=0, protected=[a, b]) == []
         assert store.usage() == 20
+
+    def test_reservations_count_against_the_cap(self, store: BlobStore, roomy_disk: None) -> None:
+        """Bytes in flight count: two 30-byte downloads next to a 30-byte entry under a
+        70-byte cap need the entry evicted; a third finds no room while both are held."""
+        a = put(store, payload(30, 1), mtime=1000)
+        first = store.reserve(30, max_bytes=70, min_free=0)
+        assert store.layout(a) is not None and store.ledger.reserved == 30
+        second = store.reserve(30, max_bytes=70, min_free=0)
+        assert store.layout(a) is None  # evicted to make room
+        with pytest.raises(NoSpace, match="in flight"):
+            store.reserve(30, max_bytes=70, min_free=0)
+        store.ledger.release(first)
+        store.ledger.release(second)
+        assert store.reserve(70, max_bytes=70, min_free=0).size == 70
+
+    def test_a_reservation_never_evicts_protected_blobs(
+        self, store: BlobStore, roomy_disk: None
+    ) -> None:
+        a = put(store, payload(30, 1), mtime=1000)
+        with pytest.raises(NoSpace):
+            store.reserve(50, max_bytes=70, min_free=0, protected={a})
+        assert store.layout(a) is not None and len(store.ledger) == 0
+
+    def test_reservations_count_against_free_disk(
+        self, store: BlobStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Only the bytes not yet written are subtracted from the free space (written ones
+        show in it already)."""
+        disk = DiskUsage(total=1000, used=850, free=150, percent=85.0)
+        monkeypatch.setattr(store_mod.psutil, "disk_usage", lambda path: disk)
+        held = store.reserve(80, max_bytes=0, min_free=0.05)  # 150 - 80 >= 50
+        with pytest.raises(NoSpace):
+            store.reserve(30, max_bytes=0, min_free=0.05)  # 150 - 80 - 30 < 50
+        held.written = 60  # those 60 bytes are in `used` now
+        disk = DiskUsage(total=1000, used=910, free=90, percent=91.0)
+        assert store.reserve(20, max_bytes=0, min_free=0.05).size == 20  # 90 - 20 - 20 >= 50
 
     def test_gc_calls_before_evict_before_deleting(
         self, store: BlobStore, roomy_disk: None
