@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from p2p_mirror.core.config import Upstream
+from p2p_mirror.core.diskspace import Reservation
 from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.store import BlobLayout
 from p2p_mirror.core.swarm import Metainfo, Transfer
@@ -33,10 +34,16 @@ class BlobDownload:
     metas: list[Metainfo] = field(default_factory=list)
     transfers: list[Transfer] = field(default_factory=list)
     watchers: list[asyncio.Task[None]] = field(default_factory=list)
+    reservation: Reservation | None = None  # disk space held for it (``BlobStore.reserve``)
+    readers: int = 0  # client responses reading it now
+    task: asyncio.Task[None] | None = None
+    orphan_timer: asyncio.Task[None] | None = None  # cancels it if no reader comes back
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def advance(self, n: int) -> None:
         self.available += n
+        if self.reservation is not None:
+            self.reservation.written = self.available
         self._changed.set()
         self._changed = asyncio.Event()
 

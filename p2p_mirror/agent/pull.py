@@ -22,7 +22,9 @@ import aiohttp
 
 from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.seeder_client import Fallback, SeederClient, SegmentOffer, runs_of
+from p2p_mirror.core.bounds import JOIN_AHEAD_SEGMENTS, transfer_deadline
 from p2p_mirror.core.config import MiB, Upstream
+from p2p_mirror.core.diskspace import Reservation
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, forward_headers
@@ -33,6 +35,8 @@ from p2p_mirror.core.swarm import Metainfo, TorrentSession, Transfer
 log = logging.getLogger(__name__)
 READ_CHUNK = 4 * MiB
 DEFAULT_SEGMENT = 64 * MiB
+# a client that reconnects (containerd retries with Range) finds its download still going
+ORPHAN_GRACE = 5.0
 
 
 @dataclass
@@ -50,6 +54,9 @@ class BlobPuller:
     on_cached: Callable[[Digest], None] = lambda digest: None
     seeded: SeededBlobs | None = None  # made from ``session`` if not given
     active: dict[Digest, BlobDownload] = field(default_factory=dict)
+    swarm_min_rate: int = 0  # bytes/s each segment must keep up from the start (0: none)
+    # holds disk space for a new download (``BlobStore.reserve``); raises ``NoSpace``
+    reserve: Callable[[int], Reservation] | None = None
 
     def __post_init__(self) -> None:
         if self.seeded is None and self.session is not None:
@@ -62,11 +69,36 @@ class BlobPuller:
         download = self.active.get(digest)
         if download is not None and download.error is None and not download.done:
             return download
+        reservation = self.reserve(size) if self.reserve is not None else None  # or NoSpace
         download = BlobDownload(digest, size, upstream, name, dict(headers))
+        download.reservation = reservation
         self.active[digest] = download
-        task = asyncio.create_task(self._pull(download))
-        task.add_done_callback(lambda t: self.active.pop(digest, None))
+        download.task = task = asyncio.create_task(self._pull(download))
+
+        def ended(_task: asyncio.Task[None]) -> None:
+            if self.active.get(digest) is download:
+                del self.active[digest]
+            if reservation is not None:
+                self.store.ledger.release(reservation)
+
+        task.add_done_callback(ended)
         return download
+
+    def reader_left(self, download: BlobDownload) -> None:
+        """A client response stopped reading: with nobody else reading, the download has no
+        purpose left (it would only fill the disk), so it is cancelled after a short grace
+        in which a retrying client may come back."""
+        if download.readers or download.done or download.error is not None:
+            return
+
+        async def cancel_if_still_orphaned() -> None:
+            await asyncio.sleep(ORPHAN_GRACE)
+            if not download.readers and download.task is not None and not download.task.done():
+                log.info("blob %s: no reader left; cancelling its download", download.digest)
+                self.metrics.inc("orphaned_downloads_total")
+                download.task.cancel()
+
+        download.orphan_timer = asyncio.create_task(cancel_if_still_orphaned())
 
     async def _pull(self, download: BlobDownload) -> None:
         hasher = download.digest.hasher()
@@ -91,18 +123,27 @@ class BlobPuller:
             download.finish()
             self.on_cached(download.digest)
             log.info("cached %s (%d bytes)", download.digest, download.size)
+        except asyncio.CancelledError:
+            self._drop(download, OCIError("UNAVAILABLE", "download cancelled"))
+            raise
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting readers
             error = e if isinstance(e, OCIError) else OCIError("UNAVAILABLE", str(e) or repr(e))
             if isinstance(e, OriginUnavailable):
                 error = OCIError("UNAVAILABLE", f"origin unavailable: {e}")
             log.warning("blob %s failed: %s", download.digest, error)
             self.metrics.inc("blob_failures_total", code=error.code)
-            if self.session is not None:
-                for transfer in download.transfers:
-                    self.session.remove(transfer)
-            if download.layout is not None:
-                self.store.abandon(download.layout)
-            download.finish(error)
+            self._drop(download, error)
+
+    def _drop(self, download: BlobDownload, error: OCIError) -> None:
+        """A failed or cancelled download: out of the swarm, off the disk, readers told."""
+        for task in download.watchers:
+            task.cancel()
+        if self.session is not None:
+            for transfer in download.transfers:
+                self.session.remove(transfer)
+        if download.layout is not None:
+            self.store.abandon(download.layout)
+        download.finish(error)
 
     async def _from_swarm(self, download: BlobDownload, hasher) -> None:
         assert self.session is not None and self.seeders is not None
@@ -115,25 +156,40 @@ class BlobPuller:
             )
         except TimeoutError:
             raise Fallback("seeder", "timed out") from None
-        if info.size != download.size or info.segment_size <= 0:
+        if (info.size != download.size or info.segment_size <= 0
+                or info.segments != max(1, -(-info.size // info.segment_size))):  # fmt: skip
             raise Fallback("seeder", f"seeder disagrees on size: {info}")
         log.debug("blob %s: seeder %s has it: %s", download.digest, url, info)
         layout = self.store.begin(download.digest, download.size, info.segment_size)
         download.layout = layout
         peers = [(await _resolve(urlsplit(url).hostname or ""), info.bt_port)]
-        # Ask for every segment's torrent at once and join each swarm as soon as it is
-        # published, ahead of the reader: joining late delays every segment.
-        getters = [
-            asyncio.create_task(self._join(download, url, i, peers)) for i in range(layout.count)
-        ]
+        # Ask for the segments' torrents ahead of the reader and join each swarm as soon as
+        # it is published (joining late delays every segment), but only so many ahead: a
+        # task per segment of a huge blob would be a task per 16 MiB.
+        getters: dict[int, asyncio.Task[Transfer]] = {}
+        joined = 0
+        started = asyncio.get_running_loop().time()
         try:
-            for index, getter in enumerate(getters):
-                transfer = await getter  # fails once the seeder stops making progress
-                await self._consume(download, hasher, index, transfer)
+            for index in range(layout.count):
+                while joined < min(layout.count, index + JOIN_AHEAD_SEGMENTS):
+                    getters[joined] = asyncio.create_task(
+                        self._join(download, url, joined, peers))  # fmt: skip
+                    joined += 1
+                # Each segment is due by an absolute deadline, however patient the waits
+                # inside are: past it the rest of the blob comes from the origin.
+                end = min(download.size, (index + 1) * layout.segment_size)
+                deadline = transfer_deadline(started, self.swarm_timeout, end,
+                                             self.swarm_min_rate)  # fmt: skip
+                try:
+                    transfer = await asyncio.wait_for(  # fails once the seeder stalls
+                        getters.pop(index), _left(deadline))
+                except TimeoutError:
+                    raise _late(index, deadline - started) from None
+                await self._consume(download, hasher, index, transfer, deadline, started)
                 log.debug("blob %s: segment %d streamed; peers: %s", download.digest, index,
                          transfer.peer_summary())
         finally:
-            for task in (*getters, *download.watchers):
+            for task in (*getters.values(), *download.watchers):
                 task.cancel()
 
     async def _join(self, download: BlobDownload, url: str, index: int, peers) -> Transfer:
@@ -225,7 +281,8 @@ class BlobPuller:
             received = now
 
     async def _consume(
-        self, download: BlobDownload, hasher, index: int, transfer: Transfer
+        self, download: BlobDownload, hasher, index: int, transfer: Transfer,
+        deadline: float = float("inf"), started: float = 0.0,
     ) -> None:
         """Advance through segment ``index`` as the swarm completes its pieces in order,
         taking every finished piece that follows at once (up to ``READ_CHUNK`` bytes): one
@@ -236,7 +293,14 @@ class BlobPuller:
         meta = transfer.meta
         piece = 0
         while piece < meta.num_pieces:
-            if not await transfer.wait_piece(piece, self.stall_timeout):
+            # only the wait is cut at the deadline, never the hashing: hasher and
+            # ``available`` stay in step for the origin to continue from
+            try:
+                async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
+                    moving = await transfer.wait_piece(piece, self.stall_timeout)
+            except TimeoutError:
+                raise _late(index, deadline - started) from None
+            if not moving:
                 raise Fallback("stall", f"no progress for {self.stall_timeout:.0f}s")
             start, stop = meta.piece_range(piece)[0], piece + 1
             while (stop < meta.num_pieces and stop in transfer.done
@@ -300,6 +364,17 @@ class BlobPuller:
                 self.session.remove(transfer)
             return
         self.seeded.seed(download.digest, download.layout, download.metas)
+
+
+def _left(deadline: float) -> float | None:
+    """Seconds until ``deadline`` (None: there is none)."""
+    if deadline == float("inf"):
+        return None
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+def _late(index: int, after: float) -> Fallback:
+    return Fallback("deadline", f"segment {index} not in by its deadline ({after:.0f}s)")
 
 
 async def _resolve(host: str) -> str:

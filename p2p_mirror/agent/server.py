@@ -19,10 +19,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from p2p_mirror.agent.blob_download import BlobDownload
+from p2p_mirror.agent.passthrough import StreamAborted, stream_uncached
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
 from p2p_mirror.core.bounds import MAX_MANIFEST_BYTES, TooLarge, check_size, content_length
 from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
+from p2p_mirror.core.diskspace import NoSpace, Reservation
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
     Digest,
@@ -47,10 +49,6 @@ log = logging.getLogger("p2p_mirror.agent")
 ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 STREAM_CHUNK = 4 * 1024 * 1024
-
-
-class StreamAborted(Exception):
-    """A blob failed after its response started; aiohttp drops the connection."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +95,8 @@ class Agent:
             cfg.seeder_grace,
             on_cached=lambda digest: self.gc(),
             seeded=self.seeded,
+            swarm_min_rate=cfg.swarm_min_rate,
+            reserve=self.reserve,
         )
         self.access: dict[tuple[str, ...], Access] = {}
         self.flights: dict[tuple, asyncio.Future] = {}
@@ -109,6 +109,8 @@ class Agent:
             ("seeder_pieces_total", "Pieces the seeder dealt to this agent, fetched over HTTP"),
             ("seeder_segments_total", "Segments taken from the seeder's swarm: stalled, or a "
              "dealt piece failed"),
+            ("uncached_blobs_total", "Blobs streamed from the origin without caching (no room)"),
+            ("orphaned_downloads_total", "Downloads cancelled because every reader had left"),
         ):
             self.metrics.describe(name, text)
 
@@ -135,6 +137,13 @@ class Agent:
         if self.seeders is not None:
             await self.seeders.close()
         await self.origin.close()
+
+    def reserve(self, size: int) -> Reservation:
+        """Disk space for a new download (``NoSpace`` when eviction cannot make room)."""
+        return self.store.reserve(
+            size, self.cfg.cache_max_bytes, self.cfg.min_free_disk, set(self.puller.active),
+            before_evict=self.seeded.stop if self.seeded is not None else lambda digest: None,
+        )
 
     def gc(self) -> None:
         protected = set(self.puller.active)
@@ -297,9 +306,22 @@ class Agent:
             await head.prepare(request)
             await head.write_eof()
             return head
-        download = self.puller.start(digest, access.size, target.upstream, target.name,
-                                     request.headers)  # fmt: skip
-        return await self.stream(request, download, byte_range, headers)
+        try:
+            download = self.puller.start(digest, access.size, target.upstream, target.name,
+                                         request.headers)  # fmt: skip
+        except NoSpace as e:
+            # No room in the cache: the pull goes on from the origin, only without P2P.
+            log.warning("blob %s: %s; streaming it from the origin uncached", digest, e)
+            self.metrics.inc("uncached_blobs_total")
+            return await stream_uncached(request, self.origin, target.upstream, target.name,
+                                         digest, access.size, byte_range, headers,
+                                         self.metrics)  # fmt: skip
+        download.readers += 1
+        try:
+            return await self.stream(request, download, byte_range, headers)
+        finally:
+            download.readers -= 1
+            self.puller.reader_left(download)
 
     async def serve_cached(
         self, request: web.Request, layout: BlobLayout, byte_range, headers: dict[str, str]

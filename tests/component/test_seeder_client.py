@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from p2p_mirror.agent.seeder_client import Fallback, SeederClient
+from p2p_mirror.core import protocol
 from p2p_mirror.core.oci import Digest
 from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER
 
@@ -33,7 +34,7 @@ class QueueingSeeder:
             return web.Response(body=b"torrent", headers={PIECES_HEADER: "0,2"})
         await asyncio.sleep(float(request.query["wait"]))
         return web.json_response(
-            {"origin_bytes": self.polls * 1000 if self.advancing else 1000}, status=202
+            protocol.not_yet_body(self.polls * 1000 if self.advancing else 1000, None), status=202
         )
 
 

@@ -315,7 +315,7 @@ def test_corrupt_seeder_data_is_never_served(
     # Wait until the last segment is published (the seeder verified the whole blob).
     info = json.loads(body)
     last = info["segments"] - 1
-    assert get(f"{stack.seeder_url}/v1/blobs/{layer.digest}/torrents/{last}")[0] == 200
+    assert get(f"{stack.seeder_url}/v1/blobs/{layer.digest}/torrents/{last}?bt_port=1")[0] == 200
     blob_dir = stack.workdir / "seeder" / "blobs" / "sha256" / layer.digest.split(":")[1]
     segments = [p for p in blob_dir.glob(f"*/{layer.digest[7:]}*") if p.suffix != ".torrent"]
     assert len(segments) == info["segments"] >= 2
