@@ -30,6 +30,7 @@ from p2p_mirror.core.oci import (
     Digest,
     OCIError,
     looks_like_registry,
+    oci_http_errors,
     validate_name,
     validate_reference,
 )
@@ -330,8 +331,8 @@ class Agent:
         if request.method == "GET":
             self.metrics.inc("blob_bytes_total", end - start, source="cache")
             self.metrics.inc("served_bytes_total", end - start)
-        if layout.count == 1:
-            # sendfile, with Range and HEAD handled by aiohttp
+        if layout.count == 1 and "Range" not in request.headers:
+            # sendfile (aiohttp would parse a Range again, by other rules than parse_range)
             return web.FileResponse(layout.segment_path(0), headers=headers)
         return await self._send(request, layout.size, byte_range, headers,
                                 lambda pos: None, layout.read)
@@ -378,7 +379,7 @@ class Agent:
         return resp
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[oci_http_errors])
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", self.metrics.handler)
         app.router.add_route("GET", "/v2/", self.v2_root)

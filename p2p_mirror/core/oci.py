@@ -106,3 +106,17 @@ def validate_reference(ref: str) -> str:
 def looks_like_registry(component: str) -> bool:
     """Docker's rule: a first path component naming a registry has a dot, a port or is localhost."""
     return "." in component or ":" in component or component == "localhost"
+
+
+@web.middleware
+async def oci_http_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, wrong method) as OCI errors too, so a client
+    never has to parse another error format."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status == 404:
+            return OCIError("NAME_UNKNOWN", "no such endpoint").response()
+        if e.status == 405:
+            return OCIError("UNSUPPORTED", "method not allowed").response()
+        raise

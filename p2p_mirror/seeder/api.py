@@ -12,7 +12,7 @@ from aiohttp import web
 
 from p2p_mirror.core import protocol
 from p2p_mirror.core.metrics import Metrics
-from p2p_mirror.core.oci import Digest, OCIError, validate_name
+from p2p_mirror.core.oci import Digest, OCIError, oci_http_errors, validate_name
 from p2p_mirror.core.origin import error_for_status
 from p2p_mirror.core.service import healthz
 from p2p_mirror.core.swarm import Metainfo, TorrentSession, read_range
@@ -155,10 +155,11 @@ class SeederAPI:
         return resp
 
     def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get(protocol.BLOB_INFO_ROUTE, self.handle_blob)
-        app.router.add_get(protocol.TORRENT_ROUTE, self.handle_torrent)
-        app.router.add_get(protocol.PIECES_ROUTE, self.handle_pieces)
+        app = web.Application(middlewares=[oci_http_errors])
+        # GET only: a HEAD would be dealt pieces, and get their bytes after its headers
+        app.router.add_get(protocol.BLOB_INFO_ROUTE, self.handle_blob, allow_head=False)
+        app.router.add_get(protocol.TORRENT_ROUTE, self.handle_torrent, allow_head=False)
+        app.router.add_get(protocol.PIECES_ROUTE, self.handle_pieces, allow_head=False)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", self.metrics.handler)
         return app
