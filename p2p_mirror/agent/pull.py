@@ -29,7 +29,7 @@ from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, forward_headers
 from p2p_mirror.core.seeding import SeededBlobs
-from p2p_mirror.core.store import BlobStore, segment_name
+from p2p_mirror.core.store import BlobLayout, BlobStore, segment_name
 from p2p_mirror.core.swarm import Metainfo, TorrentSession, Transfer
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ READ_CHUNK = 4 * MiB
 DEFAULT_SEGMENT = 64 * MiB
 # a client that reconnects (containerd retries with Range) finds its download still going
 ORPHAN_GRACE = 5.0
+ORIGIN_BODY_ATTEMPTS = 3  # an origin body cut or stalled is asked again from its offset
 
 
 @dataclass
@@ -326,6 +327,28 @@ class BlobPuller:
         layout = download.layout
         # A removed torrent may still flush blocks into its files: write to new inodes.
         await asyncio.to_thread(layout.detach_from, download.available)
+        for attempt in range(1, ORIGIN_BODY_ATTEMPTS + 1):
+            try:
+                await self._origin_body(download, hasher, layout)
+                break
+            except (aiohttp.ClientError, TimeoutError) as e:
+                # a cut or stalled body: ask again from where it stopped (Range)
+                if attempt == ORIGIN_BODY_ATTEMPTS:
+                    raise OCIError("UNAVAILABLE", f"origin body failed {attempt} times at "
+                                   f"{download.available}/{download.size}: {e!r}") from None
+                log.warning("blob %s: origin body failed at %d/%d (%r); resuming",
+                            download.digest, download.available, download.size, e)  # fmt: skip
+                self.metrics.inc("origin_resumes_total")
+        if download.available != download.size:
+            raise OCIError("UNAVAILABLE",
+                           f"origin sent {download.available} of {download.size} bytes")
+        if download.size == 0:
+            await asyncio.to_thread(layout.write, 0, b"")
+
+    async def _origin_body(self, download: BlobDownload, hasher, layout: BlobLayout) -> None:
+        """One origin GET from ``download.available`` on; a read that waits longer than
+        ``stall_timeout`` for its next byte raises TimeoutError (only the read is cut, never
+        the write and hash, so the next attempt continues in step)."""
         offset = download.available
         resp = await self.origin.open_blob(
             download.upstream, download.name, download.digest,
@@ -335,7 +358,11 @@ class BlobPuller:
             if resp.status not in (200, 206):
                 raise error_for_status(resp.status, "blobs")
             skip = offset if resp.status == 200 else 0
-            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+            while True:
+                async with asyncio.timeout(self.stall_timeout):
+                    chunk = await resp.content.read(READ_CHUNK)
+                if not chunk:
+                    break
                 if skip:
                     drop = min(skip, len(chunk))
                     chunk, skip = chunk[drop:], skip - drop
@@ -349,11 +376,6 @@ class BlobPuller:
                 download.advance(len(chunk))
         finally:
             resp.release()
-        if download.available != download.size:
-            raise OCIError("UNAVAILABLE",
-                           f"origin sent {download.available} of {download.size} bytes")
-        if download.size == 0:
-            await asyncio.to_thread(layout.write, 0, b"")
 
     def _seed(self, download: BlobDownload) -> None:
         """Keep sharing a cached blob whose torrents we know (re-added if we fell back)."""

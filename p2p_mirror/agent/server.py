@@ -112,6 +112,8 @@ class Agent:
              "dealt piece failed"),
             ("uncached_blobs_total", "Blobs streamed from the origin without caching (no room)"),
             ("orphaned_downloads_total", "Downloads cancelled because every reader had left"),
+            ("origin_resumes_total", "Origin bodies cut or stalled and asked again from their "
+             "offset"),
         ):
             self.metrics.describe(name, text)
 
