@@ -367,3 +367,19 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
                                                for i in range(count)]  # fmt: skip
         assert seeder.origin_bytes == len(blob)
         await holder
+
+
+async def test_a_failed_job_is_dropped(
+    tmp_path: Path, held: tuple[HeldOrigin, TestServer]
+) -> None:
+    """A blob the origin does not have fails its job, which is then forgotten (its memory
+    freed): many bad digests cannot pile up jobs, and the next request starts over."""
+    _, origin_server = held
+    async with seeder_of(tmp_path, origin_server) as (seeder, client):
+        for n in range(4):
+            digest = f"sha256:{n:064x}"
+            resp = await client.get(f"/v1/blobs/{digest}",
+                                    params={"registry": REG, "repo": "library/demo"})  # fmt: skip
+            assert resp.status >= 400
+            assert seeder.ingest.job(Digest.parse(digest)) is None
+        assert seeder.ingest.jobs() == 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from p2p_mirror.seeder.link_queue import LinkQueue
 
 
@@ -42,3 +44,34 @@ async def test_a_cancelled_waiter_leaves_the_backlog() -> None:
         waiter.cancel()
         await asyncio.wait_for(queue.backlog_below(0), timeout=1)
     assert queue.queued == 0
+
+
+@pytest.mark.parametrize(("rate", "next_starts"), [(100, True), (5000, False)])
+async def test_a_trickling_transfer_lets_the_next_start_but_a_fast_one_does_not(
+    rate: int, next_starts: bool
+) -> None:
+    """Below ``min_rate`` (1000 bytes/s here, over 0.2 s: 200 bytes) a transfer that still
+    moves counts as stuck; one above it keeps its slot."""
+    queue = LinkQueue(1, patience=0.2, min_rate=1000)
+    moved = 0
+    done = asyncio.Event()
+    started: list[str] = []
+
+    async def holder() -> None:
+        nonlocal moved
+        async with queue.slot(lambda: moved, "holder"):
+            while not done.is_set():
+                await asyncio.sleep(0.02)
+                moved += rate // 50  # ``rate`` bytes a second
+
+    async def next_one() -> None:
+        async with queue.slot(lambda: 0, "next"):
+            started.append("next")
+
+    tasks = [asyncio.create_task(holder())]
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(next_one()))
+    await asyncio.sleep(0.7)
+    assert (started == ["next"]) is next_starts
+    done.set()
+    await asyncio.gather(*tasks)
