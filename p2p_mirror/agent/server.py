@@ -167,7 +167,12 @@ class Agent:
             Digest.parse(ref)
         else:
             validate_reference(ref)
-        return Target(self.cfg.upstream(registry), name, kind, ref)
+        upstream = self.cfg.upstream(registry)
+        if upstream is None:
+            # Not accelerated: a 404 sends the runtime on to its fallback host, and an image
+            # name cannot make this agent connect anywhere (docs/security.md, rule 1).
+            raise OCIError("NAME_UNKNOWN", "registry not served by this mirror")
+        return Target(upstream, name, kind, ref)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         kind = "other"

@@ -311,12 +311,14 @@ class AgentConfig:
     )
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
-    def upstream(self, name: str) -> Upstream:
+    def upstream(self, name: str) -> Upstream | None:
         return upstream_for(self.registries, name)
 
 
-def upstream_for(registries: Mapping[str, Upstream], name: str) -> Upstream:
-    return registries.get(name) or Upstream.default_for(name)
+def upstream_for(registries: Mapping[str, Upstream], name: str) -> Upstream | None:
+    """The configured endpoint of ``name``, or None: only configured registries are served
+    (an allowlist; an image name must not pick the host a role connects to)."""
+    return registries.get(name)
 
 
 def load_config(cls: type, path: Path | str | None, overrides: Mapping[str, Any] | None = None):

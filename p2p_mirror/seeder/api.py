@@ -21,12 +21,19 @@ from p2p_mirror.seeder.ingest import Ingest, IngestError, IngestJob
 
 
 def oci_error_for(error: IngestError) -> OCIError:
-    """The answer an agent gets for a failed ingest."""
+    """The answer an agent gets for a failed ingest: a fixed message per reason, never the
+    origin's address or an exception's text (those go to the seeder's log)."""
     if error.reason == IngestError.ORIGIN_REFUSED and error.origin_status is not None:
         return error_for_status(error.origin_status, "blobs")
     if error.reason == IngestError.DIGEST_MISMATCH:
-        return OCIError("DIGEST_INVALID", error.message)
-    return OCIError("UNAVAILABLE", error.message)
+        return OCIError("DIGEST_INVALID", "origin bytes do not match the digest")
+    return OCIError("UNAVAILABLE", PUBLIC_MESSAGES.get(error.reason, "seeder error"))
+
+
+PUBLIC_MESSAGES = {
+    IngestError.ORIGIN_UNAVAILABLE: "origin registry unavailable",
+    IngestError.ORIGIN_INCOMPLETE: "origin sent an incomplete blob",
+}
 
 
 class SeederAPI:
@@ -42,10 +49,8 @@ class SeederAPI:
         try:
             digest = Digest.parse(request.match_info["digest"])
             name = validate_name(request.query.get(protocol.REPO_PARAM, ""))
-            registry = request.query.get(protocol.REGISTRY_PARAM, "")
-            if not registry:
-                raise OCIError("NAME_INVALID", "registry parameter required")
-            job = await self.ingest.ensure(digest, registry, name, request.headers)
+            upstream = self.ingest.upstream(request.query.get(protocol.REGISTRY_PARAM, ""))
+            job = await self.ingest.ensure(digest, upstream, name)
         except OCIError as e:
             return e.response()
         except IngestError as e:

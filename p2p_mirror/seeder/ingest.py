@@ -20,9 +20,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from p2p_mirror.core.config import SeederConfig, Upstream, upstream_for
+from p2p_mirror.core.config import SeederConfig, Upstream, parse_registry_name, upstream_for
 from p2p_mirror.core.metrics import Metrics
-from p2p_mirror.core.oci import Digest
+from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.origin import Origin, OriginUnavailable, forward_headers
 from p2p_mirror.core.seeding import SeededBlobs, StoredTorrents
 from p2p_mirror.core.store import BlobLayout, BlobStore
@@ -151,18 +151,31 @@ class Ingest:
             if job._task:
                 job._task.cancel()
 
-    async def ensure(self, digest: Digest, registry: str, name: str,
-                     headers: Mapping[str, str]) -> IngestJob:  # fmt: skip
+    def upstream(self, registry: str) -> Upstream:
+        """The configured endpoint of ``registry``: the seeder fetches from nowhere else.
+
+        ``OCIError`` for a name outside the grammar or the configuration; the message does
+        not echo the name."""
+        try:
+            name = parse_registry_name(registry)
+        except ValueError:
+            raise OCIError("NAME_INVALID", "invalid registry parameter") from None
+        upstream = upstream_for(self.cfg.registries, name)
+        if upstream is None:
+            raise OCIError("NAME_UNKNOWN", "registry not configured on this seeder")
+        return upstream
+
+    async def ensure(self, digest: Digest, upstream: Upstream, name: str,
+                     headers: Mapping[str, str] | None = None) -> IngestJob:  # fmt: skip
         """The job for ``digest``, started if needed; returns once its size is known.
 
         Raises ``IngestError`` if it failed.
         """
         job = self._jobs.get(digest)
         if job is None or job.error is not None:
-            upstream = upstream_for(self.cfg.registries, registry)
             job = IngestJob(digest)
             self._jobs[digest] = job
-            job._task = asyncio.create_task(self._run(job, upstream, name, headers))
+            job._task = asyncio.create_task(self._run(job, upstream, name, headers or {}))
         await job._ready.wait()
         if job.error:
             raise job.error
