@@ -3,6 +3,10 @@
 The download produces the blob's bytes in order into its store directory and advances
 ``available`` as a contiguous, already-hashed prefix grows; readers wait for bytes beyond
 their offset with ``wait_beyond``, and get the download's error if it fails first.
+
+Readers get only ``releasable`` bytes: the last ``HOLD_BACK`` bytes of a blob wait until the
+whole blob matched its digest, so a mismatch can only end in a cut response, never in a
+complete one with wrong bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from p2p_mirror.core.config import Upstream
 from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.store import BlobLayout
 from p2p_mirror.core.swarm import Metainfo, Transfer
+
+HOLD_BACK = 64 * 1024  # bytes of a blob released only once its digest matched
 
 
 @dataclass
@@ -35,6 +41,13 @@ class BlobDownload:
     watchers: list[asyncio.Task[None]] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def releasable(self) -> int:
+        """Bytes readers may have: all once verified, else all but the last ``HOLD_BACK``."""
+        if self.done:
+            return self.available
+        return max(0, min(self.available, self.size - HOLD_BACK))
+
     def advance(self, n: int) -> None:
         self.available += n
         self._changed.set()
@@ -46,8 +59,9 @@ class BlobDownload:
         self._changed.set()
 
     async def wait_beyond(self, offset: int) -> None:
-        """Until bytes past ``offset`` are available, or the download ended."""
-        while self.available <= offset and not self.done and self.error is None:
+        """Until bytes past ``offset`` are releasable; the download's error if it failed
+        (even with bytes left: a failed blob's held-back tail must never go out)."""
+        while self.releasable <= offset and not self.done and self.error is None:
             await self._changed.wait()
-        if self.error is not None and self.available <= offset:
+        if self.error is not None:
             raise self.error

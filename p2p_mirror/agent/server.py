@@ -314,7 +314,7 @@ class Agent:
 
         def read(pos: int, n: int) -> bytes:
             assert download.layout is not None
-            return download.layout.read(pos, min(n, download.available - pos))
+            return download.layout.read(pos, min(n, download.releasable - pos))
 
         return await self._send(request, download.size, byte_range, headers, ready, read)
 
