@@ -92,10 +92,11 @@ class BlobPuller:
             self.on_cached(download.digest)
             log.info("cached %s (%d bytes)", download.digest, download.size)
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting readers
-            error = e if isinstance(e, OCIError) else OCIError("UNAVAILABLE", str(e) or repr(e))
+            # Clients get a fixed message; hosts, ports and exception text go to the log only.
+            error = e if isinstance(e, OCIError) else OCIError("UNAVAILABLE", "download failed")
             if isinstance(e, OriginUnavailable):
-                error = OCIError("UNAVAILABLE", f"origin unavailable: {e}")
-            log.warning("blob %s failed: %s", download.digest, error)
+                error = OCIError("UNAVAILABLE", "origin registry unavailable")
+            log.warning("blob %s failed: %s", download.digest, e or repr(e))
             self.metrics.inc("blob_failures_total", code=error.code)
             if self.session is not None:
                 for transfer in download.transfers:

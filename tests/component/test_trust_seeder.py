@@ -4,14 +4,19 @@ about internal hosts (probe 4: SSRF through ``registry=``)."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import socket
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from aiohttp.test_utils import TestClient
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from support.fakes import http_server
 from test_seeder_unit import REG, HeldOrigin, seeder_of, served
+
+from p2p_mirror.core import redirects
 
 BLOB = os.urandom(200_000)
 DIGEST = f"sha256:{hashlib.sha256(BLOB).hexdigest()}"
@@ -71,3 +76,38 @@ async def test_seeder_fetches_only_configured_registries(tmp_path: Path) -> None
                 status, text = await blob_info(client, REG)
                 assert status == 200, text
                 assert seeder.cfg.registries.keys() == {REG}
+
+
+async def test_redirects_into_internal_addresses_are_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configured registry redirects the blob to an internal service (on 127.0.0.2). The
+    registry itself is on loopback here, which would allow loopback targets; the test makes
+    its address (127.0.0.1) count as a public one, as a registry on the internet would be."""
+    real = redirects.resolve
+
+    async def resolve(host: str) -> list:
+        if host == "127.0.0.1":
+            return [ipaddress.ip_address("93.184.216.34")]
+        return await real(host)
+
+    monkeypatch.setattr(redirects, "resolve", resolve)
+    monkeypatch.setattr(redirects.check_target, "__defaults__", (resolve,))
+    Internal.seen.clear()
+    with http_server(Internal, host="127.0.0.2") as internal:
+
+        async def blob(request: web.Request) -> web.Response:
+            raise web.HTTPTemporaryRedirect(f"{internal}/secret")
+
+        app = web.Application()
+        app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", blob)
+        origin_server = TestServer(app, host="127.0.0.1")
+        await origin_server.start_server()
+        try:
+            async with seeder_of(tmp_path, origin_server) as (seeder, client):
+                status, text = await blob_info(client, REG)
+        finally:
+            await origin_server.close()
+    assert status == 503, text
+    assert "127.0.0" not in text and "secret" not in text
+    assert Internal.seen == []
