@@ -53,10 +53,13 @@ class AgentProc:
 class LocalStack:
     """Start roles on free loopback ports; ``close()`` stops them all by PID."""
 
-    def __init__(self, workdir: Path, registries: dict[str, str], segment_size: str = "64MiB"):
+    def __init__(self, workdir: Path, registries: dict[str, str], segment_size: str = "64MiB",
+                 seeder_args: tuple[str, ...] = ()):  # fmt: skip
+        """``seeder_args``: more seeder flags (``--registry-auth FILE``, ...)."""
         self.workdir = workdir
         self.registries = registries
         self.segment_size = segment_size
+        self.seeder_args = list(seeder_args)
         self.procs = ProcGroup()
         self.tracker_port = 0
         self.seeder_port = 0
@@ -93,6 +96,7 @@ class LocalStack:
                 "--bt-listen", "127.0.0.1:0",
                 "--segment-size", self.segment_size,
                 *self._registry_args(),
+                *self.seeder_args,
             ],
             self.workdir / "seeder.log",
         )  # fmt: skip

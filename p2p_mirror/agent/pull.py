@@ -109,9 +109,7 @@ class BlobPuller:
         assert self.session is not None and self.seeders is not None
         try:
             url, info = await asyncio.wait_for(
-                self.seeders.blob_info(
-                    download.digest, download.upstream.name, download.name, download.headers
-                ),
+                self.seeders.blob_info(download.digest, download.upstream.name, download.name),
                 self.swarm_timeout,
             )
         except TimeoutError:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 
 from p2p_mirror.core import protocol
+from p2p_mirror.core.clusterauth import TOKEN_HEADER
 from p2p_mirror.core.oci import Digest
-from p2p_mirror.core.origin import forward_headers
 
 log = logging.getLogger(__name__)
 TORRENT_ATTEMPTS = 2  # a torrent request whose connection fails is sent again this often
@@ -50,15 +50,18 @@ class SegmentOffer:
 class SeederClient:
     """Asks seeders for a blob's segment torrents, trying each configured seeder in turn."""
 
-    def __init__(self, urls: list[str], timeout: float) -> None:
+    def __init__(self, urls: list[str], timeout: float, token: str = "") -> None:
         self.urls = urls
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.token = token  # the cluster's seeder-API token, on every request
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            # Only the cluster token: a client's credentials never leave the node.
+            headers = {TOKEN_HEADER: self.token} if self.token else None
+            self._session = aiohttp.ClientSession(timeout=self.timeout, headers=headers)
         return self._session
 
     async def close(self) -> None:
@@ -66,24 +69,28 @@ class SeederClient:
             await self._session.close()
 
     async def blob_info(
-        self, digest: Digest, registry: str, name: str, headers: Mapping[str, str]
+        self, digest: Digest, registry: str, name: str
     ) -> tuple[str, protocol.BlobInfo]:
-        """(seeder URL, info) from the first seeder that knows or ingested the blob."""
+        """(seeder URL, info) from the first seeder that knows or ingested the blob.
+
+        ``Fallback("seeder_refused")`` if the origin refused every asked seeder's
+        credentials: the agent then fetches with its client's."""
         errors = []
-        send = forward_headers(headers)
+        refused = 0
         for url in self.urls:
             try:
                 async with self.session.get(
                     url + protocol.blob_info_path(digest),
                     params=protocol.blob_info_query(registry, name),
-                    headers=send,
                 ) as resp:
                     if resp.status == 200:
                         return url, protocol.BlobInfo.from_json(await resp.json())
+                    refused += protocol.REFUSED_HEADER in resp.headers
                     errors.append(f"{url}: {resp.status} {(await resp.text())[:200]}")
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
                 errors.append(f"{url}: {e or type(e).__name__}")
-        raise Fallback("seeder", "; ".join(errors))
+        reason = "seeder_refused" if refused and refused == len(self.urls) else "seeder"
+        raise Fallback(reason, "; ".join(errors))
 
     async def torrent(self, url: str, digest: Digest, index: int, bt_port: int) -> SegmentOffer:
         """Segment ``index``'s torrent, and the pieces this agent takes from the seeder (their

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
+from p2p_mirror.core.clusterauth import SEEDER_API, ClusterAuth
 from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
@@ -77,7 +78,9 @@ class Agent:
             if cfg.seeder
             else None
         )
-        self.seeders = SeederClient(cfg.seeder, cfg.swarm_timeout) if cfg.seeder else None
+        self.cluster = ClusterAuth.from_file(cfg.cluster_secret, "agent")
+        self.seeders = (SeederClient(cfg.seeder, cfg.swarm_timeout, self.cluster.token(SEEDER_API))
+                        if cfg.seeder else None)  # fmt: skip
         self.seeded = SeededBlobs(self.store, self.session) if self.session is not None else None
         self.puller = BlobPuller(
             self.store,

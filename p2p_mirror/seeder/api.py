@@ -11,6 +11,7 @@ import contextlib
 from aiohttp import web
 
 from p2p_mirror.core import protocol
+from p2p_mirror.core.clusterauth import SEEDER_API, TOKEN_HEADER, ClusterAuth
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError, validate_name
 from p2p_mirror.core.origin import error_for_status
@@ -38,7 +39,8 @@ PUBLIC_MESSAGES = {
 
 class SeederAPI:
     def __init__(self, ingest: Ingest, dealer: Dealer, session: TorrentSession,
-                 metrics: Metrics) -> None:  # fmt: skip
+                 metrics: Metrics, cluster: ClusterAuth | None = None) -> None:  # fmt: skip
+        self.cluster = cluster if cluster is not None else ClusterAuth(None, "seeder")
         self.ingest = ingest
         self.dealer = dealer
         self.session = session
@@ -54,7 +56,9 @@ class SeederAPI:
         except OCIError as e:
             return e.response()
         except IngestError as e:
-            return oci_error_for(e).response()
+            # Refused the seeder's own credentials: the agent fetches from the origin itself.
+            return oci_error_for(e).response(
+                {protocol.REFUSED_HEADER: "1"} if e.credentials_refused else None)  # fmt: skip
         layout = job.layout
         assert layout is not None
         info = protocol.BlobInfo(str(digest), layout.size, layout.segment_size, layout.count,
@@ -142,8 +146,18 @@ class SeederAPI:
         self.metrics.inc("piece_bytes_total", sent)
         return resp
 
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler) -> web.StreamResponse:
+        """Blob endpoints only for holders of the cluster secret (health and metrics stay
+        open: they carry no blob data)."""
+        if request.path.startswith("/v1/") and not self.cluster.accepts(
+            SEEDER_API, request.headers.get(TOKEN_HEADER)
+        ):
+            return OCIError("UNAUTHORIZED", "cluster token required").response()
+        return await handler(request)
+
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.authenticate])
         app.router.add_get(protocol.BLOB_INFO_ROUTE, self.handle_blob)
         app.router.add_get(protocol.TORRENT_ROUTE, self.handle_torrent)
         app.router.add_get(protocol.PIECES_ROUTE, self.handle_pieces)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -23,10 +24,11 @@ from types import MappingProxyType
 from p2p_mirror.core.config import SeederConfig, Upstream, parse_registry_name, upstream_for
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError
-from p2p_mirror.core.origin import Origin, OriginUnavailable, forward_headers
+from p2p_mirror.core.origin import Origin, OriginUnavailable
 from p2p_mirror.core.seeding import SeededBlobs, StoredTorrents
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import Metainfo, make_torrent
+from p2p_mirror.seeder.credentials import RegistryAuth
 from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.link_queue import LinkQueue
 from p2p_mirror.seeder.sizing import piece_size_for, segment_size_for
@@ -37,6 +39,8 @@ STUCK_STREAM_SECONDS = 5.0  # an origin body this long without a byte lets the n
 # request and TCP ramp-up overlap the current body's last bytes.
 NEXT_REQUEST_LEAD_BYTES = 512 * 1024
 BACKLOG_SEGMENTS = 2  # dealt runs waiting to be sent, in segments, before the origin waits
+CHECK_SECONDS = 60.0  # a registry's "yes, this repository has the blob" is trusted this long
+CHECKS_PER_JOB = 256  # (registry, repository) answers kept per job at most
 
 
 class IngestError(Exception):
@@ -55,6 +59,12 @@ class IngestError(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason, self.message, self.origin_status = reason, message, origin_status
 
+    @property
+    def credentials_refused(self) -> bool:
+        """The origin refused the seeder's own credentials (or their absence): an agent
+        should fetch the blob from the origin with its client's credentials."""
+        return self.reason == self.ORIGIN_REFUSED and self.origin_status in (401, 403)
+
 
 class IngestJob:
     """One blob being (or already) ingested; its torrents resolve as segments are published.
@@ -72,6 +82,8 @@ class IngestJob:
         self._waiting: dict[int, Counter[str]] = {}  # agents waiting for each segment
         self._runs: dict[int, dict[str, list[int]]] = {}  # each segment's dealt runs
         self._received = 0  # body bytes from the origin so far
+        # (registry, repository) -> when its origin last confirmed the blob to the seeder
+        self._confirmed: dict[tuple[str, str], float] = {}
 
     @property
     def layout(self) -> BlobLayout | None:
@@ -110,8 +122,10 @@ class Ingest:
     """Runs the ingest jobs of one seeder."""
 
     def __init__(self, cfg: SeederConfig, store: BlobStore, origin: Origin, seeded: SeededBlobs,
-                 dealer: Dealer, metrics: Metrics) -> None:  # fmt: skip
+                 dealer: Dealer, metrics: Metrics,
+                 auth: RegistryAuth | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+        self.auth = auth if auth is not None else RegistryAuth({})
         self.store = store
         self.origin = origin
         self.seeded = seeded
@@ -165,21 +179,56 @@ class Ingest:
             raise OCIError("NAME_UNKNOWN", "registry not configured on this seeder")
         return upstream
 
-    async def ensure(self, digest: Digest, upstream: Upstream, name: str,
-                     headers: Mapping[str, str] | None = None) -> IngestJob:  # fmt: skip
-        """The job for ``digest``, started if needed; returns once its size is known.
+    async def ensure(self, digest: Digest, upstream: Upstream, name: str) -> IngestJob:
+        """The job for ``digest``, started if needed; returns once its size is known and
+        ``upstream`` confirmed that ``name`` has the blob (to the seeder's own credentials):
+        a job started for one registry is no answer for another.
 
-        Raises ``IngestError`` if it failed.
+        Raises ``IngestError`` if it failed or the registry refused.
         """
         job = self._jobs.get(digest)
         if job is None or job.error is not None:
             job = IngestJob(digest)
             self._jobs[digest] = job
-            job._task = asyncio.create_task(self._run(job, upstream, name, headers or {}))
+            job._task = asyncio.create_task(self._run(job, upstream, name))
         await job._ready.wait()
         if job.error:
             raise job.error
+        await self._confirm(job, upstream, name)
         return job
+
+    async def _confirm(self, job: IngestJob, upstream: Upstream, name: str) -> None:
+        """Ask ``upstream`` (HEAD, the seeder's credentials) whether ``name`` has the blob,
+        unless it said so within ``CHECK_SECONDS``."""
+        key = (upstream.name, name)
+        now = time.monotonic()
+        if job._confirmed.get(key, 0.0) > now - CHECK_SECONDS:
+            return
+        try:
+            status, head = await self._head(job.digest, upstream, name)
+        except OriginUnavailable as e:
+            log.warning("blob %s: check at %s/%s: %s", job.digest, upstream.name, name, e)
+            raise IngestError(IngestError.ORIGIN_UNAVAILABLE, str(e)) from None
+        if status != 200:
+            raise _refused(status)
+        assert job.layout is not None
+        if _content_length(head) != job.layout.size:
+            raise IngestError(IngestError.ORIGIN_INCOMPLETE, "origin disagrees on the size")
+        if len(job._confirmed) >= CHECKS_PER_JOB:
+            job._confirmed.clear()
+        job._confirmed[key] = now
+
+    async def _head(self, digest: Digest, upstream: Upstream, name: str):
+        """(status, headers) of the origin's HEAD with the seeder's credentials, after the
+        registry's token dance if it asks for one."""
+        send = self.auth.headers(upstream, name)
+        status, head, _ = await self.origin.request("HEAD", upstream, name, "blobs", str(digest),
+                                                    send)  # fmt: skip
+        if status == 401 and await self.auth.answer(upstream, name, head.get("WWW-Authenticate")):
+            send = self.auth.headers(upstream, name)
+            status, head, _ = await self.origin.request("HEAD", upstream, name, "blobs",
+                                                        str(digest), send)  # fmt: skip
+        return status, head
 
     async def torrent_for(self, job: IngestJob, index: int, agent: str,
                           wait: float) -> tuple[bytes, list[int]]:  # fmt: skip
@@ -201,10 +250,9 @@ class Ingest:
         self.seeded.stop(digest)
         log.info("evicted %s", digest)
 
-    async def _run(self, job: IngestJob, upstream: Upstream, name: str,
-                   headers: Mapping[str, str]) -> None:  # fmt: skip
+    async def _run(self, job: IngestJob, upstream: Upstream, name: str) -> None:
         try:
-            await self._ingest(job, upstream, name, headers)
+            await self._ingest(job, upstream, name)
             self.metrics.inc("seed_jobs_total", result="ok")
         except IngestError as e:
             self.metrics.inc("seed_jobs_total", result=e.reason)
@@ -223,14 +271,12 @@ class Ingest:
             if job.layout is not None:
                 self.store.abandon(job.layout)
 
-    async def _ingest(self, job: IngestJob, upstream: Upstream, name: str,
-                      headers: Mapping[str, str]) -> None:  # fmt: skip
-        send = forward_headers(headers)
-        status, head, _ = await self.origin.request(
-            "HEAD", upstream, name, "blobs", str(job.digest), send
-        )
+    async def _ingest(self, job: IngestJob, upstream: Upstream, name: str) -> None:
+        status, head = await self._head(job.digest, upstream, name)
         if status != 200:
             raise _refused(status)
+        job._confirmed[(upstream.name, name)] = time.monotonic()
+        send = self.auth.headers(upstream, name)
         size = _content_length(head)
         if size is None:
             raise IngestError(IngestError.ORIGIN_INCOMPLETE, "origin sent no Content-Length")

@@ -14,6 +14,7 @@ import logging
 
 from aiohttp import web
 
+from p2p_mirror.core.clusterauth import ClusterAuth
 from p2p_mirror.core.config import SeederConfig
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.origin import Origin
@@ -22,6 +23,7 @@ from p2p_mirror.core.service import background, every, serve, wait_for_signal
 from p2p_mirror.core.store import BlobStore
 from p2p_mirror.core.swarm import TorrentSession
 from p2p_mirror.seeder.api import SeederAPI
+from p2p_mirror.seeder.credentials import RegistryAuth
 from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.ingest import BACKLOG_SEGMENTS, Ingest
 
@@ -44,8 +46,11 @@ class Seeder:
         self.metrics = Metrics()
         self.seeded = SeededBlobs(self.store, self.session, announce=False)
         self.dealer = Dealer(cfg.piece_sends)
-        self.ingest = Ingest(cfg, self.store, self.origin, self.seeded, self.dealer, self.metrics)
-        self.api = SeederAPI(self.ingest, self.dealer, self.session, self.metrics)
+        self.cluster = ClusterAuth.from_file(cfg.cluster_secret, "seeder")
+        self.registry_auth = RegistryAuth.from_file(cfg.registry_auth)
+        self.ingest = Ingest(cfg, self.store, self.origin, self.seeded, self.dealer, self.metrics,
+                             self.registry_auth)  # fmt: skip
+        self.api = SeederAPI(self.ingest, self.dealer, self.session, self.metrics, self.cluster)
 
     async def start(self) -> None:
         self.store.recover()
@@ -68,6 +73,7 @@ class Seeder:
         self.ingest.close()
         await self.session.close()
         await self.origin.close()
+        await self.registry_auth.close()
 
     async def gc(self) -> None:
         self.store.gc(self.cfg.cache_max_bytes, self.cfg.min_free_disk, self.ingest.active(),
