@@ -87,6 +87,7 @@ class BlobPuller:
                 raise OCIError("DIGEST_INVALID", "blob bytes do not match the digest")
             assert download.layout is not None
             await asyncio.to_thread(self.store.commit, download.layout)  # fsync, off the event loop
+            await asyncio.to_thread(self.store.add_source, download.layout, download.upstream.name)
             self._seed(download)
             download.finish()
             self.on_cached(download.digest)

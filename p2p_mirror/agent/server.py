@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDict
 
+from p2p_mirror.agent.access import after_other_registry, confirm_source
 from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
@@ -279,8 +280,15 @@ class Agent:
             "Accept-Ranges": "bytes",
         }
         byte_range = parse_range(request.headers.get("Range"), access.size)
+        await after_other_registry(self.puller.active.get(digest), target.upstream)
         layout = self.store.layout(digest)
         if layout is not None:
+            await self._coalesced(
+                ("confirm", target.upstream.name, target.name, str(digest),
+                 hashlib.sha256(request.headers.get("Authorization", "").encode()).hexdigest()),
+                lambda: confirm_source(self.store, self.origin, layout, target.upstream,
+                                       target.name, digest, request.headers),
+            )  # fmt: skip
             self.store.touch(digest)
             return await self.serve_cached(request, layout, byte_range, headers)
         if request.method == "HEAD":

@@ -25,6 +25,7 @@ from p2p_mirror.core.config import SeederConfig, Upstream, parse_registry_name, 
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.origin import Origin, OriginUnavailable
+from p2p_mirror.core.provenance import origin_has_bytes
 from p2p_mirror.core.seeding import SeededBlobs, StoredTorrents
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import Metainfo, make_torrent
@@ -84,6 +85,7 @@ class IngestJob:
         self._received = 0  # body bytes from the origin so far
         # (registry, repository) -> when its origin last confirmed the blob to the seeder
         self._confirmed: dict[tuple[str, str], float] = {}
+        self._sources: set[str] = set()  # registries whose bytes of this blob matched
 
     @property
     def layout(self) -> BlobLayout | None:
@@ -151,6 +153,7 @@ class Ingest:
     def restore(self, stored: StoredTorrents) -> None:
         """A job for a blob stored (and seeded again) at start: every torrent published."""
         job = IngestJob(stored.digest, stored.layout)
+        job._sources = set(self.store.sources(stored.layout))
         loop = asyncio.get_running_loop()
         for index, (data, meta) in enumerate(zip(stored.torrents, stored.metas, strict=True)):
             job._metas[index] = meta
@@ -199,7 +202,9 @@ class Ingest:
 
     async def _confirm(self, job: IngestJob, upstream: Upstream, name: str) -> None:
         """Ask ``upstream`` (HEAD, the seeder's credentials) whether ``name`` has the blob,
-        unless it said so within ``CHECK_SECONDS``."""
+        unless it said so within ``CHECK_SECONDS``. A registry the blob's bytes never came
+        from must send them (checked against the digest, then dropped): its HEAD proves
+        nothing, a lying registry says yes to anything."""
         key = (upstream.name, name)
         now = time.monotonic()
         if job._confirmed.get(key, 0.0) > now - CHECK_SECONDS:
@@ -214,6 +219,15 @@ class Ingest:
         assert job.layout is not None
         if _content_length(head) != job.layout.size:
             raise IngestError(IngestError.ORIGIN_INCOMPLETE, "origin disagrees on the size")
+        if upstream.name not in job._sources:
+            status = await origin_has_bytes(self.origin, upstream, name, job.digest,
+                                            job.layout.size, self.auth.headers(upstream, name))
+            if status != 200:
+                raise _refused(status) if status else IngestError(
+                    IngestError.ORIGIN_INCOMPLETE, "origin did not send the blob")  # fmt: skip
+            job._sources.add(upstream.name)
+            if not job.active:  # committed already; else the commit records every source
+                await asyncio.to_thread(self.store.add_source, job.layout, upstream.name)
         if len(job._confirmed) >= CHECKS_PER_JOB:
             job._confirmed.clear()
         job._confirmed[key] = now
@@ -276,6 +290,7 @@ class Ingest:
         if status != 200:
             raise _refused(status)
         job._confirmed[(upstream.name, name)] = time.monotonic()
+        job._sources.add(upstream.name)
         send = self.auth.headers(upstream, name)
         size = _content_length(head)
         if size is None:
@@ -301,6 +316,8 @@ class Ingest:
                 await self._stream(job, layout, upstream, name, send, let_next_start, backlog)
         await self._publish(job, layout.count - 1)  # the digest matched: peers may finish
         await asyncio.to_thread(self.store.commit, layout)  # fsync, off the event loop
+        for source in sorted(job._sources):
+            await asyncio.to_thread(self.store.add_source, layout, source)
         log.info("seeding %s (%d bytes, %d segments)", job.digest, layout.size, layout.count)
 
     async def _stream(

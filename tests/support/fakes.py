@@ -24,3 +24,31 @@ def http_server(
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+class LiarRegistry(BaseHTTPRequestHandler):
+    """A registry that claims every blob: ``HEAD`` 200 to anyone with ``size`` bytes, and a
+    ``GET`` of that many zero bytes. Set ``size`` on a subclass; ``seen`` records requests."""
+
+    size = 0
+    seen: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
+
+    def _answer(self, body: bool) -> None:
+        self.seen.append((self.command, self.path, self.headers.get("Authorization")))
+        digest = self.path.rsplit("/", 1)[-1]
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.size))
+        self.send_header("Docker-Content-Digest", digest)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if body:
+            self.wfile.write(bytes(self.size))
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+        self._answer(body=False)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer(body=True)
+
+    def log_message(self, *args: object) -> None:
+        pass
