@@ -23,7 +23,7 @@ from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
 from p2p_mirror.core.clusterauth import SEEDER_API, ClusterAuth
-from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
+from p2p_mirror.core.config import AgentConfig, HostPort, Upstream, parse_registry_name
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
     Digest,
@@ -74,7 +74,7 @@ class Agent:
         self.origin = Origin(cfg.origin_timeout, "agent")
         self.metrics = Metrics()
         self.session = (
-            TorrentSession(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit,
+            TorrentSession(bt_address(cfg), cfg.upload_rate_limit, cfg.download_rate_limit,
                   tracker_peers=cfg.swarm_peers)
             if cfg.seeder
             else None
@@ -365,6 +365,14 @@ class Agent:
         return app
 
 
+def bt_address(cfg: AgentConfig) -> HostPort:
+    """Where the agent listens for BitTorrent: the node address peers are told about
+    (``announce_ip``) if set, not every address of the host; else ``bt_listen``."""
+    if cfg.announce_ip is not None:
+        return HostPort(cfg.announce_ip, cfg.bt_listen.port)
+    return cfg.bt_listen
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """A single ``bytes=a-b`` range as [start, end); None for no (or a multi-) range."""
     if not header:
@@ -391,7 +399,7 @@ async def _main(cfg: AgentConfig) -> None:
     runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
                          cfg.drain_timeout)  # fmt: skip
     if agent.session is not None:
-        log.info("agent BitTorrent on %s:%d", cfg.bt_listen.host, agent.session.port)
+        log.info("agent BitTorrent on %s:%d", bt_address(cfg).host, agent.session.port)
     else:
         log.info("no seeder configured: blobs come from the origin (and the cache)")
     try:

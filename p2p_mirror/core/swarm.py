@@ -78,9 +78,11 @@ class Metainfo:
 
 
 def make_torrent(path: Path, trackers: Iterable[str], piece_size: int) -> bytes:
-    """A v1 torrent of one file; the info-hash depends only on name, size, piece size, bytes."""
+    """A private v1 torrent of one file; the info-hash depends only on name, size, piece size,
+    bytes (not on the trackers, so a tracker token in their URLs changes nothing)."""
     entry = lt.create_file_entry(path.name, path.stat().st_size)
     ct = lt.create_torrent([entry], piece_size, lt.create_torrent.v1_only)
+    ct.set_priv(True)  # no DHT, PEX or LSD for it, whatever a peer's settings say
     for tier, url in enumerate(trackers):
         ct.add_tracker(url, tier)
     ct.set_creator("p2p-mirror")
@@ -264,8 +266,12 @@ class TorrentSession:
                 "announce_to_all_tiers": True,
                 "num_want": tracker_peers,
                 "user_agent": "p2p-mirror",
-            }
+            },
+            # No default plugins: ut_metadata would hand a torrent to anyone who knows its
+            # info-hash, ut_pex would tell peers about others (docs/security.md, rule 5).
+            0,
         )
+        self.session.add_extension("smart_ban")  # the one default worth keeping
         if upload_rate_limit or download_rate_limit:
             self._limit_local_peers()
         self.transfers: dict[str, Transfer] = {}
