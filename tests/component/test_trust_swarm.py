@@ -87,3 +87,33 @@ async def test_probe3_an_info_hash_alone_gets_no_byte_from_an_agent(
         assert connected or got.status().total_payload_download > 0
     finally:
         await agent.close()
+
+
+def test_announce_urls_carry_the_tracker_token_and_keep_the_info_hash(tmp_path: Path) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from p2p_mirror.core.clusterauth import TRACKER, ClusterAuth
+    from p2p_mirror.seeder.server import with_tracker_token
+
+    token = ClusterAuth(b"k" * 32, "test").token(TRACKER)
+    url = with_tracker_token("http://10.0.0.1:6969/announce?token=old&x=1", token)
+    assert parse_qs(urlsplit(url).query) == {"token": [token], "x": ["1"]}
+    assert with_tracker_token("http://10.0.0.1:6969/announce", "") == \
+        "http://10.0.0.1:6969/announce"  # fmt: skip
+    (tmp_path / "segment").write_bytes(os.urandom(4 * PIECE))
+    plain = Metainfo.parse(make_torrent(tmp_path / "segment", ["http://t/announce"], PIECE))
+    signed = make_torrent(tmp_path / "segment", [with_tracker_token("http://t/announce", token)],
+                          PIECE)  # fmt: skip
+    assert Metainfo.parse(signed).info_hash == plain.info_hash
+    decoded = lt.bdecode(signed)
+    assert decoded[b"announce"] == f"http://t/announce?token={token}".encode()
+
+
+def test_agent_listens_on_its_announce_ip(tmp_path: Path) -> None:
+    from p2p_mirror.agent.server import bt_address
+    from p2p_mirror.core.config import AgentConfig
+
+    cfg = AgentConfig(data_dir=tmp_path, bt_listen=HostPort("0.0.0.0", 6881))
+    assert bt_address(cfg) == HostPort("0.0.0.0", 6881)
+    cfg.announce_ip = "10.1.2.3"
+    assert bt_address(cfg) == HostPort("10.1.2.3", 6881)
