@@ -35,6 +35,7 @@ class BlobDownload:
     layout: BlobLayout | None = None
     available: int = 0
     done: bool = False
+    verified: bool = False  # the whole blob matched its digest (maybe not yet committed)
     error: OCIError | None = None
     metas: list[Metainfo] = field(default_factory=list)
     transfers: list[Transfer] = field(default_factory=list)
@@ -44,12 +45,18 @@ class BlobDownload:
     @property
     def releasable(self) -> int:
         """Bytes readers may have: all once verified, else all but the last ``HOLD_BACK``."""
-        if self.done:
+        if self.done or self.verified:
             return self.available
         return max(0, min(self.available, self.size - HOLD_BACK))
 
     def advance(self, n: int) -> None:
         self.available += n
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def digest_matched(self) -> None:
+        """Release the held-back tail: readers need not wait for the commit's fsync."""
+        self.verified = True
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -60,8 +67,9 @@ class BlobDownload:
 
     async def wait_beyond(self, offset: int) -> None:
         """Until bytes past ``offset`` are releasable; the download's error if it failed
-        (even with bytes left: a failed blob's held-back tail must never go out)."""
+        (even with bytes left, unless they matched the digest: a failed blob's held-back
+        tail must never go out)."""
         while self.releasable <= offset and not self.done and self.error is None:
             await self._changed.wait()
-        if self.error is not None:
+        if self.error is not None and not (self.verified and self.available > offset):
             raise self.error

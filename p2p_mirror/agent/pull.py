@@ -85,6 +85,7 @@ class BlobPuller:
                 await self._from_origin(download, hasher)
             if hasher.hexdigest() != download.digest.hex:
                 raise OCIError("DIGEST_INVALID", "blob bytes do not match the digest")
+            download.digest_matched()
             assert download.layout is not None
             await asyncio.to_thread(self.store.commit, download.layout)  # fsync, off the event loop
             await asyncio.to_thread(self.store.add_source, download.layout, download.upstream.name)
