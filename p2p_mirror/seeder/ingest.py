@@ -86,6 +86,7 @@ class IngestJob:
         # (registry, repository) -> when its origin last confirmed the blob to the seeder
         self._confirmed: dict[tuple[str, str], float] = {}
         self._sources: set[str] = set()  # registries whose bytes of this blob matched
+        self._checking: dict[tuple[str, str], asyncio.Future[None]] = {}  # checks under way
 
     @property
     def layout(self) -> BlobLayout | None:
@@ -197,18 +198,23 @@ class Ingest:
         await job._ready.wait()
         if job.error:
             raise job.error
-        await self._confirm(job, upstream, name)
+        key = (upstream.name, name)
+        if job._confirmed.get(key, 0.0) <= time.monotonic() - CHECK_SECONDS:
+            # Agents asking at once share one check (a body download, for a new registry).
+            check = job._checking.get(key)
+            if check is None:
+                check = asyncio.ensure_future(self._confirm(job, upstream, name))
+                job._checking[key] = check
+                check.add_done_callback(lambda _: job._checking.pop(key, None))
+            await asyncio.shield(check)
         return job
 
     async def _confirm(self, job: IngestJob, upstream: Upstream, name: str) -> None:
-        """Ask ``upstream`` (HEAD, the seeder's credentials) whether ``name`` has the blob,
-        unless it said so within ``CHECK_SECONDS``. A registry the blob's bytes never came
-        from must send them (checked against the digest, then dropped): its HEAD proves
-        nothing, a lying registry says yes to anything."""
+        """Ask ``upstream`` (HEAD, the seeder's credentials) whether ``name`` has the blob.
+        A registry the blob's bytes never came from must send them (checked against the
+        digest, then dropped): its HEAD proves nothing, a lying registry says yes to
+        anything."""
         key = (upstream.name, name)
-        now = time.monotonic()
-        if job._confirmed.get(key, 0.0) > now - CHECK_SECONDS:
-            return
         try:
             status, head = await self._head(job.digest, upstream, name)
         except OriginUnavailable as e:
@@ -230,7 +236,7 @@ class Ingest:
                 await asyncio.to_thread(self.store.add_source, job.layout, upstream.name)
         if len(job._confirmed) >= CHECKS_PER_JOB:
             job._confirmed.clear()
-        job._confirmed[key] = now
+        job._confirmed[key] = time.monotonic()
 
     async def _head(self, digest: Digest, upstream: Upstream, name: str):
         """(status, headers) of the origin's HEAD with the seeder's credentials, after the

@@ -241,3 +241,53 @@ async def test_seeder_api_needs_the_cluster_token(tmp_path: Path) -> None:
         resp = await client.get(paths[0], params=params, headers=good)
         assert resp.status == 200, await resp.text()
         assert (await client.get("/healthz")).status == 200
+
+
+class CountingOrigin:
+    """Answers every HEAD for DIGEST with its size; a GET sends ``body`` (counted)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.gets = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        headers = {"Docker-Content-Digest": DIGEST}
+        if request.method == "HEAD":
+            return web.Response(headers={**headers, "Content-Length": str(len(BLOB))})
+        self.gets += 1
+        return web.Response(body=self.body, headers=headers)
+
+
+async def test_a_job_answers_for_another_registry_only_once_it_sent_the_bytes(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    liar, mirror = CountingOrigin(bytes(len(BLOB))), CountingOrigin(BLOB)
+    servers = []
+    for fake in (liar, mirror):
+        app = web.Application()
+        app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", fake.handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+    origin = HeldOrigin([BLOB], held=0)
+    try:
+        async with served(origin) as origin_server, seeder_with(
+            tmp_path, str(origin_server.make_url("")),
+            registries={REG: str(origin_server.make_url("")),
+                        "liar.test": str(servers[0].make_url("")),
+                        "mirror.test": str(servers[1].make_url(""))},
+        ) as client:  # fmt: skip
+            assert (await blob_info(client, REG))[0] == 200
+            answers = await asyncio.gather(*(blob_info(client, "liar.test") for _ in range(5)))
+            assert all(status == 503 for status, _ in answers), answers
+            assert liar.gets == 1  # the five asked at once shared one check
+            answers = await asyncio.gather(*(blob_info(client, "mirror.test") for _ in range(5)))
+            assert all(status == 200 for status, _ in answers), answers
+            assert mirror.gets == 1
+            assert (await blob_info(client, "mirror.test"))[0] == 200
+            assert mirror.gets == 1  # confirmed: a HEAD is enough from now on
+    finally:
+        for server in servers:
+            await server.close()
