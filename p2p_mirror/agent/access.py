@@ -9,7 +9,6 @@ answers yes to anything.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 
 from p2p_mirror.agent.blob_download import BlobDownload
@@ -38,9 +37,9 @@ async def confirm_source(
 
 
 async def after_other_registry(download: BlobDownload | None, upstream: Upstream) -> None:
-    """Wait for a running download of the blob from another registry to end: its bytes are
-    not this registry's until confirmed (then from the cache, ``confirm_source``)."""
+    """Wait for a running download of the blob from another registry to end (cached, its
+    source recorded, or failed): its bytes are not this registry's until confirmed (then
+    from the cache, ``confirm_source``)."""
     if download is None or download.upstream.name == upstream.name:
         return
-    with contextlib.suppress(OCIError):
-        await download.wait_beyond(max(download.size - 1, 0))
+    await download.ended()

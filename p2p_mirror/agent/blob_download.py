@@ -65,6 +65,11 @@ class BlobDownload:
         self.done = error is None
         self._changed.set()
 
+    async def ended(self) -> None:
+        """Until the download is cached (and its source recorded) or failed."""
+        while not self.done and self.error is None:
+            await self._changed.wait()
+
     async def wait_beyond(self, offset: int) -> None:
         """Until bytes past ``offset`` are releasable; the download's error if it failed
         (even with bytes left, unless they matched the digest: a failed blob's held-back

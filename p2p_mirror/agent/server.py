@@ -299,6 +299,9 @@ class Agent:
             return head
         download = self.puller.start(digest, access.size, target.upstream, target.name,
                                      request.headers)  # fmt: skip
+        if download.upstream.name != target.upstream.name:
+            # Never another registry's bytes (after_other_registry waited for that one to end).
+            raise OCIError("UNAVAILABLE", "blob busy, try again")
         return await self.stream(request, download, byte_range, headers)
 
     async def serve_cached(

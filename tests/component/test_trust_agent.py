@@ -3,6 +3,7 @@ mismatch cuts the response (probe: a lying origin)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
@@ -15,10 +16,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from p2p_mirror.agent.blob_download import HOLD_BACK
 from p2p_mirror.agent.server import Agent
 from p2p_mirror.core.config import AgentConfig, Upstream
+from p2p_mirror.core.oci import Digest
 
 REG = "reg.test"
 BLOB = os.urandom(1_000_000)
 DIGEST = f"sha256:{hashlib.sha256(BLOB).hexdigest()}"
+DIGEST_OBJ = Digest.parse(DIGEST)
 
 
 def origin_app(body: Callable[[], bytes]) -> web.Application:
@@ -84,3 +87,49 @@ async def test_a_matching_blob_completes(served, tmp_path) -> None:
     resp = await client.get(f"/v2/team/app/blobs/{DIGEST}?ns={REG}")
     assert resp.status == 200
     assert await resp.read() == BLOB
+
+
+async def test_a_download_for_one_registry_is_never_shared_with_another(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race behind probe 1: registry R's download has sent its last byte (the digest
+    matched) but is not yet committed, and a request names a lying registry X. It must not
+    get R's download; X is asked for its own bytes (zeros here), and fails."""
+    import time
+
+    from p2p_mirror.core.store import BlobStore
+
+    commit = BlobStore.commit
+
+    def slow_commit(self, layout) -> None:
+        time.sleep(1.0)  # a slow fsync: the window in which the download is still active
+        commit(self, layout)
+
+    monkeypatch.setattr(BlobStore, "commit", slow_commit)
+    good = TestServer(origin_app(lambda: BLOB), host="127.0.0.1")
+    liar = TestServer(origin_app(lambda: bytes(len(BLOB))), host="127.0.0.1")
+    await good.start_server()
+    await liar.start_server()
+    cfg = AgentConfig(data_dir=tmp_path, registries={
+        REG: Upstream(REG, str(good.make_url(""))),
+        "liar.test": Upstream("liar.test", str(liar.make_url(""))),
+    })  # fmt: skip
+    agent = Agent(cfg)
+    await agent.start()
+    client = TestClient(TestServer(agent.app(), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        resp = await client.get(f"/v2/team/app/blobs/{DIGEST}?ns={REG}")
+        assert await resp.read() == BLOB
+        assert DIGEST_OBJ in agent.puller.active  # still committing
+        resp = await client.get(f"/v2/team/app/blobs/{DIGEST}?ns=liar.test")
+        got = b""
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            got = await resp.read()
+        assert resp.status != 200 or got != BLOB
+        assert BLOB[:65536] not in got
+    finally:
+        await client.close()
+        await agent.close()
+        await good.close()
+        await liar.close()
