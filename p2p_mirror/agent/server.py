@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
+from p2p_mirror.agent.seeder_set import SeederSet
 from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
@@ -77,7 +78,9 @@ class Agent:
             if cfg.seeder
             else None
         )
-        self.seeders = SeederClient(cfg.seeder, cfg.swarm_timeout) if cfg.seeder else None
+        self.seeders = (
+            SeederClient(SeederSet(cfg.seeder), cfg.swarm_timeout) if cfg.seeder else None
+        )
         self.seeded = SeededBlobs(self.store, self.session) if self.session is not None else None
         self.puller = BlobPuller(
             self.store,
