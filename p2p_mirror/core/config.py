@@ -248,7 +248,9 @@ class TrackerConfig:
 @dataclass
 class SeederConfig:
     data_dir: Path = _required(parse_path, "blob store and torrent state")
-    tracker: list[str] = _required(parse_urls, "tracker announce URL(s)")
+    tracker: list[str] = _required(
+        parse_urls, "tracker announce URLs; each torrent names 2 of them (rendezvous hash)"
+    )
     listen: HostPort = _opt(HostPort("0.0.0.0", 5005), HostPort.parse, "HTTP metainfo API")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6882), HostPort.parse, "BitTorrent listen")
     registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
@@ -276,7 +278,10 @@ class SeederConfig:
 @dataclass
 class AgentConfig:
     data_dir: Path = _required(parse_path, "blob cache and torrent state")
-    seeder: list[str] = _opt(list, parse_urls, "seeder metainfo URL(s); empty: origin only")
+    seeder: list[str] = _opt(
+        list, parse_urls,
+        "seeder URLs (a host name stands for all its addresses); empty: origin only",
+    )
     listen: HostPort = _opt(HostPort("127.0.0.1", 5004), HostPort.parse, "registry mirror address")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6881), HostPort.parse, "BitTorrent listen")
     registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")

@@ -225,6 +225,7 @@ class TorrentSession:
         download_rate_limit: int = 0,
         unchoke_slots: int = 64,
         tracker_peers: int = 200,
+        announce_ip: str | None = None,
     ) -> None:
         self.listen = listen
         self.session = lt.session(
@@ -281,6 +282,9 @@ class TorrentSession:
                 "user_agent": "p2p-mirror",
             }
         )
+        if announce_ip:
+            # Trackers record this (ip=), not the source address a NAT may have rewritten.
+            self.session.apply_settings({"announce_ip": announce_ip})
         if upload_rate_limit or download_rate_limit:
             self._limit_local_peers()
         self.transfers: dict[str, Transfer] = {}

@@ -92,3 +92,27 @@ async def test_either_tracker_of_a_torrent_finds_its_swarm(tmp_path: Path) -> No
         await seeder.close()
         for runner in runners:
             await runner.cleanup()
+
+
+async def test_the_tracker_records_the_announced_node_address(tmp_path: Path) -> None:
+    """A session given ``announce_ip`` names it in its announces (``ip=``), so a tracker
+    behind a NAT records the node, not the address the NAT made of it."""
+    app = make_app(TrackerConfig(interval=1.0, peer_ttl=30.0))
+    port = free_port()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    (tmp_path / "blob").write_bytes(random.randbytes(100_000))
+    meta = Metainfo.parse(tracker_shard.shard(
+        make_torrent(tmp_path / "blob", (), 32 * 1024), [f"http://127.0.0.1:{port}/announce"]))
+    session = TorrentSession(HostPort("127.0.0.1", 0), announce_ip="198.18.0.77")
+    swarms = app[TRACKER_KEY].swarms
+    ih = bytes.fromhex(meta.info_hash)
+    try:
+        await session.start()
+        session.add(meta, tmp_path, seed=True)
+        await until(lambda: ih in swarms and len(swarms[ih].seeders), 20, "the announce")
+        assert [str(p.ip) for p in swarms[ih].seeders.items] == ["198.18.0.77"]
+    finally:
+        await session.close()
+        await runner.cleanup()
