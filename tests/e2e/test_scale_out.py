@@ -18,6 +18,8 @@ from support import failed, require_binaries, require_root
 from lab.cluster import TRACKER_PORT, Cluster
 from lab.images import build_image
 from lab.stack import metric_sum
+from p2p_mirror.agent.seeder_set import member_key
+from p2p_mirror.core.rendezvous import rank
 from p2p_mirror.core.swarm import Metainfo
 
 MiB = 1024 * 1024
@@ -90,10 +92,18 @@ def test_losing_a_seeder_and_a_tracker_mid_pull_costs_no_pull(
         while sum(cluster.rx_bytes(n) for n in cluster.node_names) < goal:
             assert time.monotonic() < deadline, "the pull never got going"
             time.sleep(0.05)
-        cluster.stop_role("seeder1")
+        # the owner of the largest layer, so the kill surely leaves some blob ownerless
+        largest = max(layout.layers, key=lambda layer: layer.size).digest
+        owner = rank([member_key(url) for url in cluster.seeder_urls], largest)[0]
+        victim = next(n for n in cluster.seeder_names if owner.startswith(f"{cluster.ip(n)}:"))
+        cluster.stop_role(victim)
         cluster.stop_role("tracker1")
+        killed_at = sum(cluster.rx_bytes(n) for n in cluster.node_names) - base
         puller.join(170)
         egress = cluster.origin_egress(mark)
+        print(f"killed at {killed_at / (6 * layout.total_size):.0%} of the pull; origin egress "
+              f"{egress / layout.total_size:.2f}x; "
+              f"{max((r.seconds for r in results), default=0):.1f} s")  # fmt: skip
         if failed(request) or not (results and all(r.ok for r in results)):
             dump(cluster)
 
