@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -110,8 +111,9 @@ class SeederClient:
                         info = protocol.BlobInfo.from_json(await resp.json())
                         self.seeders.mark_up(url)
                         return url, info
-                    detail = f"{url}: {resp.status} {(await resp.text())[:200]}"
-                    if resp.status < 500:
+                    body = await resp.text()
+                    detail = f"{url}: {resp.status} {body[:200]}"
+                    if not _seeder_failed(resp.status, body):
                         raise Fallback("seeder", "; ".join([*errors, detail]))
                     errors.append(detail)
             except (aiohttp.ClientError, TimeoutError) as e:
@@ -149,7 +151,7 @@ class SeederClient:
                 if resp.status == 200:
                     return await _offer(resp)
                 async with resp:
-                    if resp.status >= 500:
+                    if resp.status != 202 and _seeder_failed(resp.status, await resp.text()):
                         raise SeederDown(f"torrent {index}: {resp.status}")
                     if resp.status != 202:
                         raise Fallback("seeder", f"torrent {index}: {resp.status}")
@@ -236,6 +238,19 @@ class BlobSource:
                 log.warning("blob %s: seeder %s down (%s); asking the next one",
                             self.digest, url, e)  # fmt: skip
                 await self.failed(url)
+
+
+def _seeder_failed(status: int, body: str) -> bool:
+    """A 5xx that is no answer of the seeder's own (its answers carry OCI errors): the
+    seeder crashed, or a proxy in front of it found it gone. A seeder that says the origin
+    failed is final: the next seeder would ask the same origin."""
+    if status < 500:
+        return False
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return True
+    return not (isinstance(data, dict) and isinstance(data.get("errors"), list))
 
 
 async def _resolve(host: str) -> str:

@@ -24,13 +24,19 @@ class StandIn:
     """A seeder stand-in: blob info and torrents; counts what it was asked; ``status`` is
     what it answers (200, or an error)."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, oci_error: bool = False) -> None:
         self.status = status
+        self.oci_error = oci_error
         self.infos: list[str] = []
         self.torrents: list[tuple[str, int]] = []
 
     async def info(self, request: web.Request) -> web.Response:
         self.infos.append(request.match_info["digest"])
+        if self.status != 200 and self.oci_error:
+            return web.json_response(
+                {"errors": [{"code": "UNAVAILABLE", "message": "origin answered 502"}]},
+                status=self.status,
+            )
         if self.status != 200:
             return web.Response(status=self.status, text="no")
         return web.json_response(INFO.to_json())
@@ -137,14 +143,17 @@ async def test_a_seeder_dying_half_way_hands_the_rest_of_the_blob_on(serve) -> N
         await client.close()
 
 
-async def test_a_refusal_is_final_and_no_other_seeder_is_asked(serve) -> None:
-    refusing, other = StandIn(404), StandIn()
+@pytest.mark.parametrize("status", [404, 503])
+async def test_a_refusal_is_final_and_no_other_seeder_is_asked(serve, status: int) -> None:
+    """A 4xx, or a 5xx with the seeder's own OCI error (the origin failed it): another
+    seeder would get the same from the origin."""
+    refusing, other = StandIn(status, oci_error=True), StandIn()
     urls = [await serve(refusing), await serve(other)]
     seeders = SeederSet(urls)
     client = SeederClient(seeders, timeout=5)
     try:
         digest = [d for d in DIGESTS if (await seeders.ranked(str(d)))[0] == urls[0]][0]
-        with pytest.raises(Fallback, match="404"):
+        with pytest.raises(Fallback, match=str(status)):
             await client.source(digest, "registry.test", "app", {}).open()
         assert (await seeders.ranked(str(digest)))[0] == urls[0]  # not marked down
     finally:
