@@ -7,6 +7,7 @@ inside network namespaces.
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,10 @@ class AgentProc:
 class LocalStack:
     """Start roles on free loopback ports; ``close()`` stops them all by PID."""
 
-    def __init__(self, workdir: Path, registries: dict[str, str], segment_size: str = "64MiB"):
+    def __init__(self, workdir: Path, registries: dict[str, str], segment_size: str = "64MiB",
+                 seeder_args: Sequence[str] = ()) -> None:  # fmt: skip
         self.workdir = workdir
+        self.seeder_args = list(seeder_args)  # after the defaults: a flag given again wins
         self.registries = registries
         self.segment_size = segment_size
         self.procs = ProcGroup()
@@ -93,6 +96,7 @@ class LocalStack:
                 "--bt-listen", "127.0.0.1:0",
                 "--segment-size", self.segment_size,
                 *self._registry_args(),
+                *self.seeder_args,
             ],
             self.workdir / "seeder.log",
         )  # fmt: skip
