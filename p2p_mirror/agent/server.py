@@ -32,6 +32,7 @@ from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, 
 from p2p_mirror.core.service import background, every, healthz, serve, wait_for_signal
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import Swarm
+from p2p_mirror.core.tls import TLSError
 
 log = logging.getLogger("p2p_mirror.agent")
 ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
@@ -365,6 +366,17 @@ async def _main(cfg: AgentConfig) -> None:
     await agent.start()
     runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
                          cfg.drain_timeout)  # fmt: skip
+    proxy = None
+    if cfg.proxy_listen is not None:
+        from p2p_mirror.agent.proxy import proxied_registries, start_proxy
+
+        names = proxied_registries(cfg.registries, cfg.default_registry)
+        try:
+            proxy = await start_proxy(agent, cfg.proxy_listen, cfg.data_dir, names)
+        except (TLSError, OSError) as e:
+            await runner.cleanup()
+            await agent.close()
+            raise SystemExit(f"agent: proxy on {cfg.proxy_listen}: {e}") from None
     if agent.swarm is not None:
         log.info("agent BitTorrent on %s:%d", cfg.bt_listen.host, agent.swarm.port)
     else:
@@ -373,6 +385,8 @@ async def _main(cfg: AgentConfig) -> None:
         async with background(every(60, agent.gc, log)):
             await wait_for_signal()
     finally:
+        if proxy is not None:
+            await proxy.close()
         await runner.cleanup()
         await agent.close()
 
