@@ -467,7 +467,7 @@ async def start_proxy(agent: object, listen: HostPort, data_dir: Path,
     """Make (or load) the CA, then listen: the agent's startup hook."""
     ca = await asyncio.to_thread(load_or_create_ca, data_dir)
     proxy = Proxy(mirror_handler(agent.v2_root, agent.handle),  # type: ignore[attr-defined]
-                  registries, LeafCache(ca, data_dir / "proxy-ca" / "tmp"),
+                  registries, LeafCache(ca),
                   getattr(agent, "metrics", None))
     await proxy.start(listen)
     return proxy

@@ -44,6 +44,12 @@ class CA:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
 
 def ca_paths(data_dir: Path) -> tuple[Path, Path]:
     """Where the agent whose data dir is ``data_dir`` keeps its CA (certificate, key)."""
@@ -54,7 +60,8 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _new_ca() -> CA:
+def new_ca() -> CA:
+    """A fresh CA (EC P-256, ten years, may sign leaves only)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "p2p-mirror"),
@@ -107,11 +114,8 @@ def load_or_create_ca(data_dir: Path) -> CA:
     cert_path, key_path = ca_paths(data_dir)
     if not key_path.exists():
         cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        ca = _new_ca()
-        key_pem = ca.key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption())
-        _write_private(key_path, key_pem, 0o600)
+        ca = new_ca()
+        _write_private(key_path, ca.key_pem, 0o600)
         _write_private(cert_path, ca.cert_pem, 0o644)
         return ca
     st = key_path.stat()
@@ -183,9 +187,8 @@ class LeafCache:
     """Server contexts per host, minted on demand; the least recently used beyond ``size``
     are dropped (minting again costs about a millisecond)."""
 
-    def __init__(self, ca: CA, scratch: Path, size: int = LEAF_CACHE) -> None:
+    def __init__(self, ca: CA, size: int = LEAF_CACHE) -> None:
         self.ca = ca
-        self.scratch = scratch  # a 0700 dir: ssl only loads keys from files
         self.size = size
         self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
 
@@ -198,14 +201,13 @@ class LeafCache:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["http/1.1"])
-        self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.scratch, suffix=".pem")
+        # ssl loads keys from files only: an anonymous memory file keeps the key off disk.
+        fd = os.memfd_create("p2p-mirror-leaf")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(key_pem + cert_pem + self.ca.cert_pem)
-            ctx.load_cert_chain(tmp)
+            os.write(fd, key_pem + cert_pem + self.ca.cert_pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
         finally:
-            os.unlink(tmp)
+            os.close(fd)
         self._contexts[host] = ctx
         while len(self._contexts) > self.size:
             self._contexts.popitem(last=False)
