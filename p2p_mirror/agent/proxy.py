@@ -253,7 +253,8 @@ class _Handoff(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.inner is None:
             if len(self.pending) + len(data) > MAX_HEAD * 8:
-                return  # a client that floods before we are ready loses it
+                self.counted.abort()  # a client that floods before we are ready loses it
+                return
             self.pending += data
         else:
             self.inner.data_received(data)
