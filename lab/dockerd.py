@@ -15,11 +15,14 @@ import http.client
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -55,25 +58,44 @@ class Dockerd:
     """``dockerd`` with its own data root, exec root and socket; ``node_root`` is a root the
     installer wrote into (its ``etc/docker`` becomes ``/etc/docker`` for this dockerd)."""
 
-    def __init__(self, node_root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, node_root: Path, env: dict[str, str] | None = None,
+                 workdir: Path | None = None) -> None:
         self.node_root = node_root
         self.env = dict(env or {})
-        self.dir = Path(tempfile.mkdtemp(prefix="dk-", dir="/tmp"))
+        self.dir = workdir or Path(tempfile.mkdtemp(prefix="dk-", dir="/tmp"))
         self.socket = self.dir / "d.sock"
+        self.pidfile = self.dir / "pid"
         self.proc: Proc | None = None
+
+    def restart_command(self) -> str:
+        """What ``--restart-command`` runs for this dockerd: stop it, start it again with the
+        node root's current daemon.json and drop-in, as ``systemctl restart docker`` would."""
+        return shlex.join([sys.executable, "-m", "lab.dockerd", "restart",
+                           str(self.node_root), str(self.dir)])
 
     @property
     def etc_docker(self) -> Path:
         return self.node_root / "etc" / "docker"
 
     def start(self, timeout: float = 60.0) -> Dockerd:
+        self.spawn()
+        try:
+            self.proc.wait_ready(lambda: self.ping(), timeout,  # type: ignore[union-attr]
+                                 f"dockerd on {self.socket}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def spawn(self) -> Proc:
+        """Start dockerd (in its own session, so it outlives a restart command)."""
         if shutil.which("dockerd") is None:
             raise LabError("dockerd not found (apt-get install docker.io)")
         daemon_json = self.etc_docker / "daemon.json"
         argv = [
             "dockerd", "--data-root", self.dir / "data", "--exec-root", self.dir / "x",
             "-H", f"unix://{self.socket}", "--storage-driver=vfs", "--iptables=false",
-            "--bridge=none", "--pidfile", self.dir / "pid",
+            "--bridge=none", "--pidfile", self.pidfile,
         ]  # fmt: skip
         if daemon_json.exists():
             argv += ["--config-file", daemon_json]
@@ -91,12 +113,7 @@ class Dockerd:
              self.etc_docker / "certs.d", *argv],
             self.dir / "dockerd.log", env={**clean, **self.env},
         )
-        try:
-            self.proc.wait_ready(lambda: self.ping(), timeout, f"dockerd on {self.socket}")
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.proc
 
     def api(self, method: str, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
         conn = _Unix(self.socket, timeout)
@@ -145,6 +162,7 @@ class Dockerd:
         containerd_pid = self.dir / "x" / "containerd" / "containerd.pid"
         if self.proc is not None:
             self.proc.stop(timeout=20)
+        self.kill_by_pidfile()  # a dockerd a restart command started
         if containerd_pid.exists():
             with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
                 pid = int(containerd_pid.read_text().strip())
@@ -157,6 +175,23 @@ class Dockerd:
                 subprocess.run(["umount", "-R", str(data)], capture_output=True, timeout=30)
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def kill_by_pidfile(self, timeout: float = 20.0) -> None:
+        """SIGTERM the dockerd named in the pidfile and wait until it is gone."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if not _is_process(pid, "dockerd"):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _is_process(pid, "dockerd") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _is_process(pid, "dockerd"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def __enter__(self) -> Dockerd:
         return self.start()
 
@@ -165,10 +200,12 @@ class Dockerd:
 
 
 def _is_process(pid: int, name: str) -> bool:
+    """Alive (not a zombie) and named ``name``."""
     try:
-        return name in Path(f"/proc/{pid}/comm").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
+    return f"Name:\t{name}" in status and "\nState:\tZ" not in status
 
 
 def _json_lines(body: bytes) -> list[dict]:
@@ -183,4 +220,21 @@ def _json_lines(body: bytes) -> list[dict]:
 
 def dockerd_available() -> bool:
     return shutil.which("dockerd") is not None and shutil.which("unshare") is not None
+
+
+def _restart(node_root: Path, workdir: Path) -> int:
+    """``systemctl restart docker`` for a lab dockerd: stop it, start it with the node root's
+    current drop-in environment; return at once (the installer's health check waits)."""
+    drop_in = node_root / "etc/systemd/system/docker.service.d/p2p-mirror.conf"
+    env = drop_in_environment(drop_in.read_text()) if drop_in.exists() else {}
+    d = Dockerd(node_root, env, workdir)
+    d.kill_by_pidfile()
+    d.spawn()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "restart":
+        raise SystemExit("usage: python -m lab.dockerd restart NODE_ROOT WORKDIR")
+    raise SystemExit(_restart(Path(sys.argv[2]), Path(sys.argv[3])))
 

@@ -221,12 +221,29 @@ class DockerdAdapter:
             info = json.loads(body)
         except ValueError:
             return "GET /info did not answer JSON"
-        mirrors = [m.rstrip("/") for m in (info.get("RegistryConfig") or {}).get("Mirrors") or []]
-        if self.mirror not in mirrors:
-            return f"dockerd runs without the mirror {self.mirror} (registry-mirrors: {mirrors})"
-        if self.other_registries and info.get("HttpsProxy", "").rstrip("/") != self.proxy:
-            return (f"dockerd runs with HTTPS_PROXY={info.get('HttpsProxy')!r}, not "
-                    f"{self.proxy} (was systemd reloaded?)")
+        return self._loaded_from_disk(info)
+
+    def _loaded_from_disk(self, info: dict[str, Any]) -> str | None:
+        """Whether the running dockerd uses the files on disk now: after install, after a
+        rollback and after uninstall alike (its mirrors, and our proxy only with our drop-in)."""
+        try:
+            wanted = self._daemon_json()[2].get("registry-mirrors") or []
+        except InstallError as e:
+            return str(e)
+        wanted = [m.rstrip("/") for m in wanted if isinstance(m, str)]
+        running = [m.rstrip("/") for m in (info.get("RegistryConfig") or {}).get("Mirrors") or []]
+        if running != wanted:
+            return f"dockerd runs with registry-mirrors {running}, not {wanted} from {DAEMON_JSON}"
+        proxy = str(info.get("HttpsProxy") or "").rstrip("/")
+        drop_in = under(self.root, DROP_IN)
+        if drop_in.exists():
+            m = re.search(r'"HTTPS_PROXY=([^"]*)"', drop_in.read_text())
+            expected = m.group(1).rstrip("/") if m else ""
+            if proxy != expected:
+                return (f"dockerd runs with HTTPS_PROXY={proxy!r}, not {expected!r} from "
+                        f"{DROP_IN} (was systemd reloaded?)")
+        elif proxy and proxy == self.proxy:
+            return f"dockerd still runs with the agent's proxy {proxy} (was systemd reloaded?)"
         return None
 
     def _get(self, path: str) -> tuple[int | None, bytes]:

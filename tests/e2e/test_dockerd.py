@@ -279,3 +279,51 @@ def test_an_origin_with_an_untrusted_certificate_is_refused_unless_configured_in
     assert "certificate verify failed" in strict.proc.log_text()
     status, body = _manifest(insecure, "bad.example.test")
     assert status == 200 and hashlib.sha256(body).hexdigest() == manifest_digest
+
+
+def test_install_restarts_a_live_restore_dockerd_checks_it_and_rolls_back(
+    tmp_path: Path, origin: tuple[Registry, Path, Path], layout: ImageLayout,
+    stack: LocalStack, dockerds: list[Dockerd],
+) -> None:
+    """The real restart path: the restart command restarts dockerd from the node root's files
+    (as systemd would), and the health check reads the running dockerd's /info."""
+    reg, test_ca, _ = origin
+    agent = start_agent(stack, "node1")
+    root = tmp_path / "root"
+    (root / "etc/docker").mkdir(parents=True)
+    (root / "etc/docker/daemon.json").write_text('{\n  "live-restore": true\n}\n')
+    original = snapshot(root)
+    d = start_dockerd(dockerds, root, {})
+    restart = d.restart_command()
+    args = ["--runtime", "dockerd", "--root", root, "--mirror", agent.url,
+            "--proxy", f"http://127.0.0.1:{agent.proxy_port}", "--registry", f"{REG}={reg.url}",
+            "--ca-cert", agent.data_dir / "proxy-ca" / "ca.crt", "--docker-socket", d.socket,
+            "--health-timeout", "60"]
+
+    # The first restart fails: the files are put back and dockerd restarted on them.
+    marker = tmp_path / "failed-once"
+    flaky = f"{sys.executable} {Path(__file__).parents[1] / 'support/installer_restart.py'} " \
+            f"fail-once --marker {marker} -- {restart}"
+    res = cli("install", *args, "--restart-command", flaky)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "rolled back" in res.stdout
+    assert snapshot(root) == original
+    assert not d.info()["RegistryConfig"]["Mirrors"]
+
+    res = cli("install", *args, "--restart-command", restart)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "reloading systemd" not in res.stdout  # a restart command does its own reload
+    assert "dockerd is healthy" in res.stdout
+    info = d.info()
+    assert info["HttpsProxy"] == f"http://127.0.0.1:{agent.proxy_port}"
+    mark = reg.mark()
+    d.pull(f"{REG}/{REPO}:{TAG}")
+    reg.settle()
+    assert not any("docker/" in r.user_agent for r in reg.requests(since=mark))
+
+    res = cli("uninstall", "--root", root, "--docker-socket", d.socket,
+              "--restart-command", restart)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert snapshot(root) == original
+    info = d.info()
+    assert not info["RegistryConfig"]["Mirrors"] and not info.get("HttpsProxy")

@@ -199,15 +199,17 @@ def test_without_live_restore_dockerd_is_not_restarted(tmp_path: Path, docker_ap
     dry = run(install, "--root", root, "--runtime", "dockerd", "--registry", REG, "--dry-run")
     assert dry.exit_code == 0 and "install would refuse" in dry.output
     res = run(install, "--root", root, "--runtime", "dockerd", "--registry", REG,
-              "--docker-socket", sock, "--restart-command", OK, "--allow-dockerd-restart")
+              "--docker-socket", sock, "--restart-command", OK, "--allow-dockerd-restart",
+              "--health-timeout", "5")
     assert res.exit_code == 0, res.output
     assert "dockerd is healthy" in res.output
     installed = snapshot(root)
+    api.info = {"RegistryConfig": {"Mirrors": []}, "HttpsProxy": ""}  # as restarted on originals
     res = run(uninstall, "--root", root, "--docker-socket", sock, "--restart-command", OK)
     assert res.exit_code == 2 and "live-restore" in res.output
     assert snapshot(root) == installed  # refused before any file was restored
     res = run(uninstall, "--root", root, "--docker-socket", sock, "--restart-command", OK,
-              "--allow-dockerd-restart")
+              "--allow-dockerd-restart", "--health-timeout", "5")
     assert res.exit_code == 0, res.output
     assert snapshot(root) == original
 
@@ -231,13 +233,18 @@ def test_with_live_restore_systemd_is_reloaded_then_dockerd_restarted(
     assert calls.read_text().splitlines() == ["daemon-reload", "restart docker"]
 
 
-def test_health_reads_the_running_mirror_and_proxy(tmp_path: Path, docker_api) -> None:
+def test_health_compares_the_running_dockerd_with_the_files(tmp_path: Path, docker_api) -> None:
     sock, api = docker_api
-    rt = DockerdAdapter(tmp_path, MIRROR, sock, [REG])
+    root = node(tmp_path)
+    rt = DockerdAdapter(root, MIRROR, sock, [REG])
+    api.info = {"RegistryConfig": {"Mirrors": []}, "HttpsProxy": ""}
+    assert rt.health() is None  # nothing installed, nothing expected
     api.info = _running()
+    assert "not []" in (rt.health() or "")  # still runs the mirror the files no longer have
+    write(root, "/etc/docker/daemon.json", json.dumps({"registry-mirrors": [MIRROR]}))
+    assert "still runs with the agent's proxy" in (rt.health() or "")
+    write(root, DROP_IN, '[Service]\nEnvironment="HTTPS_PROXY=http://127.0.0.1:5003"\n')
     assert rt.health() is None
     api.info = _running(proxy="")
     assert "was systemd reloaded" in (rt.health() or "")
-    api.info = {"RegistryConfig": {"Mirrors": []}, "HttpsProxy": "http://127.0.0.1:5003"}
-    assert "without the mirror" in (rt.health() or "")
-    assert "none.sock" in (DockerdAdapter(tmp_path, MIRROR, tmp_path / "none.sock").health() or "")
+    assert "none.sock" in (DockerdAdapter(root, MIRROR, tmp_path / "none.sock").health() or "")
