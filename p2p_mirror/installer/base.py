@@ -18,6 +18,7 @@ class Change:
     new: bytes
     mode: int | None = None  # None: the file's current mode, 0644 for a new file
     owner: tuple[int, int] | None = None  # None: the file's current owner, the installer's
+    secret: bool = False  # never print its bytes (--dry-run shows only that it changes)
 
 
 @dataclass

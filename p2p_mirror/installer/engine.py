@@ -79,6 +79,9 @@ def _current(root: Path, host_path: str) -> bytes | None:
 
 def diff(root: Path, change: Change) -> str:
     old = _current(root, change.path)
+    if change.secret:
+        src = f"a{change.path}" if old is not None else "/dev/null"
+        return f"--- {src}\n+++ b{change.path}\n(a private key, {len(change.new)} bytes, not shown)"
     a = (old or b"").decode(errors="replace").splitlines(keepends=True)
     b = change.new.decode(errors="replace").splitlines(keepends=True)
     src = f"a{change.path}" if old is not None else "/dev/null"

@@ -198,6 +198,8 @@ def test_without_live_restore_dockerd_is_not_restarted(tmp_path: Path, docker_ap
         assert snapshot(root) == original  # containerd was not touched either
     dry = run(install, "--root", root, "--runtime", "dockerd", "--registry", REG, "--dry-run")
     assert dry.exit_code == 0 and "install would refuse" in dry.output
+    assert f"+++ b{CA_DIR}/ca.key\n(a private key" in dry.output
+    assert "PRIVATE KEY" not in dry.output
     res = run(install, "--root", root, "--runtime", "dockerd", "--registry", REG,
               "--docker-socket", sock, "--restart-command", OK, "--allow-dockerd-restart",
               "--health-timeout", "5")
