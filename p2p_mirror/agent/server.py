@@ -364,19 +364,18 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 async def _main(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     await agent.start()
-    runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
-                         cfg.drain_timeout)  # fmt: skip
     proxy = None
-    if cfg.proxy_listen is not None:
+    if cfg.proxy_listen is not None:  # before the mirror: its port open means all is up
         from p2p_mirror.agent.proxy import proxied_registries, start_proxy
 
         names = proxied_registries(cfg.registries, cfg.default_registry)
         try:
             proxy = await start_proxy(agent, cfg.proxy_listen, cfg.data_dir, names)
         except (TLSError, OSError) as e:
-            await runner.cleanup()
             await agent.close()
             raise SystemExit(f"agent: proxy on {cfg.proxy_listen}: {e}") from None
+    runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
+                         cfg.drain_timeout)  # fmt: skip
     if agent.swarm is not None:
         log.info("agent BitTorrent on %s:%d", cfg.bt_listen.host, agent.swarm.port)
     else:
