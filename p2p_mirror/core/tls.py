@@ -115,8 +115,9 @@ def load_or_create_ca(data_dir: Path) -> CA:
     if not key_path.exists():
         cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         ca = new_ca()
-        _write_private(key_path, ca.key_pem, 0o600)
+        # The key last: its presence means both files are complete.
         _write_private(cert_path, ca.cert_pem, 0o644)
+        _write_private(key_path, ca.key_pem, 0o600)
         return ca
     st = key_path.stat()
     if st.st_uid != os.geteuid():

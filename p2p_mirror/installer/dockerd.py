@@ -198,9 +198,10 @@ class DockerdAdapter:
             raise InstallError(f"{e}; nothing was changed") from None
         ca = new_ca()
         ca_dir = f"{self.agent_data_dir.rstrip('/')}/proxy-ca"
+        # The key last, as the agent writes them: its presence means both are complete.
+        plan.changes.append(Change(f"{ca_dir}/{CA_CERT}", ca.cert_pem, 0o644, self.agent_owner))
         plan.changes.append(Change(f"{ca_dir}/{CA_KEY}", ca.key_pem, 0o600, self.agent_owner,
                                    secret=True))
-        plan.changes.append(Change(f"{ca_dir}/{CA_CERT}", ca.cert_pem, 0o644, self.agent_owner))
         plan.notes.append(f"dockerd: made the agent's proxy CA in {ca_dir}")
         return ca.cert_pem
 
