@@ -186,7 +186,7 @@ def mint(ca: CA, host: str) -> tuple[bytes, bytes]:
 
 class LeafCache:
     """Server contexts per host, minted on demand; the least recently used beyond ``size``
-    are dropped (minting again costs about a millisecond)."""
+    are dropped (and minted again when asked for)."""
 
     def __init__(self, ca: CA, size: int = LEAF_CACHE) -> None:
         self.ca = ca
