@@ -16,6 +16,9 @@ class Change:
 
     path: str
     new: bytes
+    mode: int | None = None  # None: the file's current mode, 0644 for a new file
+    owner: tuple[int, int] | None = None  # None: the file's current owner, the installer's
+    secret: bool = False  # never print its bytes (--dry-run shows only that it changes)
 
 
 @dataclass
@@ -41,3 +44,7 @@ class Runtime(Protocol):
     def health(self) -> str | None:
         """None if the runtime answers and loaded its config, else a short reason."""
         ...
+
+    # Optional, looked up with getattr by the engine (containerd has neither):
+    #   reload_systemd: bool  -- run `systemctl daemon-reload` before `systemctl restart`
+    #   restart_refusal() -> str | None  -- why restarting it now would be unsafe

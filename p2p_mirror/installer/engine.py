@@ -34,6 +34,12 @@ class Options:
     docker_socket: Path | None = None
     containerd_version: tuple[int, int] | None = None
     lock_timeout: float = 60.0
+    proxy: str = dockerd.DEFAULT_PROXY
+    no_proxy: list[str] = field(default_factory=list)
+    agent_data_dir: str = dockerd.DEFAULT_AGENT_DATA_DIR
+    ca_cert: Path | None = None
+    agent_owner: tuple[int, int] | None = None
+    allow_dockerd_restart: bool = False
 
 
 def make_runtime(name: str, opts: Options) -> Runtime:
@@ -43,8 +49,11 @@ def make_runtime(name: str, opts: Options) -> Runtime:
             opts.containerd_socket, opts.containerd_version,
         )
     if name == "dockerd":
-        return dockerd.Dockerd(
-            opts.root, opts.mirror, opts.docker_socket, [r.name for r in opts.registries]
+        return dockerd.DockerdAdapter(
+            opts.root, opts.mirror, opts.docker_socket, [r.name for r in opts.registries],
+            proxy=opts.proxy, no_proxy=opts.no_proxy, agent_data_dir=opts.agent_data_dir,
+            ca_cert=opts.ca_cert, agent_owner=opts.agent_owner,
+            guard_restart=opts.restart and not opts.allow_dockerd_restart,
         )
     raise InstallError(f"unknown runtime {name!r}")
 
@@ -70,6 +79,9 @@ def _current(root: Path, host_path: str) -> bytes | None:
 
 def diff(root: Path, change: Change) -> str:
     old = _current(root, change.path)
+    if change.secret:
+        src = f"a{change.path}" if old is not None else "/dev/null"
+        return f"--- {src}\n+++ b{change.path}\n(a private key, {len(change.new)} bytes, not shown)"
     a = (old or b"").decode(errors="replace").splitlines(keepends=True)
     b = change.new.decode(errors="replace").splitlines(keepends=True)
     src = f"a{change.path}" if old is not None else "/dev/null"
@@ -100,6 +112,9 @@ def install(opts: Options, out: Out) -> int:
             if not any(plan.changes for _, plan in plans):
                 out("already installed: nothing to change")
                 return 0
+            if opts.restart:
+                for refusal in _restart_refusals(plans):
+                    raise InstallError(refusal)
             for d in made_state:
                 if d not in journal.data.state_dirs:
                     journal.data.state_dirs.append(d)
@@ -116,11 +131,24 @@ def dry_run(opts: Options, out: Out) -> int:
         for note in plan.notes:
             out(note)
     changes = [c for _, plan in plans for c in plan.changes]
+    if opts.restart:
+        for refusal in _restart_refusals(plans):
+            out(f"install would refuse: {refusal}")
     for c in changes:
         out(diff(opts.root, c).rstrip("\n"))
     out(f"dry run: {len(changes)} file(s) would change" if changes else
         "dry run: already installed, nothing would change")
     return 0
+
+
+def _restart_refusals(plans: list[tuple[Runtime, Plan]]) -> list[str]:
+    """Why restarting a runtime that would change is unsafe (dockerd without live-restore)."""
+    found = []
+    for rt, plan in plans:
+        refusal = getattr(rt, "restart_refusal", lambda: None)() if plan.changes else None
+        if refusal:
+            found.append(refusal)
+    return found
 
 
 def _apply(opts: Options, journal: Journal, plans: list[tuple[Runtime, Plan]], out: Out) -> int:
@@ -149,8 +177,8 @@ def _apply(opts: Options, journal: Journal, plans: list[tuple[Runtime, Plan]], o
             under(root, d).mkdir(mode=0o755)
     for c in changes:
         old = prior[c.path]
-        atomic_write(under(root, c.path), c.new, old[1] if old else 0o644,
-                     old[2] if old else None)
+        mode = c.mode if c.mode is not None else (old[1] if old else 0o644)
+        atomic_write(under(root, c.path), c.new, mode, c.owner or (old[2] if old else None))
         out(f"wrote {c.path}")
     if not opts.restart:
         out("--no-restart: restart " + ", ".join(rt.unit for rt in affected) +
@@ -190,6 +218,11 @@ def uninstall(opts: Options, out: Out) -> int:
         if not journal.exists():
             out("not installed: nothing to uninstall")
             return 0
+        if opts.restart:  # refuse before any file changes, not after
+            for name in journal.data.runtimes:
+                refusal = getattr(make_runtime(name, opts), "restart_refusal", lambda: None)()
+                if refusal:
+                    raise InstallError(refusal)
         for rec in reversed(journal.data.files):
             original = journal.original_bytes(rec)
             target = under(opts.root, rec.path)
@@ -223,6 +256,12 @@ def uninstall(opts: Options, out: Out) -> int:
 def _restart_all(opts: Options, runtimes: list[Runtime], out: Out) -> None:
     restarter = Restarter(opts.restart_command, opts.health_timeout)
     for rt in runtimes:
+        refusal = getattr(rt, "restart_refusal", lambda: None)()
+        if refusal:
+            raise RestartError(refusal)
+        if getattr(rt, "reload_systemd", False) and opts.restart_command is None:
+            out("reloading systemd units: systemctl daemon-reload")
+            Restarter("systemctl daemon-reload", opts.health_timeout).restart(rt.unit)
         out(f"restarting {rt.unit}: {' '.join(restarter.argv(rt.unit))}")
         restarter.restart(rt.unit)
         wait_healthy(rt.health, opts.health_timeout, rt.name)

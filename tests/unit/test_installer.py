@@ -22,7 +22,7 @@ from p2p_mirror.installer import engine, hosts
 from p2p_mirror.installer.backup import STATE_DIR, under
 from p2p_mirror.installer.base import InstallError
 from p2p_mirror.installer.containerd import Containerd
-from p2p_mirror.installer.dockerd import Dockerd
+from p2p_mirror.installer.dockerd import DockerdAdapter as Dockerd
 from p2p_mirror.installer.lock import DirLock, LockBusy
 from p2p_mirror.installer.tomledit import TomlEditError, set_key
 
@@ -385,7 +385,8 @@ def docker_ping(tmp_path: Path):
 def test_dockerd_restart_and_health_check(tmp_path: Path, docker_ping: Path) -> None:
     root = node(tmp_path)
     res = run(install, "--root", root, "--runtime", "dockerd", "--docker-socket", docker_ping,
-              "--restart-command", f"{sys.executable} -c 'import sys; sys.exit(0)' {{unit}}")
+              "--allow-dockerd-restart", "--restart-command",
+              f"{sys.executable} -c 'import sys; sys.exit(0)' {{unit}}")
     assert res.exit_code == 0, res.output
     assert "restarting docker" in res.output and "dockerd is healthy" in res.output
     assert "Docker Hub" in res.output
@@ -395,7 +396,8 @@ def test_failing_restart_restores_files_and_exits_non_zero(tmp_path: Path) -> No
     root = node(tmp_path)
     original = snapshot(root)
     res = run(install, "--root", root, "--runtime", "dockerd", "--docker-socket",
-              tmp_path / "nothing.sock", "--restart-command", f"{sys.executable} {RESTART} fail")
+              tmp_path / "nothing.sock", "--allow-dockerd-restart", "--restart-command",
+              f"{sys.executable} {RESTART} fail")
     assert res.exit_code == 1, res.output
     assert "simulated restart failure" in res.output and "rolling back" in res.output
     assert snapshot(root) == original
@@ -405,7 +407,8 @@ def test_runtime_that_never_answers_restores_files(tmp_path: Path) -> None:
     root = node(tmp_path)
     original = snapshot(root)
     res = run(install, "--root", root, "--runtime", "dockerd", "--health-timeout", "1",
-              "--docker-socket", tmp_path / "nothing.sock", "--restart-command", "true")
+              "--allow-dockerd-restart", "--docker-socket", tmp_path / "nothing.sock",
+              "--restart-command", "true")
     assert res.exit_code == 1, res.output
     assert "did not become healthy" in res.output
     assert snapshot(root) == original
