@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from p2p_mirror.core.config import Upstream, parse_registry_flag, parse_url
-from p2p_mirror.installer import engine
+from p2p_mirror.installer import containerd, engine
 from p2p_mirror.installer.base import InstallError
 from p2p_mirror.installer.lock import LockBusy
 from p2p_mirror.installer.restart import RestartError
@@ -16,6 +16,11 @@ HUB_NOTE = (
     "dockerd mirrors Docker Hub (docker.io) images only: with dockerd, pulls from other "
     "registries do not go through the mirror."
 )
+EXIT_CODES = (
+    "Exit codes: 0 done or nothing to do; 1 rolled back (the failure is recorded in "
+    "/var/lib/p2p-mirror/installer/failed.json); 2 refused, bad input, nothing changed; "
+    "3 not retried: this exact install was rolled back before (--force retries it)."
+)
 
 
 def _registries(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]):
@@ -23,6 +28,15 @@ def _registries(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
         return [parse_registry_flag(v) for v in value]
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def _version(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    version = containerd.parse_version(f" {value}")
+    if version is None:
+        raise click.BadParameter(f"{value!r} is not a version like 1.6.20")
+    return version
 
 
 def _url(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -45,7 +59,8 @@ no_restart_option = click.option(
     "--no-restart", is_flag=True, help="Write the files but do not restart the runtime."
 )
 health_option = click.option(
-    "--health-timeout", type=float, default=60.0, show_default=True, metavar="SECONDS",
+    "--health-timeout", type=click.FloatRange(min=0, max=3600), default=60.0,
+    show_default=True, metavar="SECONDS",
     help="How long the restarted runtime has to answer on its socket.",
 )
 containerd_socket_option = click.option(
@@ -68,12 +83,12 @@ def _run(fn, opts: engine.Options) -> None:
         code = fn(opts, click.echo)
     except (InstallError, LockBusy, RestartError) as e:
         click.echo(f"error: {e}", err=True)
-        raise SystemExit(2) from None
+        raise SystemExit(engine.REFUSED) from None
     if code:
         raise SystemExit(code)
 
 
-@click.command(epilog=HUB_NOTE)
+@click.command(epilog=f"{HUB_NOTE}\n\n{EXIT_CODES}")
 @root_option
 @click.option("--runtime", type=click.Choice(["auto", "containerd", "dockerd"]), default="auto",
               show_default=True, help="Runtime to configure; auto: every one found under --root.")
@@ -89,23 +104,31 @@ def _run(fn, opts: engine.Options) -> None:
 @health_option
 @containerd_config_option
 @containerd_socket_option
+@click.option("--containerd-version", metavar="X.Y.Z", callback=_version,
+              help="containerd's version, instead of asking `containerd --version` (or the "
+                   "socket): before 1.6.17 it does not read certs.d/_default.")
 @docker_socket_option
+@click.option("--force", is_flag=True,
+              help="Retry an install that was rolled back before (see exit code 3).")
 def install(root: Path, runtime: str, mirror: str, registries: list[Upstream],
             restart_command: str | None, dry_run: bool, no_restart: bool, health_timeout: float,
             containerd_config: str, containerd_socket: Path | None,
-            docker_socket: Path | None) -> None:
+            containerd_version: tuple[int, int, int] | None, docker_socket: Path | None,
+            force: bool) -> None:
     """Point the node's container runtime at the local mirror, restart it, check it.
 
     containerd: sets the CRI registry config_path in config.toml (every other setting and
     comment kept) and writes certs.d/<registry>/hosts.toml with the mirror first and the
     registry itself as fallback. dockerd: adds registry-mirrors to daemon.json. Originals are
     kept for `p2p-mirror uninstall`; if the runtime does not come back, they are restored.
+    The runtime is restarted only when its config file changed (containerd re-reads hosts.toml
+    on every pull).
     """
     opts = engine.Options(
         root=root.absolute(), runtime=runtime, mirror=mirror, registries=registries,
         restart_command=restart_command, restart=not no_restart, health_timeout=health_timeout,
         containerd_config=containerd_config, containerd_socket=containerd_socket,
-        docker_socket=docker_socket,
+        docker_socket=docker_socket, containerd_version=containerd_version, force=force,
     )
     _run(engine.dry_run if dry_run else engine.install, opts)
 

@@ -12,10 +12,15 @@ class InstallError(RuntimeError):
 
 @dataclass
 class Change:
-    """A file to write: its host path (``/etc/...``) and the bytes it should hold."""
+    """A file to write: its host path (``/etc/...``) and the bytes it should hold.
+
+    ``restart``: the runtime reads the file only at start (containerd re-reads hosts.toml on
+    every pull, so those changes need no restart).
+    """
 
     path: str
     new: bytes
+    restart: bool = True
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from support import SUPPORT
-from tests.test_installer import snapshot
+from support.installer import snapshot
 
 from lab.containerd import Containerd, pick_snapshotter, render_config
 from lab.images import PushedImage
@@ -28,8 +28,8 @@ from lab.procs import Proc, free_port
 from lab.registry import Registry
 from p2p_mirror.cli.install import install, uninstall
 from p2p_mirror.installer.backup import under
-from p2p_mirror.installer.containerd import Containerd as ContainerdAdapter
-from tests.conftest import require_binaries, require_root
+from p2p_mirror.installer.containerd import ContainerdAdapter
+from support import require_binaries, require_root
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,105 @@
+"""Installer test helpers: sample node files, a host root, tree snapshots, the CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from p2p_mirror.installer.backup import STATE_DIR, under
+from support import SUPPORT
+
+MIRROR = "http://127.0.0.1:5004"
+RESTART = SUPPORT / "installer_restart.py"
+
+CONFIG_V2 = """\
+# Node containerd config, hand-tuned: keep these comments.
+version = 2
+oom_score = -999
+
+[plugins]
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "registry.k8s.io/pause:3.9"   # pinned
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/opt/cni/bin"
+    [plugins."io.containerd.grpc.v1.cri".registry]
+      # filled in by the node bootstrap
+      config_path = ""
+    [plugins."io.containerd.grpc.v1.cri".registry.configs."internal.example:5000".tls]
+      insecure_skip_verify = true
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "/opt/containerd"
+"""
+
+CONFIG_V3 = """\
+version = 3
+root = '/var/lib/containerd'
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = 'overlayfs'
+  # disable_snapshot_annotations = true
+
+[plugins.'io.containerd.cri.v1.runtime']
+  enable_selinux = false
+"""
+
+EXISTING_HOSTS = """\
+# the team's pull-through cache
+server = "https://registry.example.test"
+
+[host."https://cache.internal.example"]
+  capabilities = ["pull", "resolve"]
+  skip_verify = true
+"""
+
+DAEMON_JSON = """\
+{
+    "log-driver": "json-file",
+    "log-opts": {"max-size": "10m"},
+    "registry-mirrors": ["https://mirror.gcr.example"],
+    "insecure-registries": ["10.0.0.0/8"]
+}
+"""
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def snapshot(root: Path, skip_state: bool = False) -> dict[str, tuple[str, bytes | None, int]]:
+    """Every file, dir and symlink under root: kind, bytes (link target), mode. Equal
+    snapshots = identical trees. ``skip_state``: leave out the installer's own state dir (a
+    rolled-back install leaves its failure record there)."""
+    out: dict[str, tuple[str, bytes | None, int]] = {}
+    state = STATE_DIR.lstrip("/")
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if skip_state and (rel == state or rel.startswith(state + "/")
+                           or state.startswith(rel + "/")):
+            continue
+        if p.is_symlink():
+            out[rel] = ("link", str(p.readlink()).encode(), 0)
+            continue
+        mode = p.stat().st_mode & 0o7777
+        out[rel] = ("dir", None, mode) if p.is_dir() else ("file", p.read_bytes(), mode)
+    return out
+
+
+def write(root: Path, host_path: str, text: str, mode: int = 0o644) -> Path:
+    p = under(root, host_path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    p.chmod(mode)
+    return p
+
+
+def node(tmp_path: Path) -> Path:
+    """A host root with containerd (comments, other plugins, an existing hosts.toml) + dockerd."""
+    root = tmp_path / "host"
+    write(root, "/etc/containerd/config.toml", CONFIG_V2, 0o600)
+    write(root, "/etc/containerd/certs.d/registry.example.test/hosts.toml", EXISTING_HOSTS)
+    write(root, "/etc/docker/daemon.json", DAEMON_JSON)
+    return root
+
+
+def run(cmd, *args: str | Path) -> Result:
+    return CliRunner().invoke(cmd, [str(a) for a in args], catch_exceptions=False)
