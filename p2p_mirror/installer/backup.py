@@ -27,6 +27,7 @@ from p2p_mirror.installer.paths import under, under_nofollow
 STATE_DIR = "/var/lib/p2p-mirror/installer"
 JOURNAL = "journal.json"
 ORIGINALS = "originals"
+META = "meta.json"
 FORMAT = 1
 
 __all__ = ["STATE_DIR", "FileRecord", "Journal", "JournalError", "atomic_write", "make_dirs",
@@ -159,15 +160,22 @@ class Journal:
         return self
 
     def recover(self) -> list[str]:
-        """Rebuild the file list from ``originals/*.json`` after journal.json was damaged.
+        """Rebuild the journal from ``originals/``: the per-file records and ``meta.json``
+        (the directories we created, the runtimes), after journal.json was damaged.
 
-        Returns what could not be recovered (to tell the user); the created directories are
-        not in the per-file records, so empty ones may stay.
+        Returns what could not be recovered, to tell the user.
         """
         self.data = JournalData()
         problems: list[str] = []
         originals = self.dir / ORIGINALS
-        for rec_path in sorted(originals.glob("*.json")) if originals.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            meta = json.loads((originals / META).read_bytes())
+            self.data.runtimes = _str_list(meta, "runtimes")
+            self.data.dirs = _str_list(meta, "dirs")
+            self.data.state_dirs = _str_list(meta, "state_dirs")
+            if isinstance(meta.get("containerd_config"), str):
+                self.data.containerd_config = meta["containerd_config"]
+        for rec_path in sorted(originals.glob("[0-9]*.json")) if originals.is_dir() else []:
             try:
                 rec = FileRecord.from_json(json.loads(rec_path.read_bytes()))
             except (ValueError, TypeError, OSError) as e:
@@ -217,6 +225,9 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(asdict(self.data), indent=2, sort_keys=True) + "\n"
         atomic_write(self.path, text.encode(), 0o600)
+        if (self.dir / ORIGINALS).is_dir():  # all but the file list, for recover()
+            meta = {k: v for k, v in asdict(self.data).items() if k != "files"}
+            atomic_write(self.dir / ORIGINALS / META, json.dumps(meta).encode(), 0o600)
 
     def discard(self) -> None:
         """Delete the journal, kept originals, and the state dirs we created (if empty)."""

@@ -273,7 +273,7 @@ class ContainerdAdapter:
             for d in sorted(certs_dir.iterdir()):
                 if not d.is_dir() or d.name == hosts.DEFAULT_DIR:
                     continue
-                if (d / "hosts.toml").exists():
+                if under(self.root, f"{certs}/{d.name}/hosts.toml").exists():
                     targets[d.name] = (None, tls.pop(d.name, None))
                 else:
                     plan.notes.append(

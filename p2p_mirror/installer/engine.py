@@ -281,8 +281,10 @@ def uninstall(opts: Options, out: Out) -> int:
                     f"{journal.dir}"
                 ) from None
             out(f"warning: {journal.path} is damaged; restoring from the per-file records")
-            journal.data.runtimes = _runtimes_of(journal.data.files)
-            journal.data.state_dirs = [STATE_DIR]
+            if not journal.data.runtimes:
+                journal.data.runtimes = _runtimes_of(journal.data.files)
+            if not journal.data.state_dirs:
+                journal.data.state_dirs = [STATE_DIR]
             recovered = True
         if failed is not None and clear_failure(opts.root):
             out("cleared the record of a failed install")

@@ -55,6 +55,8 @@ def _resolve(root: Path, host_path: str | Path, follow_last: bool) -> Path:
 def read_text(root: Path, host_path: str) -> str | None:
     """A config file's text, None if it does not exist; bad input is an ``InstallError``."""
     path = under(root, host_path)
+    if path.is_dir():
+        raise InstallError(f"{host_path} is a directory; nothing was changed")
     try:
         data = path.read_bytes()
     except FileNotFoundError:

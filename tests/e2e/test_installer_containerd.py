@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from support import SUPPORT
+from support import SUPPORT, require_binaries, require_root
 from support.installer import snapshot
 
 from lab.containerd import Containerd, pick_snapshotter, render_config
@@ -29,7 +29,6 @@ from lab.registry import Registry
 from p2p_mirror.cli.install import install, uninstall
 from p2p_mirror.installer.backup import under
 from p2p_mirror.installer.containerd import ContainerdAdapter
-from support import require_binaries, require_root
 
 pytestmark = pytest.mark.integration
 
