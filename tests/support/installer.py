@@ -6,6 +6,7 @@ from pathlib import Path
 
 from click.testing import CliRunner, Result
 
+from lab.containerd import pick_snapshotter, render_config
 from p2p_mirror.installer.backup import STATE_DIR, under
 from support import SUPPORT
 
@@ -103,3 +104,20 @@ def node(tmp_path: Path) -> Path:
 
 def run(cmd, *args: str | Path) -> Result:
     return CliRunner().invoke(cmd, [str(a) for a in args], catch_exceptions=False)
+
+
+def node_config(workdir: Path, socket: Path) -> str:
+    """The lab's config minus the registry section, plus comments: a node's own config.toml."""
+    text = render_config(
+        root=workdir / "root", state=workdir / "state", socket=socket,
+        certs_dir=workdir / "unused", snapshotter=pick_snapshotter(workdir),
+        opt_dir=workdir / "opt",
+    )
+    text = text.replace(
+        '    [plugins."io.containerd.grpc.v1.cri".registry]\n'
+        f'      config_path = "{workdir / "unused"}"\n', ""
+    )
+    assert "registry" not in text
+    return "# node config: keep this comment\n" + text.replace(
+        "[metrics]", "# metrics stay off on this node\n[metrics]"
+    )
