@@ -78,12 +78,14 @@ containerd_config_option = click.option(
 )
 
 
-def _run(fn, opts: engine.Options) -> None:
+def _run(fn, opts: engine.Options, skipped_exit_code: int = engine.SKIPPED) -> None:
     try:
         code = fn(opts, click.echo)
     except (InstallError, LockBusy, RestartError) as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(engine.REFUSED) from None
+    if code == engine.SKIPPED:
+        code = skipped_exit_code
     if code:
         raise SystemExit(code)
 
@@ -110,11 +112,16 @@ def _run(fn, opts: engine.Options) -> None:
 @docker_socket_option
 @click.option("--force", is_flag=True,
               help="Retry an install that was rolled back before (see exit code 3).")
+@click.option("--skipped-exit-code", type=click.IntRange(0, 255), default=engine.SKIPPED,
+              show_default=True, metavar="CODE",
+              help="Exit code when this exact install was rolled back before and is not "
+                   "retried; a DaemonSet's init container may use 0, so the pod starts and "
+                   "its agent sees failed.json and stays idle.")
 def install(root: Path, runtime: str, mirror: str, registries: list[Upstream],
             restart_command: str | None, dry_run: bool, no_restart: bool, health_timeout: float,
             containerd_config: str, containerd_socket: Path | None,
             containerd_version: tuple[int, int, int] | None, docker_socket: Path | None,
-            force: bool) -> None:
+            force: bool, skipped_exit_code: int) -> None:
     """Point the node's container runtime at the local mirror, restart it, check it.
 
     containerd: sets the CRI registry config_path in config.toml (every other setting and
@@ -130,7 +137,7 @@ def install(root: Path, runtime: str, mirror: str, registries: list[Upstream],
         containerd_config=containerd_config, containerd_socket=containerd_socket,
         docker_socket=docker_socket, containerd_version=containerd_version, force=force,
     )
-    _run(engine.dry_run if dry_run else engine.install, opts)
+    _run(engine.dry_run if dry_run else engine.install, opts, skipped_exit_code)
 
 
 @click.command()

@@ -87,3 +87,12 @@ def clear_failure(root: Path) -> bool:
         marker(root).unlink()
         return True
     return False
+
+
+def status_line(root: Path = Path("/")) -> str | None:
+    """One line for ``p2p-mirror status`` when an install failed on this node, else None."""
+    failed = read_failure(root)
+    if failed is None:
+        return None
+    return (f"installer: {failed.summary()}; the agent stays idle on this node. Fix the cause, "
+            "then `p2p-mirror install --force` (or `p2p-mirror uninstall`)")

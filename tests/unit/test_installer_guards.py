@@ -29,7 +29,7 @@ from p2p_mirror.installer import hosts
 from p2p_mirror.installer.backup import STATE_DIR
 from p2p_mirror.installer.base import InstallError
 from p2p_mirror.installer.containerd import ContainerdAdapter, parse_version, server_version
-from p2p_mirror.installer.failure import FAILED_MARKER, read_failure
+from p2p_mirror.installer.failure import FAILED_MARKER, read_failure, status_line
 from p2p_mirror.installer.paths import under, under_nofollow
 
 CONFIG = "/etc/containerd/config.toml"
@@ -202,12 +202,18 @@ def test_failed_install_is_not_retried_until_forced_or_changed(tmp_path: Path) -
     assert failed is not None and failed.runtimes == ["containerd"]
     assert "simulated restart failure" in failed.summary()
     assert under(root, FAILED_MARKER).is_file()
+    line = status_line(root)
+    assert line is not None and "simulated restart failure" in line and "--force" in line
 
     res = run(install, *args, *restart_counting(log, "fail"))  # the DaemonSet's next try
     assert res.exit_code == 3, res.output
     assert "not retrying" in res.output and "--force" in res.output
     assert restarts(log) == ["containerd"] * 2  # no restart at all
     assert snapshot(root, skip_state=True) == original
+
+    res = run(install, *args, "--skipped-exit-code", "0", *restart_counting(log, "fail"))
+    assert res.exit_code == 0 and "not retrying" in res.output, res.output  # DaemonSet style
+    assert len(restarts(log)) == 2
 
     res = run(install, *args, "--force", *restart_counting(log, "fail"))
     assert res.exit_code == 1 and len(restarts(log)) == 4, res.output
@@ -216,6 +222,7 @@ def test_failed_install_is_not_retried_until_forced_or_changed(tmp_path: Path) -
 
     res = run(uninstall, "--root", root, "--no-restart")
     assert res.exit_code == 0 and read_failure(root) is None, res.output
+    assert status_line(root) is None
     assert snapshot(root) == original
 
 
