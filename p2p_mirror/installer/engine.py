@@ -148,10 +148,10 @@ def install(opts: Options, out: Out) -> int:
                         "uninstall`, which clears this record); nothing was changed")
                     return SKIPPED
                 out("--force: retrying an install that failed before")
-            for d in made_state:
+            made = [*(failed.made_dirs if failed else []), *made_state]
+            for d in made:  # ours to remove on uninstall, even if an earlier run made them
                 if d not in journal.data.state_dirs:
                     journal.data.state_dirs.append(d)
-            made = [*(failed.made_dirs if failed else []), *made_state]
             return _apply(opts, journal, plans, out, made)
     finally:
         if not journal.exists() and read_failure(opts.root) is None:

@@ -174,7 +174,12 @@ def test_symlinked_hosts_toml_is_a_symlink_again_after_uninstall(tmp_path: Path)
     reg.unlink()
     os.symlink("../../shared/hosts.toml", reg)
     original = snapshot(root)
-    res = run(install, "--root", root, "--runtime", "containerd", "--no-restart", *NEW_ENOUGH)
+    res = run(install, "--root", root, "--runtime", "containerd", *NEW_ENOUGH,
+              *restart_counting(tmp_path / "restarts", "fail"))
+    assert res.exit_code == 1, res.output
+    assert snapshot(root, skip_state=True) == original  # rolled back: a symlink again
+    res = run(install, "--root", root, "--runtime", "containerd", "--no-restart", *NEW_ENOUGH,
+              "--force")
     assert res.exit_code == 0, res.output
     assert "it was a symlink to ../../shared/hosts.toml" in res.output
     assert not reg.is_symlink()  # replaced, never written through: the shared file is theirs
@@ -228,12 +233,15 @@ def test_failed_install_is_not_retried_until_forced_or_changed(tmp_path: Path) -
 
 def test_a_successful_install_clears_the_failure_record(tmp_path: Path, healthy: None) -> None:
     root = node(tmp_path)
+    original = snapshot(root)
     log = tmp_path / "restarts"
     args = ("--root", root, "--runtime", "containerd", *NEW_ENOUGH)
     assert run(install, *args, *restart_counting(log, "fail")).exit_code == 1
     res = run(install, *args, "--force", *restart_counting(log))
     assert res.exit_code == 0, res.output
     assert read_failure(root) is None
+    assert run(uninstall, "--root", root, *restart_counting(log)).exit_code == 0
+    assert snapshot(root) == original  # the state dirs the failed run made are gone too
 
 
 def test_damaged_failure_record_still_reads_as_a_failure(tmp_path: Path) -> None:
