@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from p2p_mirror.core.config import Upstream, parse_registry_flag, parse_url
-from p2p_mirror.installer import containerd, engine
+from p2p_mirror.installer import containerd_version, engine
 from p2p_mirror.installer.base import InstallError
 from p2p_mirror.installer.lock import LockBusy
 from p2p_mirror.installer.restart import RestartError
@@ -33,7 +33,7 @@ def _registries(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 def _version(ctx: click.Context, param: click.Parameter, value: str | None):
     if value is None:
         return None
-    version = containerd.parse_version(f" {value}")
+    version = containerd_version.parse_version(f" {value}")
     if version is None:
         raise click.BadParameter(f"{value!r} is not a version like 1.6.20")
     return version

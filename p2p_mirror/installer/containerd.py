@@ -19,8 +19,6 @@ legacy ``registry.configs."<host>".tls``, so we carry those settings into that h
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import shutil
 import socket
 import subprocess
@@ -31,6 +29,13 @@ from urllib.parse import urlsplit
 from p2p_mirror.core.config import Upstream
 from p2p_mirror.installer import hosts
 from p2p_mirror.installer.base import Change, InstallError, Plan
+from p2p_mirror.installer.containerd_version import (
+    DEFAULT_DIR_SINCE,
+    Version,
+    binary_version,
+    find_binary,
+    server_version,
+)
 from p2p_mirror.installer.paths import read_text, under
 from p2p_mirror.installer.tomledit import Key, TomlEditError, get_path, parse, set_key
 
@@ -44,65 +49,6 @@ SCHEMA_TABLES: dict[int, Key] = {
 }
 IMAGES_PLUGIN: Key = ("plugins", "io.containerd.cri.v1.images")
 CRI_PLUGIN_IDS = ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images")
-DEFAULT_DIR_SINCE = (1, 6, 17)
-Version = tuple[int, int, int]
-_VERSION = re.compile(r"(?:^|\s)v?(\d+)\.(\d+)\.(\d+)")
-
-
-def parse_version(text: str) -> Version | None:
-    """(major, minor, patch) of the first ``X.Y.Z`` word (``containerd --version`` output)."""
-    m = _VERSION.search(text)
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
-
-
-BIN_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/opt/bin")
-
-
-def _find_binary(root: Path, name: str) -> str | None:
-    if root == Path("/"):
-        return shutil.which(name)
-    for d in BIN_DIRS:
-        p = under(root, f"{d}/{name}")
-        if p.is_file():
-            return str(p)
-    return None
-
-
-def _version_argvs(root: Path) -> list[list[str]]:
-    """Ways to run ``containerd --version``: in a pod, chroot into the host root first, as the
-    host binary may need the host's libraries."""
-    argvs = []
-    if root != Path("/") and os.geteuid() == 0 and shutil.which("chroot"):
-        for d in BIN_DIRS:
-            if under(root, f"{d}/containerd").is_file():
-                argvs.append(["chroot", str(root), f"{d}/containerd", "--version"])
-                break
-    exe = _find_binary(root, "containerd")
-    if exe is not None:
-        argvs.append([exe, "--version"])
-    return argvs
-
-
-def binary_version(root: Path) -> Version | None:
-    """From ``containerd --version`` (what runs after the restart), None if there is none."""
-    for argv in _version_argvs(root):
-        try:
-            out = subprocess.run(argv, capture_output=True, timeout=10).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        version = parse_version(out.decode(errors="replace"))
-        if version is not None:
-            return version
-    return None
-
-
-def server_version(ctr_version_output: str) -> Version | None:
-    """The daemon's version from ``ctr version`` (its ``Server:`` section)."""
-    _, _, server = ctr_version_output.partition("Server:")
-    m = re.search(r"Version:\s*(\S+)", server)
-    return parse_version(" " + m.group(1)) if m else None
-
-
 def present(root: Path) -> bool:
     """Whether containerd looks installed under ``root`` (for ``--runtime auto``)."""
     marks = ("/etc/containerd", DEFAULT_SOCKET, "/usr/bin/containerd", "/usr/local/bin/containerd")
@@ -324,7 +270,7 @@ class ContainerdAdapter:
         return under(self.root, DEFAULT_SOCKET)
 
     def _ctr(self, *args: str) -> subprocess.CompletedProcess[bytes] | None:
-        exe = shutil.which("ctr") or _find_binary(self.root, "ctr")
+        exe = shutil.which("ctr") or find_binary(self.root, "ctr")
         if exe is None:
             return None
         return subprocess.run(

@@ -28,7 +28,8 @@ from p2p_mirror.core.config import Upstream
 from p2p_mirror.installer import hosts
 from p2p_mirror.installer.backup import STATE_DIR
 from p2p_mirror.installer.base import InstallError
-from p2p_mirror.installer.containerd import ContainerdAdapter, parse_version, server_version
+from p2p_mirror.installer.containerd import ContainerdAdapter
+from p2p_mirror.installer.containerd_version import parse_version, server_version
 from p2p_mirror.installer.failure import FAILED_MARKER, read_failure, status_line
 from p2p_mirror.installer.paths import under, under_nofollow
 
