@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from p2p_mirror.core.config import Upstream
+from p2p_mirror.core.config import Upstream, parse_registry_name
 from p2p_mirror.installer import hosts
 from p2p_mirror.installer.base import Change, InstallError, Plan
 from p2p_mirror.installer.containerd_version import (
@@ -64,6 +64,11 @@ def legacy_tls(configs: Any, where: str) -> dict[str, hosts.Tls]:
         tls = conf.get("tls") if isinstance(conf, dict) else None
         if not isinstance(tls, dict) or not tls:
             continue
+        try:  # it becomes a directory name under certs.d
+            parse_registry_name(host)
+        except ValueError as e:
+            raise InstallError(f"{where}: registry.configs.{host!r}: {e}; nothing was "
+                               "changed") from None
         ca, cert, key = tls.get("ca_file"), tls.get("cert_file"), tls.get("key_file")
         skip = tls.get("insecure_skip_verify", False)
         if not all(isinstance(v, str) or v is None for v in (ca, cert, key)) or \

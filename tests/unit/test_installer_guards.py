@@ -346,6 +346,13 @@ def test_legacy_tls_for_a_registry_not_configured_is_refused(tmp_path: Path) -> 
     assert snapshot(tmp_path) == before
 
 
+def test_legacy_tls_host_that_is_not_a_registry_name_is_refused(tmp_path: Path) -> None:
+    write(tmp_path, CONFIG, 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry.'
+                            'configs."../../../etc/x".tls]\n  insecure_skip_verify = true\n')
+    with pytest.raises(InstallError, match=r"configs\.'\.\./\.\./\.\./etc/x'"):
+        ContainerdAdapter(tmp_path, MIRROR, [], version=(1, 7, 0)).plan()
+
+
 def test_legacy_tls_is_left_alone_when_config_path_was_already_set(tmp_path: Path) -> None:
     text = LEGACY_TLS.replace('version = 2\n', 'version = 2\n[plugins."io.containerd.grpc.v1.cri"'
                               '.registry]\n  config_path = "/etc/containerd/certs.d"\n')
