@@ -287,20 +287,9 @@ class AgentConfig:
     download_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
     swarm_timeout: float = _opt(30.0, parse_seconds, "give up on seeder/swarm start after this")
     stall_timeout: float = _opt(15.0, parse_seconds, "fall back to origin after no progress")
-    # Measured at N=16: 2 s let congested (not broken) peers pile onto the seeder (seeder
-    # egress 2.2x, 30.6 s); 5 s kept it at 1.04x (25 s). The clock starts once the agent's
-    # own dealt run is in: before, the seeder's queue of runs outlasted it (256 MiB, N=16).
+    # Too short a grace lets congested (not broken) peers pile onto the seeder.
     seeder_grace: float = _opt(5.0, parse_seconds, "ask the seeder itself after no peer progress")
-    # Every connection of a torrent near its end asks for blocks already on their way from
-    # another peer (BitTorrent end game), so payload wasted grows with connections per
-    # torrent. Measured, N=16, 64 MiB at 50 Mbit/s: asking for 200 peers (libtorrent's
-    # default) wasted 14-22% of each node's download and took 28 s; 3 peers (each node still
-    # has ~6 connections per torrent: its own plus those that picked it) 4-9%, 25 s. At
-    # 20 Mbit/s, N=8, 16 MiB (32 torrents, so many torrent ends): 3 peers wasted 10-12% of
-    # each node's download (received 1.15-1.19x the image), 9.2-10.1 s; 2 peers 1.11-1.14x,
-    # 9.3-9.7 s, with less CPU (N=4 8.2-8.3 s against 8.5-8.6 s). A random graph where each
-    # node picks 2 others is almost always connected, a node re-announces for more, and
-    # seeder_grace covers the rest.
+    # Few peers per announce: payload wasted in torrent end games grows with connections.
     swarm_peers: int = _opt(2, parse_count, "peers to ask the tracker for per announce")
     auth_cache_ttl: float = _opt(30.0, parse_seconds, "cache origin access checks this long")
     # Kubernetes kills a pod 30 s after SIGTERM by default (deploy/daemonset sets 30): drain

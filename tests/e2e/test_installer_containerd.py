@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from support import SUPPORT, require_binaries, require_root
-from support.installer import node_config, snapshot
+from support import SUPPORT, require_binaries, require_root, snapshot
+from support.installer import STATE, node_config
 
 from lab.containerd import Containerd
 from lab.images import PushedImage
@@ -121,7 +121,7 @@ def test_failing_restart_restores_files_and_the_running_config(
     assert res.exit_code == 1, res.output
     assert "simulated restart failure" in res.output
     assert "the previous configuration is running again" in res.output
-    assert snapshot(root, skip_state=True) == original
+    assert snapshot(root, skip=STATE) == original
     assert ctd.ctr("version").returncode == 0
     assert CONFIG_PATH_LINE not in ctd.config_dump()
     assert len(log.read_text().splitlines()) == 2  # the change, the rollback
@@ -129,7 +129,7 @@ def test_failing_restart_restores_files_and_the_running_config(
     res = cli(install, root, ctd, "--registry", f"{NAME}={registry.url}", restart=restart)
     assert res.exit_code == 3 and "not retrying" in res.output, res.output
     assert len(log.read_text().splitlines()) == 2
-    assert snapshot(root, skip_state=True) == original
+    assert snapshot(root, skip=STATE) == original
     res = cli(uninstall, root, ctd)
     assert res.exit_code == 0, res.output
     assert snapshot(root) == original
@@ -145,7 +145,7 @@ def test_runtime_that_never_comes_back_restores_files(
               "--health-timeout", "3", restart=stop)
     assert res.exit_code == 1, res.output
     assert "did not become healthy" in res.output and "rolling back" in res.output
-    assert snapshot(root, skip_state=True) == original
+    assert snapshot(root, skip=STATE) == original
 
 
 def test_health_check_sees_a_cri_plugin_that_failed_to_load(tmp_path: Path) -> None:

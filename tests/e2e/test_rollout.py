@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import tomllib
 import yaml
+from support import REPO
 from support.rollout import (
-    REPO,
     SAMPLE_CONTAINERD_CONFIG,
     HostContainerd,
     make_host_root,

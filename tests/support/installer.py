@@ -12,6 +12,7 @@ from support import SUPPORT
 
 MIRROR = "http://127.0.0.1:5004"
 RESTART = SUPPORT / "installer_restart.py"
+STATE = STATE_DIR.lstrip("/")  # snapshot(root, skip=STATE): all but the installer's state
 
 CONFIG_V2 = """\
 # Node containerd config, hand-tuned: keep these comments.
@@ -64,25 +65,6 @@ DAEMON_JSON = """\
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def snapshot(root: Path, skip_state: bool = False) -> dict[str, tuple[str, bytes | None, int]]:
-    """Every file, dir and symlink under root: kind, bytes (link target), mode. Equal
-    snapshots = identical trees. ``skip_state``: leave out the installer's own state dir (a
-    rolled-back install leaves its failure record there)."""
-    out: dict[str, tuple[str, bytes | None, int]] = {}
-    state = STATE_DIR.lstrip("/")
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        if skip_state and (rel == state or rel.startswith(state + "/")
-                           or state.startswith(rel + "/")):
-            continue
-        if p.is_symlink():
-            out[rel] = ("link", str(p.readlink()).encode(), 0)
-            continue
-        mode = p.stat().st_mode & 0o7777
-        out[rel] = ("dir", None, mode) if p.is_dir() else ("file", p.read_bytes(), mode)
-    return out
 
 
 def write(root: Path, host_path: str, text: str, mode: int = 0o644) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import tomllib
 from click.testing import CliRunner
+from support import snapshot
 from support.installer import (
     CONFIG_V2,
     CONFIG_V3,
@@ -21,9 +22,9 @@ from support.installer import (
     EXISTING_HOSTS,
     MIRROR,
     RESTART,
+    STATE,
     node,
     run,
-    snapshot,
     write,
 )
 
@@ -364,7 +365,7 @@ def test_failing_restart_restores_files_and_exits_non_zero(tmp_path: Path) -> No
               tmp_path / "nothing.sock", "--restart-command", f"{sys.executable} {RESTART} fail")
     assert res.exit_code == 1, res.output
     assert "simulated restart failure" in res.output and "rolling back" in res.output
-    assert snapshot(root, skip_state=True) == original
+    assert snapshot(root, skip=STATE) == original
     failed = read_failure(root)
     assert failed is not None and "simulated restart failure" in failed.error
     assert failed.files == ["/etc/docker/daemon.json"]
@@ -377,7 +378,7 @@ def test_runtime_that_never_answers_restores_files(tmp_path: Path) -> None:
               "--docker-socket", tmp_path / "nothing.sock", "--restart-command", "true")
     assert res.exit_code == 1, res.output
     assert "did not become healthy" in res.output
-    assert snapshot(root, skip_state=True) == original
+    assert snapshot(root, skip=STATE) == original
 
 
 def test_rollback_keeps_an_earlier_install(tmp_path: Path) -> None:
@@ -388,11 +389,11 @@ def test_rollback_keeps_an_earlier_install(tmp_path: Path) -> None:
     first = run(install, "--root", root, "--runtime", "containerd", "--no-restart",
                 "--registry", "docker.io", "--registry", "internal.example:5000")
     assert first.exit_code == 0, first.output
-    installed = snapshot(root, skip_state=True)
+    installed = snapshot(root, skip=STATE)
     res = run(install, "--root", root, "--runtime", "dockerd", "--health-timeout", "1",
               "--restart-command", "true", "--docker-socket", tmp_path / "nothing.sock")
     assert res.exit_code == 1, res.output
-    assert snapshot(root, skip_state=True) == installed
+    assert snapshot(root, skip=STATE) == installed
     assert read_failure(root) is not None
     res = run(uninstall, "--root", root, "--no-restart")
     assert res.exit_code == 0, res.output

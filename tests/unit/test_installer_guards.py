@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from support import snapshot
 from support.installer import (
     CONFIG_V2,
     EXISTING_HOSTS,
     MIRROR,
     RESTART,
+    STATE,
     node,
     run,
-    snapshot,
     write,
 )
 
@@ -178,7 +179,7 @@ def test_symlinked_hosts_toml_is_a_symlink_again_after_uninstall(tmp_path: Path)
     res = run(install, "--root", root, "--runtime", "containerd", *NEW_ENOUGH,
               *restart_counting(tmp_path / "restarts", "fail"))
     assert res.exit_code == 1, res.output
-    assert snapshot(root, skip_state=True) == original  # rolled back: a symlink again
+    assert snapshot(root, skip=STATE) == original  # rolled back: a symlink again
     res = run(install, "--root", root, "--runtime", "containerd", "--no-restart", *NEW_ENOUGH,
               "--force")
     assert res.exit_code == 0, res.output
@@ -215,7 +216,7 @@ def test_failed_install_is_not_retried_until_forced_or_changed(tmp_path: Path) -
     assert res.exit_code == 3, res.output
     assert "not retrying" in res.output and "--force" in res.output
     assert restarts(log) == ["containerd"] * 2  # no restart at all
-    assert snapshot(root, skip_state=True) == original
+    assert snapshot(root, skip=STATE) == original
 
     res = run(install, *args, "--skipped-exit-code", "0", *restart_counting(log, "fail"))
     assert res.exit_code == 0 and "not retrying" in res.output, res.output  # DaemonSet style
