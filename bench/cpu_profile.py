@@ -119,10 +119,20 @@ def python_function(frames: list[str]) -> str | None:
     return f"{name} / {native[-1]}" if native else name
 
 
-def table(title: str, counts: Counter, total: int, top: int = 12) -> list[str]:
-    lines = [f"**{title}** ({total} samples)", "", "| share | what |", "|---|---|"]
+def table(title: str, counts: Counter, total: int, top: int = 12,
+          runs: list[Counter] | None = None) -> list[str]:
+    """Shares of ``counts``; with ``runs`` (one Counter per recording) also the per-run
+    spread, min-max."""
+    head = "| share | per run (min-max) | what |" if runs else "| share | what |"
+    lines = [f"**{title}** ({total} samples)", "", head,
+             "|---|---|---|" if runs else "|---|---|"]  # fmt: skip
     for what, n in counts.most_common(top):
-        lines.append(f"| {100 * n / total:.1f}% | {what} |")
+        if runs:
+            shares = [100 * r[what] / max(1, sum(r.values())) for r in runs]
+            lines.append(f"| {100 * n / total:.1f}% | {min(shares):.0f}-{max(shares):.0f}% "
+                         f"| {what} |")  # fmt: skip
+        else:
+            lines.append(f"| {100 * n / total:.1f}% | {what} |")
     return [*lines, ""]
 
 
@@ -133,6 +143,8 @@ def role_tables(directory: Path, role_glob: str) -> list[str]:
     py: Counter = Counter()
     py_total = 0
     total = 0
+    bucket_runs: list[Counter] = []
+    thread_runs: list[Counter] = []
     for data in sorted(directory.glob(f"{role_glob}.perf.data")):
         stacks = pyspy_stacks(Path(str(data).replace(".perf.data", ".pyspy.txt")))
         names = thread_names(stacks)
@@ -140,6 +152,8 @@ def role_tables(directory: Path, role_glob: str) -> list[str]:
         main = min((tid for tid, _, _ in samples), default=None)  # the pid: the first thread
         # without py-spy's names: threads that ever ran the interpreter are to_thread workers
         python = {tid for tid, dso, _ in samples if "libpython" in dso or "_hashlib" in dso}
+        bucket_runs.append(Counter())
+        thread_runs.append(Counter())
         for tid, dso, sym in samples:
             guess = "asyncio_N (to_thread workers)" if tid in python else "libtorrent native thread"
             name = names.get(tid, guess)
@@ -152,6 +166,8 @@ def role_tables(directory: Path, role_glob: str) -> list[str]:
             b = bucket(dso, sym)
             by_bucket[b] += 1
             by_thread[name] += 1
+            bucket_runs[-1][b] += 1
+            thread_runs[-1][name] += 1
             thread_bucket[name][b] += 1
             total += 1
         for _, name, frames, n in stacks:
@@ -162,8 +178,9 @@ def role_tables(directory: Path, role_glob: str) -> list[str]:
                 py_total += n
     if not total:
         return []
-    out = table(f"{role_glob}: CPU by activity (perf, all threads)", by_bucket, total)
-    out += table(f"{role_glob}: CPU by thread (perf)", by_thread, total)
+    out = table(f"{role_glob}: CPU by activity (perf, all threads)", by_bucket, total, 12,
+                bucket_runs)  # fmt: skip
+    out += table(f"{role_glob}: CPU by thread (perf)", by_thread, total, 12, thread_runs)
     for name, counts in sorted(thread_bucket.items(), key=lambda kv: -sum(kv[1].values())):
         n = sum(counts.values())
         if n / total >= 0.05:

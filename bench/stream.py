@@ -93,6 +93,7 @@ class PeakRSS:
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
         self.peak = 0
+        self.peak_anon = 0  # without file pages mapped (libtorrent maps the files it serves)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -100,7 +101,9 @@ class PeakRSS:
         while not self._stop.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                mems = [p.memory_info() for p in procs]
+                self.peak = max(self.peak, sum(m.rss for m in mems))
+                self.peak_anon = max(self.peak_anon, sum(m.rss - m.shared for m in mems))
             except psutil.Error:
                 pass
             time.sleep(0.02)
@@ -175,6 +178,7 @@ class Row:
     cpu: dict[str, float]  # role -> CPU seconds during the row
     rss: int = 0
     ok: bool = True
+    anon: int = 0
     per_gib: dict[str, float] = field(default_factory=dict)
 
 
@@ -207,13 +211,13 @@ def one_run(size: int, segment: str, log_level: str, profile: Path | None, run: 
                     used = cpu.used()
                 ok = f.size == layer.size and agent.metric("blob_failures_total") == 0
                 rows.append(Row("swarm (cold agent)", f, {**used, "client": f.client_cpu},
-                                rss.peak, ok))  # fmt: skip
+                                rss.peak, ok, rss.peak_anon))  # fmt: skip
                 cpu = CpuTime({"agent": agent.proc.pid})
                 with PeakRSS(agent.proc.pid) as rss:
                     f = curl(agent.url + path)
                 rows.append(Row("cache (same agent)", f,
                                 {**cpu.used(), "client": f.client_cpu}, rss.peak,
-                                f.size == layer.size))  # fmt: skip
+                                f.size == layer.size, rss.peak_anon))  # fmt: skip
                 other = stack.add_agent("agent2", log_level=log_level)
                 pids = {"agent2": other.proc.pid, "agent (seeding)": agent.proc.pid,
                         "seeder": stack.seeder.pid}  # fmt: skip
@@ -222,7 +226,8 @@ def one_run(size: int, segment: str, log_level: str, profile: Path | None, run: 
                     f = curl(other.url + path)
                 ok = f.size == layer.size and other.metric("blob_failures_total") == 0
                 rows.append(Row("swarm (2nd agent, 2 seeds)", f,
-                                {**cpu.used(), "client": f.client_cpu}, rss.peak, ok))  # fmt: skip
+                                {**cpu.used(), "client": f.client_cpu}, rss.peak, ok,
+                                rss.peak_anon))  # fmt: skip
     for row in rows:
         # the seeder ingests the blob only in the cold row; later it only deals/seeds
         blob = size if row.name.startswith("swarm (cold") else row.fetch.size
@@ -251,7 +256,8 @@ def report(runs: list[list[Row]], size: int, args: argparse.Namespace) -> str:
         f"(median (min-max)), {os.cpu_count()} cores shared, command: `python -m bench.stream "
         f"--size {args.size} --segment-size {args.segment_size} --repeat {args.repeat}`",
         "",
-        "| source | first byte (s) | all bytes (s) | MB/s | ok | agent peak RSS (MiB) "
+        "| source | first byte (s) | all bytes (s) | MB/s | ok | agent peak RSS (MiB); without "
+        "mapped files "
         "| CPU-s per GiB by role |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -260,7 +266,8 @@ def report(runs: list[list[Row]], size: int, args: argparse.Namespace) -> str:
         roles = rows[0].per_gib.keys()
         cpu = ", ".join(f"{role} {spread([r.per_gib[role] for r in rows], '.2f')}"
                         for role in roles)  # fmt: skip
-        rss = spread([r.rss / MiB for r in rows], ".0f") if rows[0].rss else "-"
+        rss = (f"{spread([r.rss / MiB for r in rows], '.0f')}; anon "
+               f"{spread([r.anon / MiB for r in rows], '.0f')}" if rows[0].rss else "-")
         lines.append(
             f"| {name} | {spread([r.fetch.first for r in rows], '.3f')} "
             f"| {spread([r.fetch.total for r in rows], '.2f')} "
