@@ -319,6 +319,27 @@ def main() -> None:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.md").write_text(table + "\n")
+    plot(runs, size, args.out / f"{args.name}.png")
+
+
+def plot(runs: list[list[Row]], size: int, path: Path) -> None:
+    """Median MB/s per row, as a bar chart (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [r.name for r in runs[0]]
+    mbps = [statistics.median(run[i].fetch.mbps for run in runs) for i in range(len(names))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, mbps, color=["#888", "#2a7", "#27a", "#7a2"][: len(names)])
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_ylabel("MB/s (curl, request to last byte)")
+    ax.set_title(f"One agent, {size / MiB:.0f} MiB blob on loopback")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
