@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.cpu_profile import bucket, table
+from bench.cpu_profile import bucket, pyspy_stacks, python_function, table
 
 ROLES = [
     ("agent", re.compile(r"p2p_mirror agent")),
@@ -42,8 +42,9 @@ def role_of(cmdline: str) -> str | None:
     return None
 
 
-def watch(roles: dict[int, str], stop: threading.Event, mine: int) -> None:
-    """Map the pids of this run's descendants to their roles while it runs."""
+def watch(roles: dict[int, str], stop: threading.Event, mine: int, spy: list, out: Path) -> None:
+    """Map the pids of this run's descendants to their roles while it runs; attach py-spy
+    (non-blocking: it does not stop the process) to the first agent and the seeder."""
     while not stop.is_set():
         try:
             for proc in psutil.Process(mine).children(recursive=True):
@@ -51,6 +52,12 @@ def watch(roles: dict[int, str], stop: threading.Event, mine: int) -> None:
                     role = role_of(" ".join(proc.cmdline()))
                     if role:
                         roles[proc.pid] = role
+                    if role in ("agent", "seeder") and role not in {r for r, _ in spy}:
+                        spy.append((role, subprocess.Popen(
+                            ["py-spy", "record", "--nonblocking", "--threads", "--rate", "100",
+                             "--format", "raw", "-o", str(out / f"{role}.pyspy.txt"),
+                             "-p", str(proc.pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))  # fmt: skip
         except psutil.Error:
             pass
         time.sleep(0.2)
@@ -86,12 +93,21 @@ def main() -> None:
     roles: dict[int, str] = {}
     stop = threading.Event()
     run = subprocess.Popen([sys.executable, "-m", "bench.distribute", *extra])
-    watcher = threading.Thread(target=watch, args=(roles, stop, run.pid), daemon=True)
+    spy: list[tuple[str, subprocess.Popen]] = []
+    watcher = threading.Thread(target=watch, args=(roles, stop, run.pid, spy, args.out),
+                               daemon=True)  # fmt: skip
     watcher.start()
     run.wait()
     stop.set()
     perf.send_signal(signal.SIGINT)
     perf.wait()
+    watcher.join()
+    for _, proc in spy:  # their processes ended with the run: py-spy writes and exits
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
     by_role: Counter = Counter()
     by_bucket: dict[str, Counter] = defaultdict(Counter)
     total = 0
@@ -105,6 +121,15 @@ def main() -> None:
         n = sum(by_bucket[role].values())
         if n:
             lines += table(f"{role} (all of them): CPU by activity", by_bucket[role], n, 10)
+    for role, _ in spy:
+        py: Counter = Counter()
+        for _, name, frames, n in pyspy_stacks(args.out / f"{role}.pyspy.txt"):
+            what = python_function(frames)
+            if what is not None:
+                py[f"{re.sub(r'_[0-9]+$', '_N', name)}: {what}"] += n
+        if py:
+            lines += table(f"one {role}: Python by function (py-spy --nonblocking, active "
+                           "samples, whole run)", py, sum(py.values()), 15)  # fmt: skip
     text = "\n".join(lines)
     print(text)
     (args.out / "cluster-profile.md").write_text(text + "\n")
