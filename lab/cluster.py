@@ -37,6 +37,7 @@ from lab.images import ImageLayout, push_image
 from lab.netns import DEFAULT_MTU, Network, NodeSpec
 from lab.procs import LabError, Proc, ProcGroup, port_open
 from lab.registry import Registry
+from p2p_mirror.installer import hosts
 
 MODES = ("direct", "cache", "p2p")
 REGISTRY_NAME = "registry.example.test"
@@ -59,15 +60,8 @@ def hosts_toml(server: str, mirror: str | None) -> str:
     """containerd hosts.toml: the agent first (``mirror``), ``server`` as the fallback."""
     if mirror is None:
         # containerd 1.6 rejects a hosts.toml without any [host] table ("invalid host tree")
-        return f'server = "{server}"\n\n[host."{server}"]\n  capabilities = ["pull", "resolve"]\n'
-    try:
-        from p2p_mirror.installer.hosts import render_new
-    except ImportError:  # pragma: no cover - the installer is part of this repo
-        return (
-            f'server = "{server}"\n\n[host."{mirror}"]\n'
-            '  capabilities = ["pull", "resolve"]\n  dial_timeout = "500ms"\n'
-        )
-    return render_new(mirror, server)
+        return hosts.render(server, [hosts.Host(server)])
+    return hosts.render_new(mirror, server)
 
 
 def install_hosts(containerd: Containerd, server: str, mirror: str | None) -> Path:

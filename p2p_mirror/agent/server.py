@@ -37,6 +37,7 @@ from p2p_mirror.core.seeding import SeededBlobs
 from p2p_mirror.core.service import background, every, healthz, serve, wait_for_signal
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import TorrentSession
+from p2p_mirror.core.tls import TLSError
 
 log = logging.getLogger("p2p_mirror.agent")
 ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
@@ -384,6 +385,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 async def _main(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     await agent.start()
+    proxy = None
+    if cfg.proxy_listen is not None:  # before the mirror: its port open means all is up
+        from p2p_mirror.agent.proxy import proxied_registries, start_proxy
+
+        names = proxied_registries(cfg.registries, cfg.default_registry)
+        try:
+            proxy = await start_proxy(agent, cfg.proxy_listen, cfg.data_dir, names)
+        except (TLSError, OSError) as e:
+            await agent.close()
+            raise SystemExit(f"agent: proxy on {cfg.proxy_listen}: {e}") from None
     runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
                          cfg.drain_timeout)  # fmt: skip
     runners = [runner]
@@ -398,6 +409,8 @@ async def _main(cfg: AgentConfig) -> None:
         async with background(every(60, agent.gc, log)):
             await wait_for_signal()
     finally:
+        if proxy is not None:
+            await proxy.close()
         for each in runners:
             await each.cleanup()
         await agent.close()

@@ -56,7 +56,8 @@ class Upstream:
 
     name: str
     url: str
-    verify_tls: bool = True
+    verify_tls: bool = True  # False only where configured (``insecure: true``)
+    ca_file: Path | None = None  # this registry's CA bundle instead of the system roots
 
     @classmethod
     def default_for(cls, name: str) -> Upstream:
@@ -96,7 +97,10 @@ def parse_registry_flag(text: str) -> Upstream:
 
 
 def parse_registries(value: Any) -> dict[str, Upstream]:
-    """YAML mapping ``name: url`` / ``name: {url:, verify_tls:}``, or a list of ``NAME=URL``."""
+    """YAML mapping ``name: url`` / ``name: {url:, ca_file:, insecure:}``, or ``NAME=URL``s.
+
+    ``verify_tls: false`` is the same as ``insecure: true``.
+    """
     out: dict[str, Upstream] = {}
     if value is None:
         return out
@@ -114,14 +118,31 @@ def parse_registries(value: Any) -> dict[str, Upstream]:
         elif isinstance(spec, str):
             out[name] = Upstream(name, parse_url(spec))
         elif isinstance(spec, Mapping):
-            unknown = set(spec) - {"url", "verify_tls"}
-            if unknown:
-                raise ValueError(f"{name}: unknown keys {sorted(unknown)}")
-            url = parse_url(spec["url"]) if "url" in spec else Upstream.default_for(name).url
-            out[name] = Upstream(name, url, parse_bool(spec.get("verify_tls", True)))
+            out[name] = _parse_upstream_spec(name, spec)
         else:
             raise ValueError(f"{name}: expected a URL or a mapping")
     return out
+
+
+def _parse_upstream_spec(name: str, spec: Mapping[str, Any]) -> Upstream:
+    unknown = set(spec) - {"url", "verify_tls", "insecure", "ca_file"}
+    if unknown:
+        raise ValueError(f"{name}: unknown keys {sorted(unknown)} (known: url, ca_file, insecure)")
+    url = parse_url(spec["url"]) if "url" in spec else Upstream.default_for(name).url
+    verify = parse_bool(spec.get("verify_tls", True))
+    if "insecure" in spec:
+        insecure = parse_bool(spec["insecure"])
+        if "verify_tls" in spec and insecure == verify:
+            raise ValueError(f"{name}: insecure and verify_tls contradict each other")
+        verify = not insecure
+    ca_file = None
+    if spec.get("ca_file") not in (None, ""):
+        ca_file = parse_path(spec["ca_file"])
+        if not ca_file.is_file():
+            raise ValueError(f"{name}: ca_file {ca_file} is not a readable file")
+        if not url.startswith("https://"):
+            raise ValueError(f"{name}: ca_file needs an https:// url, got {url}")
+    return Upstream(name, url, verify, ca_file)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*(?:/s)?\s*$", re.IGNORECASE)
