@@ -68,7 +68,7 @@ class PeerSet:
 
 
 @dataclass
-class Swarm:
+class TorrentPeers:
     """The peers of one info-hash, and how many finished a download here."""
 
     seeders: PeerSet = field(default_factory=PeerSet)
@@ -117,7 +117,7 @@ class ScrapeEntry:
     downloaded: int
 
 
-class Tracker:
+class PeerTable:
     """All swarms. ``announce`` updates the caller and picks peers for it."""
 
     def __init__(
@@ -133,7 +133,7 @@ class Tracker:
         self.max_numwant = max_numwant
         self.clock = clock
         self.rng = rng or random.Random()
-        self.swarms: dict[bytes, Swarm] = {}
+        self.swarms: dict[bytes, TorrentPeers] = {}
         self.expired_total = 0
 
     def announce(self, req: Announce) -> AnnounceResult:
@@ -142,7 +142,7 @@ class Tracker:
         if swarm is None:
             if req.event == "stopped":
                 return AnnounceResult([], 0, 0)
-            swarm = self.swarms[req.info_hash] = Swarm()
+            swarm = self.swarms[req.info_hash] = TorrentPeers()
         cutoff = now - self.peer_ttl
         key: PeerKey = (req.peer_id, req.ip.version)
         old = swarm.pop(key)
@@ -160,7 +160,7 @@ class Tracker:
         picked = self._pick(swarm, peer, min(wanted, self.max_numwant), cutoff)
         return AnnounceResult(picked, len(swarm.seeders), len(swarm.leechers))
 
-    def _pick(self, swarm: Swarm, me: Peer, numwant: int, cutoff: float) -> list[Peer]:
+    def _pick(self, swarm: TorrentPeers, me: Peer, numwant: int, cutoff: float) -> list[Peer]:
         """Peers for ``me``: never itself; seeders get leechers only; leechers get a mix
         that favours seeders (up to half the answer, more if leechers run short)."""
         if numwant <= 0:
@@ -174,7 +174,7 @@ class Tracker:
         return picked
 
     def _sample(
-        self, swarm: Swarm, side: PeerSet, me: Peer, k: int, cutoff: float
+        self, swarm: TorrentPeers, side: PeerSet, me: Peer, k: int, cutoff: float
     ) -> list[Peer]:
         """Up to ``k`` live peers of ``side`` other than ``me``; stale ones met are dropped."""
         out: list[Peer] = []

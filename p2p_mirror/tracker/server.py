@@ -8,19 +8,18 @@ keys and bytes values only (it sorts keys itself and deprecates str input).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
-import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
 import libtorrent as lt
 from aiohttp import web
 
+from p2p_mirror.core import service
 from p2p_mirror.core.config import ConfigError, HostPort, TrackerConfig
+from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.tracker.params import RequestError, parse_announce, parse_scrape
-from p2p_mirror.tracker.peers import AnnounceResult, Peer, Tracker
+from p2p_mirror.tracker.peers import AnnounceResult, Peer, PeerTable
 
 log = logging.getLogger("tracker")
 
@@ -28,8 +27,8 @@ DEFAULT_NUMWANT = 50
 SCRAPE_ALL_LIMIT = 1000
 BENCODE_TYPE = "text/plain"
 
-TRACKER_KEY = web.AppKey("tracker", Tracker)
-STATS_KEY = web.AppKey("stats", dict)
+TRACKER_KEY = web.AppKey("tracker", PeerTable)
+METRICS_KEY = web.AppKey("metrics", Metrics)
 INTERVAL_KEY = web.AppKey("interval", float)
 
 
@@ -97,19 +96,15 @@ def _raw_query(request: web.Request) -> str:
 
 async def handle_announce(request: web.Request) -> web.Response:
     app = request.app
-    stats = app[STATS_KEY]
+    metrics = app[METRICS_KEY]
     try:
         req = parse_announce(_raw_query(request), request.remote)
         result = app[TRACKER_KEY].announce(req)
     except RequestError as e:
-        stats["failures"] += 1
+        metrics.inc("failures_total")
         log.debug("bad announce from %s: %s", request.remote, e)
         return failure(str(e))
-    except Exception:
-        stats["failures"] += 1
-        log.exception("announce from %s failed", request.remote)
-        return failure("internal tracker error")
-    stats["announces"] += 1
+    metrics.inc("announces_total")
     interval = max(1, round(app[INTERVAL_KEY]))
     body = announce_body(result, interval, req.compact, req.no_peer_id)
     return web.Response(body=bencode(body), content_type=BENCODE_TYPE)
@@ -117,19 +112,15 @@ async def handle_announce(request: web.Request) -> web.Response:
 
 async def handle_scrape(request: web.Request) -> web.Response:
     app = request.app
-    stats = app[STATS_KEY]
+    metrics = app[METRICS_KEY]
     try:
         hashes = parse_scrape(_raw_query(request))
         tracker = app[TRACKER_KEY]
         entries = tracker.scrape(hashes) if hashes else tracker.scrape_all(SCRAPE_ALL_LIMIT)
     except RequestError as e:
-        stats["failures"] += 1
+        metrics.inc("failures_total")
         return failure(str(e))
-    except Exception:
-        stats["failures"] += 1
-        log.exception("scrape from %s failed", request.remote)
-        return failure("internal tracker error")
-    stats["scrapes"] += 1
+    metrics.inc("scrapes_total")
     files = {
         ih: {b"complete": e.complete, b"incomplete": e.incomplete, b"downloaded": e.downloaded}
         for ih, e in entries.items()
@@ -137,74 +128,54 @@ async def handle_scrape(request: web.Request) -> web.Response:
     return web.Response(body=bencode({b"files": files}), content_type=BENCODE_TYPE)
 
 
-async def handle_healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
+def tracker_metrics(tracker: PeerTable) -> Metrics:
+    """The tracker's counters and gauges, all named ``p2p_tracker_*``."""
+    metrics = Metrics(prefix="p2p_tracker")
+    metrics.describe("announces_total", "Valid announces answered.")
+    metrics.describe("scrapes_total", "Scrapes answered.")
+    metrics.describe("failures_total", "Requests answered with a failure reason.")
+    for name in ("announces_total", "scrapes_total", "failures_total"):
+        metrics.inc(name, 0)
+    metrics.gauge("torrents", lambda: tracker.counts()[0],
+                  "Swarms with at least one live peer.")  # fmt: skip
+    metrics.gauge("peers", lambda: tracker.counts()[1], "Live peers by role.", role="seeder")
+    metrics.gauge("peers", lambda: tracker.counts()[2], "Live peers by role.", role="leecher")
+    metrics.describe("expired_peers_total", "Peers dropped for missing announces.")
+    metrics.inc("expired_peers_total", 0)
+    return metrics
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    app = request.app
-    tracker = app[TRACKER_KEY]
+    tracker, metrics = request.app[TRACKER_KEY], request.app[METRICS_KEY]
     tracker.expire()
-    torrents, seeders, leechers = tracker.counts()
-    stats = app[STATS_KEY]
-    lines = [
-        "# HELP p2p_tracker_torrents Swarms with at least one live peer.",
-        "# TYPE p2p_tracker_torrents gauge",
-        f"p2p_tracker_torrents {torrents}",
-        "# HELP p2p_tracker_peers Live peers by role.",
-        "# TYPE p2p_tracker_peers gauge",
-        f'p2p_tracker_peers{{role="seeder"}} {seeders}',
-        f'p2p_tracker_peers{{role="leecher"}} {leechers}',
-        "# HELP p2p_tracker_announces_total Valid announces answered.",
-        "# TYPE p2p_tracker_announces_total counter",
-        f"p2p_tracker_announces_total {stats['announces']}",
-        "# HELP p2p_tracker_scrapes_total Scrapes answered.",
-        "# TYPE p2p_tracker_scrapes_total counter",
-        f"p2p_tracker_scrapes_total {stats['scrapes']}",
-        "# HELP p2p_tracker_failures_total Requests answered with a failure reason.",
-        "# TYPE p2p_tracker_failures_total counter",
-        f"p2p_tracker_failures_total {stats['failures']}",
-        "# HELP p2p_tracker_expired_peers_total Peers dropped for missing announces.",
-        "# TYPE p2p_tracker_expired_peers_total counter",
-        f"p2p_tracker_expired_peers_total {tracker.expired_total}",
-    ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    # the peer table counts expiries itself (it has no metrics); bring the counter level
+    metrics.inc("expired_peers_total", tracker.expired_total - metrics.value("expired_peers_total"))
+    return await metrics.handler(request)
 
 
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:
     """Forget stale peers and empty swarms even when nobody announces to them any more."""
     tracker = app[TRACKER_KEY]
     period = max(0.5, min(tracker.peer_ttl / 2, 60.0))
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(period)
-            dropped = tracker.expire()
-            if dropped:
-                log.debug("expired %d peers", dropped)
-
-    task = asyncio.create_task(loop())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with service.background(service.every(period, tracker.expire, log)):
+        yield
 
 
 def make_app(cfg: TrackerConfig) -> web.Application:
     """The tracker application (state lives in the app; one app, one tracker)."""
     check_config(cfg)
     app = web.Application()
-    app[TRACKER_KEY] = Tracker(
+    app[TRACKER_KEY] = PeerTable(
         peer_ttl=peer_ttl(cfg),
         default_numwant=min(DEFAULT_NUMWANT, cfg.max_numwant),
         max_numwant=cfg.max_numwant,
     )
-    app[STATS_KEY] = {"announces": 0, "scrapes": 0, "failures": 0}
+    app[METRICS_KEY] = tracker_metrics(app[TRACKER_KEY])
     app[INTERVAL_KEY] = cfg.interval
     app.cleanup_ctx.append(_sweeper)
     app.router.add_get("/announce", handle_announce)
     app.router.add_get("/scrape", handle_scrape)
-    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/healthz", service.healthz)
     app.router.add_get("/metrics", handle_metrics)
     return app
 
@@ -213,25 +184,11 @@ def announce_url(listen: HostPort) -> str:
     return f"http://{listen}/announce"
 
 
-def _bound(runner: web.AppRunner, fallback: HostPort) -> HostPort:
-    """The address actually bound (port 0 in the config means "any free port")."""
-    for addr in runner.addresses:
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            host = str(ipaddress.ip_address(addr[0])) if addr[0] else fallback.host
-            return HostPort(host, int(addr[1]))
-    return fallback
-
-
 async def serve(cfg: TrackerConfig, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then close the listener and drain."""
-    app = make_app(cfg)
-    access_log = logging.getLogger("aiohttp.access") if cfg.log_level == "DEBUG" else None
-    runner = web.AppRunner(app, access_log=access_log, handle_signals=False)
-    await runner.setup()
+    """Serve until ``stop`` is set, then close the listener."""
+    runner = await service.serve(make_app(cfg), cfg.listen.host, cfg.listen.port, "tracker",
+                                 log, drain=1.0)  # fmt: skip
     try:
-        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
-        await site.start()
-        log.info("tracker ready on %s", announce_url(_bound(runner, cfg.listen)))
         await stop.wait()
         log.info("tracker stopping")
     finally:
@@ -243,9 +200,8 @@ def run_tracker(cfg: TrackerConfig) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        waiter = asyncio.create_task(service.wait_for_signal())
+        waiter.add_done_callback(lambda _: stop.set())
         await serve(cfg, stop)
 
     asyncio.run(main())

@@ -23,9 +23,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from lab.procs import Proc, free_port
 from p2p_mirror.core.config import HostPort, TrackerConfig
+from p2p_mirror.core.metrics import parse_samples, sample_sum
 from p2p_mirror.tracker import server
 from p2p_mirror.tracker.params import Announce
-from p2p_mirror.tracker.peers import Tracker
+from p2p_mirror.tracker.peers import PeerTable
 from p2p_mirror.tracker.server import TRACKER_KEY, make_app
 
 IH = bytes(range(20))
@@ -81,12 +82,11 @@ class Client:
             b"files"
         ]
 
-    async def metric(self, name: str) -> float:
+    async def metric(self, name: str, **labels: str) -> float:
         resp = await self.http.get("/metrics")
-        for line in (await resp.text()).splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"metric {name} missing")
+        samples = [s for s in parse_samples(await resp.text()) if s.name == name]
+        assert samples, f"metric {name} missing"
+        return sample_sum(await resp.text(), name, **labels)
 
 
 @asynccontextmanager
@@ -210,7 +210,7 @@ async def test_peers_expire_after_ttl() -> None:
 
 def test_expiry_with_fake_clock_and_default_ttl() -> None:
     now = [1000.0]
-    t = Tracker(peer_ttl=server.peer_ttl(TrackerConfig(interval=30.0)), clock=lambda: now[0])
+    t = PeerTable(peer_ttl=server.peer_ttl(TrackerConfig(interval=30.0)), clock=lambda: now[0])
     assert t.peer_ttl == 90.0
 
     def ann(n: int, left: int = 1) -> list[bytes]:
@@ -239,7 +239,7 @@ async def test_sweeper_forgets_silent_swarms_without_any_request() -> None:
 
 def test_large_swarm_sample_is_distinct_live_and_never_self() -> None:
     now = [0.0]
-    t = Tracker(peer_ttl=100.0, max_numwant=200, clock=lambda: now[0], rng=random.Random(7))
+    t = PeerTable(peer_ttl=100.0, max_numwant=200, clock=lambda: now[0], rng=random.Random(7))
 
     def req(n: int, left: int, numwant: int | None = None) -> Announce:
         ip = ipaddress.ip_address(f"10.0.{n // 250}.{n % 250 + 1}")
@@ -365,7 +365,7 @@ async def test_malformed_announces_get_failure_reason_not_500() -> None:
 async def test_healthz_and_metrics() -> None:
     async with tracker_client() as c:
         resp = await c.http.get("/healthz")
-        assert resp.status == 200 and await resp.text() == "ok"
+        assert resp.status == 200 and await resp.text() == "ok\n"
         await c.announce(info_hash=IH, n=1, left=0)
         await c.announce(info_hash=IH, n=2)
         await c.announce(info_hash=IH2, n=2)
@@ -375,8 +375,8 @@ async def test_healthz_and_metrics() -> None:
         assert resp.content_type == "text/plain"
         assert "# TYPE p2p_tracker_announces_total counter" in text
         assert await c.metric("p2p_tracker_torrents") == 2
-        assert 'p2p_tracker_peers{role="seeder"} 1' in text
-        assert 'p2p_tracker_peers{role="leecher"} 2' in text
+        assert await c.metric("p2p_tracker_peers", role="seeder") == 1
+        assert await c.metric("p2p_tracker_peers", role="leecher") == 2
         assert await c.metric("p2p_tracker_announces_total") == 3
         assert await c.metric("p2p_tracker_scrapes_total") == 1
         assert await c.metric("p2p_tracker_failures_total") == 0
@@ -506,7 +506,7 @@ def test_cli_serves_logs_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
     cfg.write_text(f"listen: 127.0.0.1:{port}\ninterval: 7\nmax-numwant: 5\n")
     proc = Proc(tracker_cmd("--config", str(cfg), "--peer-ttl", "30"), tmp_path / "t.log")
     try:
-        ready = f"tracker ready on http://127.0.0.1:{port}/announce"
+        ready = f"tracker ready on http://127.0.0.1:{port}"
         proc.wait_ready(lambda: ready in proc.log_text(), 20, "tracker ready line")
         import urllib.request
 
@@ -515,7 +515,7 @@ def test_cli_serves_logs_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
             body = lt.bdecode(r.read())
         assert body[b"interval"] == 7 and body[b"peers"] == b""
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            assert r.read() == b"ok"
+            assert r.read() == b"ok\n"
         assert proc.log_text().count("tracker ready") == 1
     finally:
         code = proc.stop()
