@@ -64,6 +64,8 @@ class HttpProtocol(asyncio.Protocol):
         self.source: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.last_active = time.monotonic()
         self.paused = False
+        self.closing = False
+        self.out: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -100,29 +102,39 @@ class HttpProtocol(asyncio.Protocol):
             self._serve()
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.closing:
             return
         self.last_active = time.monotonic()
         self.buf += data
         if len(self.buf) > MAX_PIPELINED:
             self._fail(413)
+            self._flush()
             return
         self._serve()
 
     def _serve(self) -> None:
         buf = self.buf
-        while not self.paused and self.transport is not None and not self.transport.is_closing():
+        while not self.paused and not self.closing and self.transport is not None:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD:
                     self._fail(431)
-                return
+                break
             if end > MAX_HEAD:
                 self._fail(431)
-                return
+                break
             head = bytes(buf[:end])
             del buf[: end + 4]
             self._request(head)
+        self._flush()
+
+    def _flush(self) -> None:
+        """One write for every answer to what arrived together (pipelined requests)."""
+        if self.out and self.transport is not None:
+            self.transport.write(b"".join(self.out))
+            self.out.clear()
+            if self.closing:
+                self.transport.close()
 
     def _request(self, head: bytes) -> None:
         line, _, headers = head.partition(b"\r\n")
@@ -150,18 +162,17 @@ class HttpProtocol(asyncio.Protocol):
         self._send(resp, keep_alive)
 
     def _send(self, resp: Response, keep_alive: bool) -> None:
-        assert self.transport is not None
-        self.transport.write(
+        self.out.append(
             b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
                 resp.status, REASONS.get(resp.status, "Error").encode(), resp.content_type,
                 len(resp.body), b"" if keep_alive else b"Connection: close\r\n",
                 resp.body)  # fmt: skip
         )
         if not keep_alive:
-            self.transport.close()
+            self.closing = True
 
     def _fail(self, status: int) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.closing:
             self.buf.clear()
             self._send(Response(status, REASONS[status].encode() + b"\n"), keep_alive=False)
 

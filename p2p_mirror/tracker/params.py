@@ -59,8 +59,10 @@ def parse_query(raw_query: str) -> dict[str, list[bytes]]:
         if not part:
             continue
         name, _, value = part.partition("=")
-        key = unquote_to_bytes(name).decode("latin-1")
-        out.setdefault(key, []).append(unquote_to_bytes(value))
+        # most names and numbers carry no escape: skip the decoder for them (hot path)
+        key = unquote_to_bytes(name).decode("latin-1") if "%" in name else name
+        raw = unquote_to_bytes(value) if "%" in value else value.encode("latin-1", "replace")
+        out.setdefault(key, []).append(raw)
     return out
 
 

@@ -80,6 +80,8 @@ class CompactPeers:
                 return b""
             start = rng.randrange(n) if take < n else 0
             end = start + take
+            if end <= n and min(exp[start:end]) >= now:  # the common case, in C
+                break
             stale = [i % n for i in range(start, end) if exp[i % n] < now]
             if not stale:
                 break

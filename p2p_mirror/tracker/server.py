@@ -9,11 +9,13 @@ believed. Without one no ``ip=`` is believed at all: the peer is where its packe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import logging
 import random
 import resource
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +30,7 @@ from p2p_mirror.tracker.http import Connections, HttpProtocol, Response
 from p2p_mirror.tracker.params import IPAddress, RequestError, parse_announce, parse_scrape
 from p2p_mirror.tracker.peers import V4_LEN, V6_LEN, AnnounceResult, PeerTable
 from p2p_mirror.tracker.ratelimit import SourceRateLimit
+from p2p_mirror.tracker.sockets import Listener
 
 log = logging.getLogger("tracker")
 
@@ -234,10 +237,10 @@ def connection_limit() -> int:
 class RunningTracker:
     """A listening tracker; ``close()`` stops it."""
 
-    def __init__(self, svc: TrackerService, server: asyncio.Server, conns: Connections,
+    def __init__(self, svc: TrackerService, listener: Listener, conns: Connections,
                  listen: HostPort) -> None:  # fmt: skip
         self.service = svc
-        self.server = server
+        self.listener = listener
         self.connections = conns
         self.listen = listen
         sweep = max(0.5, min(svc.table.peer_ttl / 2, 60.0))
@@ -253,22 +256,37 @@ class RunningTracker:
 
     async def close(self) -> None:
         self._sweeper.cancel()
-        self.server.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
+        self.listener.close()
         self.connections.close_all()
-        await self.server.wait_closed()
+
+
+def listen_socket(listen: HostPort) -> socket.socket:
+    """A bound, listening TCP socket (an IPv6 wildcard also takes IPv4)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(service.LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def start(cfg: TrackerConfig, auth: ClusterAuth | None = None) -> RunningTracker:
     """Listen on ``cfg.listen`` (port 0: any free port) and serve."""
     svc = TrackerService(cfg, auth or ClusterAuth.from_file(cfg.cluster_secret, "tracker"))
     conns = Connections(connection_limit(), IDLE_TIMEOUT)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: HttpProtocol(svc.handle, conns), cfg.listen.host, cfg.listen.port,
-        backlog=service.LISTEN_BACKLOG, reuse_address=True,
-    )  # fmt: skip
-    port = server.sockets[0].getsockname()[1]
-    return RunningTracker(svc, server, conns, HostPort(cfg.listen.host, port))
+    listener = Listener(asyncio.get_running_loop(), listen_socket(cfg.listen),
+                        lambda: HttpProtocol(svc.handle, conns))  # fmt: skip
+    return RunningTracker(svc, listener, conns, HostPort(cfg.listen.host, listener.port))
 
 
 async def serve(cfg: TrackerConfig, stop: asyncio.Event) -> None:

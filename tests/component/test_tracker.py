@@ -7,9 +7,12 @@ import dataclasses
 import hashlib
 import ipaddress
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,8 +23,9 @@ import aiohttp
 import libtorrent as lt
 import pytest
 import yarl
+from support import require_binaries
 
-from lab.procs import Proc, free_port
+from lab.procs import Proc, free_port, port_open
 from p2p_mirror.core.clusterauth import TRACKER, ClusterAuth
 from p2p_mirror.core.config import HostPort, TrackerConfig
 from p2p_mirror.core.metrics import parse_samples, sample_sum
@@ -610,6 +614,52 @@ async def test_libtorrent_swarm_finds_peers_through_tracker(
         await running.close()
 
 
+@pytest.mark.integration
+async def test_libtorrent_swarm_through_debian_opentracker(tmp_path: Path) -> None:
+    """Operators may run Debian's C opentracker in place of ours: a seeder and a leecher
+    session that only know it exchange a torrent (opentracker is whitelist-only here)."""
+    require_binaries("opentracker")
+    seed_dir, leech_dir = tmp_path / "seed", tmp_path / "leech"
+    seed_dir.mkdir()
+    leech_dir.mkdir()
+    data = random.randbytes(2 * 1024 * 1024 + 99)
+    (seed_dir / "blob").write_bytes(data)
+    port = free_port()
+    ti = make_torrent(seed_dir / "blob", f"http://127.0.0.1:{port}/announce", "v1")
+    # opentracker drops to user nobody, who cannot enter pytest's tmp_path (mode 0700)
+    readable = Path(tempfile.mkdtemp(prefix="opentracker-"))
+    readable.chmod(0o755)
+    whitelist = readable / "whitelist"
+    whitelist.write_text(ti.info_hashes().v1.to_bytes().hex() + "\n")
+    whitelist.chmod(0o644)
+    tracker = Proc(["opentracker", "-i", "127.0.0.1", "-p", str(port), "-P", str(free_port()),
+                    "-w", str(whitelist)], tmp_path / "opentracker.log")  # fmt: skip
+    seeder = lt_session(free_port())
+    leecher = lt_session(free_port())
+    try:
+        tracker.wait_ready(lambda: port_open("127.0.0.1", port), 20, "opentracker listening")
+        ih = ti.info_hashes().v1.to_bytes()
+
+        def seeds_known() -> int:
+            url = f"http://127.0.0.1:{port}/scrape?{query(info_hash=ih)}"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return lt.bdecode(r.read())[b"files"].get(ih, {}).get(b"complete", 0)
+
+        add(seeder, ti, seed_dir)
+        await until(lambda: seeds_known() == 1, 20, "the seeder's announce")
+        handle = add(leecher, lt.torrent_info(ti), leech_dir)
+        await until(lambda: handle.status().is_seeding, 60, "the leecher to finish")
+        assert (leech_dir / "blob").read_bytes() == data
+        await until(lambda: seeds_known() == 2, 20, "the leecher's completed announce")
+    finally:
+        for ses in (leecher, seeder):
+            for h in ses.get_torrents():
+                ses.remove_torrent(h)
+        del seeder, leecher
+        tracker.stop()
+        shutil.rmtree(readable)
+
+
 # --- the command ----------------------------------------------------------------------------
 
 
@@ -626,8 +676,6 @@ def test_cli_serves_logs_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
     try:
         ready = f"tracker ready on http://127.0.0.1:{port}"
         proc.wait_ready(lambda: ready in proc.log_text(), 20, "tracker ready line")
-        import urllib.request
-
         q = query(info_hash=IH, peer_id=pid(1), port=6881, left=1)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/announce?{q}", timeout=5) as r:
             body = lt.bdecode(r.read())
