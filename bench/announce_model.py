@@ -72,7 +72,7 @@ def main() -> None:
           f"(seeds); {args.trackers_per_torrent} trackers per torrent, target utilisation "
           f"{args.utilisation:.0%}\n")  # fmt: skip
     print("| nodes | torrents per node | announces/s, all every 30 s | seeds | downloads "
-          "| total | per tracker pair |")
+          "| total | received by trackers |")
     print("|---|---|---|---|---|---|---|")
     for ld in loads:
         print(f"| {ld.nodes:,} | {ld.torrents_per_node:,} | {ld.all_at_short_interval:,.0f} "

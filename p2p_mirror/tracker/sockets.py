@@ -43,18 +43,27 @@ class SocketTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closing
 
-    def on_readable(self) -> None:
+    def on_readable(self) -> bool:
+        """Read what is there; False if nothing was."""
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:
             self._lost(e)
-            return
+            return True
         if not data:
             self._lost(None)
-            return
+            return True
         self.protocol.data_received(data)
+        return True
+
+    def start_reading(self) -> None:
+        """Serve a request that came with the handshake at once; a one-request connection
+        then closes without ever entering the selector."""
+        self.on_readable()
+        if not self.closing and self.reading:
+            self.loop.add_reader(self.fd, self.on_readable)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.closing or not data:
@@ -156,7 +165,7 @@ class Listener:
             transport = SocketTransport(self.loop, conn, protocol, peer)
             protocol.connection_made(transport)
             if not transport.closing:
-                self.loop.add_reader(transport.fd, transport.on_readable)
+                transport.start_reading()
 
     @property
     def port(self) -> int:
