@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +36,7 @@ from lab.images import ImageLayout, push_image
 from lab.netns import DEFAULT_MTU, Network, NodeSpec
 from lab.procs import LabError, Proc, ProcGroup, port_open
 from lab.registry import Registry
+from p2p_mirror.core.metrics import parse_samples
 from p2p_mirror.installer import hosts
 
 MODES = ("direct", "cache", "p2p")
@@ -48,7 +48,6 @@ TRACKER_PORT = 6969
 SEEDER_PORT = 5005
 SEEDER_BT_PORT = 6882
 AGENT_BT_PORT = 6881
-_METRIC = re.compile(r'^p2p_mirror_blob_bytes_total\{[^}]*source="([a-z]+)"[^}]*\}\s+(\S+)$')
 
 
 def p2p_mirror_argv() -> list[str]:
@@ -88,10 +87,9 @@ def install_hosts(containerd: Containerd, server: str, mirror: str | None) -> Pa
 def parse_blob_sources(metrics_text: str) -> dict[str, int]:
     """``{"swarm": n, "origin": n, "cache": n}`` from the agent's Prometheus text."""
     out: dict[str, int] = {}
-    for line in metrics_text.splitlines():
-        m = _METRIC.match(line.strip())
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0) + int(float(m.group(2)))
+    for s in parse_samples(metrics_text):
+        if s.name == "p2p_mirror_blob_bytes_total" and "source" in s.labels:
+            out[s.labels["source"]] = out.get(s.labels["source"], 0) + int(s.value)
     return out
 
 

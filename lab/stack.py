@@ -15,18 +15,13 @@ import yaml
 
 from lab.cluster import p2p_mirror_argv, parse_blob_sources
 from lab.procs import Proc, ProcGroup, free_port, port_open
+from p2p_mirror.core.metrics import sample_sum
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """Sum of the series of ``p2p_mirror_<name>`` in Prometheus ``text`` that carry ``labels``
     (all series by default)."""
-    total = 0.0
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    for line in text.splitlines():
-        series = line.startswith((f"p2p_mirror_{name}{{", f"p2p_mirror_{name} "))
-        if series and all(w in line for w in wanted):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sample_sum(text, f"p2p_mirror_{name}", **labels)
 
 
 @dataclass
