@@ -8,10 +8,12 @@ against localhost under a temp root, twice (the second run changes nothing), the
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,8 @@ from typing import Any
 import pytest
 import tomllib
 import yaml
+from support import REPO, require_root
 from support.rollout import (
-    REPO,
     SAMPLE_CONTAINERD_CONFIG,
     HostContainerd,
     make_host_root,
@@ -28,10 +30,13 @@ from support.rollout import (
     short_tmpdir,
     snapshot,
 )
+from support.systemd_host import PLUGINS, SystemdHost, rootfs_tarball, scratch_dir, snapshot_paths
 
 from p2p_mirror.core.config import AgentConfig, SeederConfig, TrackerConfig, load_config
 
 DAEMONSET = REPO / "deploy/daemonset"
+PRODUCTION = REPO / "deploy/examples/production"
+NSENTER_PLUGINS = PLUGINS / "connection"
 ANSIBLE = REPO / "ansible"
 MIRROR = "http://127.0.0.1:5004"
 
@@ -264,33 +269,33 @@ _RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\
 
 
 class Playbook:
-    """ansible-playbook against localhost (-c local) with the test's inventory and vars."""
+    """ansible-playbook with the test's inventory and extra vars; logs kept in ``work``."""
 
-    def __init__(self, work: Path, extra_vars: dict[str, Any], env: dict[str, str]) -> None:
+    def __init__(self, work: Path, inventory: dict[str, Any], extra_vars: dict[str, Any],
+                 env: dict[str, str]) -> None:
         self.work = work
         self.inventory = work / "inventory.yml"
-        self.inventory.write_text(yaml.safe_dump({"all": {
-            "hosts": {"node1": {"ansible_connection": "local", "ansible_host": "127.0.0.1"}},
-            "children": {"p2p_trackers": {"hosts": {"node1": {}}},
-                         "p2p_seeders": {"hosts": {"node1": {}}}},
-        }}))
+        self.inventory.write_text(yaml.safe_dump(inventory))
         self.vars = work / "vars.yml"
         self.vars.write_text(yaml.safe_dump(extra_vars))
         self.env = dict(env, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"),
                         ANSIBLE_HOME=str(work / "ansible-home"),
                         ANSIBLE_LOCAL_TEMP=str(work / "ansible-tmp"),
-                        ANSIBLE_REMOTE_TMP=str(work / "ansible-tmp"),
                         ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
         self.runs = 0
+        self.seconds: list[float] = []
 
     def run(self, playbook: str, *args: str) -> int:
         """Run; returns the number of changed tasks (the run must succeed)."""
         self.runs += 1
+        started = time.monotonic()
         proc = subprocess.run(
             [need("ansible-playbook"), "-i", str(self.inventory), "-e", f"@{self.vars}",
              *args, playbook],
             cwd=ANSIBLE, env=self.env, capture_output=True, text=True, timeout=900,
         )
+        self.seconds.append(round(time.monotonic() - started, 1))
+        print(f"ansible-playbook {playbook} {' '.join(args)}: {self.seconds[-1]} s")
         log = self.work / f"run{self.runs}-{playbook}.log"
         log.write_text(proc.stdout + proc.stderr)
         assert proc.returncode == 0, f"{playbook} {args} failed:\n{proc.stdout[-6000:]}"
@@ -300,88 +305,123 @@ class Playbook:
         return sum(int(r[2]) for r in recap)
 
 
-def copy_checkout(dest: Path) -> Path:
-    """A frozen copy of the package sources, so edits elsewhere cannot change the wheel."""
+def copy_checkout(dest: Path, version: str | None = None) -> Path:
+    """A frozen copy of the package sources (and pins), optionally renumbered ``version``."""
     dest.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "constraints.txt"):
         if (REPO / name).exists():
             shutil.copy2(REPO / name, dest / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for package in ("p2p_mirror",):
         shutil.copytree(REPO / package, dest / package, ignore=ignore)
+    if version is not None:
+        for rel, pattern in (("pyproject.toml", r'(?m)^version = "[^"]+"'),
+                             ("p2p_mirror/__init__.py", r'(?m)^__version__ = "[^"]+"')):
+            path = dest / rel
+            text, count = re.subn(pattern, pattern.split(" = ")[0].removeprefix("(?m)^")
+                                  + f' = "{version}"', path.read_text())
+            assert count == 1, rel
+            path.write_text(text)
     return dest
 
 
+SERVICES = ("p2p-mirror-agent", "p2p-mirror-seeder", "p2p-mirror-tracker")
+HEALTH = ("http://127.0.0.1:5004/healthz", "http://127.0.0.1:5005/healthz",
+          "http://127.0.0.1:6969/healthz")
+# What the playbook may touch on a host and uninstall must give back byte for byte.
+HOST_PATHS = ("etc/containerd", "etc/systemd/system", "etc/p2p-mirror", "opt/p2p-mirror",
+              "var/lib/p2p-mirror", "etc/passwd", "etc/group")
+
+
 @pytest.mark.integration
-def test_playbook_installs_idempotently_and_uninstall_restores() -> None:
-    need("ansible-playbook")
-    need("containerd")
-    need("ctr")
-    work = short_tmpdir("p2pans-")
-    try:
-        root = work / "root"
-        make_host_root(root)
-        before = snapshot(root)
-        with HostContainerd(root, work) as containerd:
-            book = Playbook(work, {
-                "ansible_python_interpreter": sys.executable,
-                "p2p_mirror_python": sys.executable,
-                "p2p_mirror_root": str(root),
-                "p2p_mirror_source": str(copy_checkout(work / "src")),
-                "p2p_mirror_wheel_cache": str(work / "wheels"),
-                "p2p_mirror_manage_services": False,
-                "p2p_mirror_manage_user": False,
-                "p2p_mirror_user": "root",
-                "p2p_mirror_group": "root",
-                "p2p_mirror_restart_command": f"{containerd.systemctl} restart {{unit}}",
-                "p2p_mirror_runtime_health_timeout": 30,
-                "p2p_mirror_registries": {"registry.example.test": "http://127.0.0.1:5000"},
-                "p2p_mirror_upload_rate_limit": "50MB",
-            }, containerd.env())
+def test_playbook_on_a_systemd_host() -> None:
+    """site.yml and uninstall.yml against a booted Debian host (systemd-nspawn, no network,
+    so no package index): --check on the fresh host changes nothing, the first run starts
+    every unit and containerd is restarted by systemd, a second run changes nothing, an
+    upgrade restarts every service, uninstall gives every byte back."""
+    for tool in ("mmdebstrap", "systemd-nspawn", "nsenter", "ansible-playbook"):
+        need(tool)
+    require_root()
+    tarball = rootfs_tarball()
+    with scratch_dir("p2psd-") as work, SystemdHost(tarball, work / "root") as host:
+        root = host.root
+        assert host.run("ls", "/sys/class/net").stdout.split() == ["lo"], "host must be offline"
+        before = snapshot_paths(root, HOST_PATHS)
+        assert "etc/containerd/config.toml" in before
+        containerd_started = host.unit_property("containerd.service", "InvocationID")
+        book = Playbook(work, {"all": {
+            "hosts": {"node1": {"ansible_connection": "nsenter",
+                                "ansible_host": str(host.init_pid),
+                                "ansible_python_interpreter": "/usr/bin/python3",
+                                "ansible_become": False}},
+            "children": {"p2p_trackers": {"hosts": {"node1": {}}},
+                         "p2p_seeders": {"hosts": {"node1": {}}}},
+        }}, {
+            "p2p_mirror_source": str(copy_checkout(work / "src")),
+            "p2p_mirror_wheel_cache": str(work / "wheelhouses"),
+            "p2p_mirror_cluster_secret_src": str(work / "cluster-secret"),
+            "p2p_mirror_advertise_address": "127.0.0.1",
+            "p2p_mirror_registries": {"registry.example.test": "http://127.0.0.1:5000"},
+            "p2p_mirror_health_delay": 1,
+            "p2p_mirror_runtime_health_timeout": 30,
+        }, dict(os.environ, ANSIBLE_CONNECTION_PLUGINS=str(NSENTER_PLUGINS),
+                ANSIBLE_PIPELINING="True"))
 
-            # --check --diff on a fresh host: reports changes, makes none.
-            assert book.run("site.yml", "--check", "--diff") > 0
-            assert snapshot(root) == before
-            assert containerd.calls() == []
+        # --check --diff on a fresh host: reports changes, makes none.
+        assert book.run("site.yml", "--check", "--diff") > 0
+        assert snapshot_paths(root, HOST_PATHS) == before
+        assert host.unit_property("containerd.service", "InvocationID") == containerd_started
 
-            assert book.run("site.yml") > 0
-            venv = root / "opt/p2p-mirror/venv"
-            version = subprocess.run([venv / "bin/p2p-mirror", "--version"],
-                                     capture_output=True, text=True, check=True).stdout
-            assert "0.1.0" in version
-            for role, cls in (("agent", AgentConfig), ("seeder", SeederConfig),
-                              ("tracker", TrackerConfig)):
-                cfg = load_config(cls, root / f"etc/p2p-mirror/{role}.yaml")
-                unit = (root / f"etc/systemd/system/p2p-mirror-{role}.service").read_text()
-                assert (f"ExecStart={venv}/bin/p2p-mirror {role} --config "
-                        f"{root}/etc/p2p-mirror/{role}.yaml") in unit
-                if shutil.which("systemd-analyze"):
-                    check = subprocess.run(
-                        ["systemd-analyze", "verify", "--man=no",
-                         root / f"etc/systemd/system/p2p-mirror-{role}.service"],
-                        capture_output=True, text=True)
-                    assert check.returncode == 0 and not check.stderr.strip(), check.stderr
-                if role != "tracker":
-                    assert cfg.data_dir == root / f"var/lib/p2p-mirror/{role}"
-                    assert cfg.data_dir.is_dir()
-            agent = load_config(AgentConfig, root / "etc/p2p-mirror/agent.yaml")
-            assert agent.seeder == ["http://127.0.0.1:5005"]
-            assert agent.upload_rate_limit == 50 * 10**6
-            assert agent.registries["registry.example.test"].url == "http://127.0.0.1:5000"
-            seeder = load_config(SeederConfig, root / "etc/p2p-mirror/seeder.yaml")
-            assert seeder.tracker == ["http://127.0.0.1:6969/announce"]
-            hosts = root / "etc/containerd/certs.d/registry.example.test/hosts.toml"
-            assert list(tomllib.loads(hosts.read_text())["host"]) == [MIRROR]
-            assert containerd.calls() == ["restart containerd"] and containerd.answers()
-            containerd_config_dump(root / "etc/containerd/config.toml")
+        assert book.run("site.yml") > 0
+        for service, url in zip(SERVICES, HEALTH, strict=True):
+            assert host.run("systemctl", "is-active", service).stdout.strip() == "active"
+            assert host.run("systemctl", "is-enabled", service).stdout.strip() == "enabled"
+            assert host.unit_property(service, "MemoryMax").isdigit(), service
+            assert host.unit_property(service, "CPUQuotaPerSecUSec") != "infinity", service
+            assert host.http_status(url) == 200, url
+        # containerd was pointed at the agent and restarted by the host's systemd.
+        containerd_configured = host.unit_property("containerd.service", "InvocationID")
+        assert containerd_configured != containerd_started
+        assert host.run("ctr", "version").returncode == 0
+        hosts = root / "etc/containerd/certs.d/registry.example.test/hosts.toml"
+        assert list(tomllib.loads(hosts.read_text())["host"]) == [MIRROR]
+        # The shipped role configs load with the real config classes; the secret is set.
+        secret = root / "etc/p2p-mirror/cluster-secret"
+        assert secret.stat().st_mode & 0o777 == 0o600
+        assert secret.read_text().strip() == (work / "cluster-secret").read_text().strip()
+        assert len(secret.read_text().strip()) == 64
+        configs = {}
+        for role, cls in (("agent", AgentConfig), ("seeder", SeederConfig),
+                          ("tracker", TrackerConfig)):
+            configs[role] = load_config(cls, root / f"etc/p2p-mirror/{role}.yaml")
+            assert configs[role].cluster_secret == Path("/etc/p2p-mirror/cluster-secret")
+        agent, seeder = configs["agent"], configs["seeder"]
+        assert agent.seeder == ["http://127.0.0.1:5005"]
+        assert agent.announce_ip == "127.0.0.1" and str(agent.metrics_listen) == "127.0.0.1:5006"
+        assert seeder.tracker == ["http://127.0.0.1:6969/announce"]
+        assert seeder.segment_size == SeederConfig.__dataclass_fields__["segment_size"].default
 
-            assert book.run("site.yml") == 0, "a second run must change nothing"
-            assert book.run("site.yml", "--check", "--diff") == 0
-            assert containerd.calls() == ["restart containerd"]
+        assert book.run("site.yml") == 0, "a second run must change nothing"
 
-            assert book.run("uninstall.yml") > 0
-            assert containerd.calls() == ["restart containerd"] * 2 and containerd.answers()
-            assert book.run("uninstall.yml") == 0
-        assert snapshot(root) == before
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        # An upgrade (a new version from a changed checkout) restarts every service on the
+        # host, the agent on this tracker and seeder host included.
+        started = {s: host.unit_property(s, "InvocationID") for s in SERVICES}
+        book.vars.write_text(book.vars.read_text().replace(
+            str(work / "src"), str(copy_checkout(work / "src-next", version="0.1.1"))))
+        assert book.run("site.yml") > 0
+        version = host.run("/opt/p2p-mirror/venv/bin/p2p-mirror", "--version").stdout
+        assert "0.1.1" in version
+        for service, url in zip(SERVICES, HEALTH, strict=True):
+            assert host.unit_property(service, "InvocationID") != started[service], service
+            assert host.http_status(url) == 200, url
+        assert host.unit_property("containerd.service", "InvocationID") == containerd_configured
+
+        assert book.run("uninstall.yml") > 0
+        assert snapshot_paths(root, HOST_PATHS) == before
+        for service in SERVICES:
+            listed = host.run("systemctl", "list-unit-files", f"{service}.service").stdout
+            assert f"{service}.service" not in listed
+            assert host.run("systemctl", "is-active", service, check=False).stdout.strip() in (
+                "inactive", "unknown")
+        assert host.unit_property("containerd.service", "InvocationID") != containerd_configured
+        assert host.run("ctr", "version").returncode == 0
