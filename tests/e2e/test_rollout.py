@@ -1,13 +1,16 @@
 """Roll-out: Kubernetes manifests, the image's Dockerfile, the ansible playbook.
 
 The manifests are built with kubectl kustomize and validated offline against the Kubernetes
-schemas; the install/uninstall init containers' exact commands run against a fake host root
-whose containerd is real (restarted through a fake systemctl). The playbook really runs
-against localhost under a temp root, twice (the second run changes nothing), then uninstalls.
+schemas, and each role's arguments (after the kubelet's $(VAR) expansion) plus its ConfigMap
+are parsed by the real CLI and config classes; the install/uninstall init containers' exact
+commands run against a fake host root whose containerd is real (restarted through a fake
+systemctl). The playbook runs against a booted Debian host (systemd-nspawn) with a real
+systemd and containerd and no network.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -123,31 +126,36 @@ def test_dockerfile_copies_every_package_the_wheel_needs() -> None:
 # --- Kubernetes manifests -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [DAEMONSET, DAEMONSET / "uninstall"], ids=["install", "uninstall"])
+CRD_KINDS = {"ServiceMonitor"}  # no schema offline; asserted on below instead
+
+
+@pytest.mark.parametrize("path", [DAEMONSET, DAEMONSET / "uninstall", PRODUCTION],
+                         ids=["install", "uninstall", "production"])
 def test_manifests_build_and_validate_offline(path: Path, tmp_path: Path) -> None:
     need("kubernetes-validate")
-    built = subprocess.run([need("kubectl"), "kustomize", str(path)], check=True,
-                           capture_output=True, text=True).stdout
-    docs = [d for d in yaml.safe_load_all(built) if d]
+    docs = kustomize(path)
     assert docs and all(d["metadata"]["namespace"] == "kube-system" for d in docs)
+    checked = [d for d in docs if d["kind"] not in CRD_KINDS]
     manifest = tmp_path / "built.yaml"
-    manifest.write_text(built)
+    manifest.write_text(yaml.safe_dump_all(checked))
     for version in ("1.29.0", None):
         argv = ["kubernetes-validate", "--strict", str(manifest)]
         if version:
             argv[1:1] = ["-k", version]
         proc = subprocess.run(argv, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert proc.stdout.count("passed") == len(docs), proc.stdout
+        assert proc.stdout.count("passed") == len(checked), proc.stdout
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]
 
 
 def test_manifests_match_the_addon_layout() -> None:
     docs = kustomize(DAEMONSET)
     agent = by_kind(docs, "DaemonSet", "p2p-mirror-agent")
-    seeder = by_kind(docs, "Deployment", "p2p-mirror-seeder")
-    tracker = by_kind(docs, "Deployment", "p2p-mirror-tracker")
-    by_kind(docs, "Service", "p2p-mirror-seeder")
-    by_kind(docs, "Service", "p2p-mirror-tracker")
+    seeder = by_kind(docs, "StatefulSet", "p2p-mirror-seeder")
+    tracker = by_kind(docs, "StatefulSet", "p2p-mirror-tracker")
     pdb = by_kind(docs, "PodDisruptionBudget", "p2p-mirror-seeder")
     assert pdb["spec"]["selector"]["matchLabels"] == seeder["spec"]["selector"]["matchLabels"]
 
@@ -164,34 +172,337 @@ def test_manifests_match_the_addon_layout() -> None:
             assert quantity(res[kind]["memory"]) == quantity(mem), (name, kind)
         for probe in ("livenessProbe", "readinessProbe"):
             assert container(workload, name)[probe]["httpGet"]["path"] == "/healthz"
+        assert container(workload, name)["securityContext"]["runAsNonRoot"] is True
 
-    assert seeder["spec"]["template"]["spec"]["nodeSelector"] == {"proxy": "p2p-proxy"}
-    assert tracker["spec"]["template"]["spec"]["nodeSelector"] == {"tracker": "p2p-tracker"}
-    pod = agent["spec"]["template"]["spec"]
-    assert pod["hostNetwork"] is True and pod["hostPID"] is True
+    assert pod_spec(seeder)["nodeSelector"]["proxy"] == "p2p-proxy"
+    assert pod_spec(tracker)["nodeSelector"]["tracker"] == "p2p-tracker"
+    pod = pod_spec(agent)
+    assert pod["hostNetwork"] is True
     cache = next(v for v in pod["volumes"] if v["name"] == "cache")
     assert cache["hostPath"]["path"] == "/var/lib/p2p-mirror/agent"
-    assert container(agent, "agent")["securityContext"]["runAsNonRoot"] is True
+
+
+# --- node selection (issue 22 item 5) ---
+
+
+def _term_matches(expressions: list[dict[str, Any]], labels: dict[str, str]) -> bool:
+    for e in expressions:
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": key in labels and labels[key] in values,
+              "NotIn": key not in labels or labels[key] not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def schedulable_on(workload: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether the scheduler's node selection (nodeSelector + required node affinity, the
+    semantics of the Kubernetes docs) admits a node with ``labels``; taints are tolerated."""
+    spec = pod_spec(workload)
+    if any(labels.get(k) != v for k, v in spec.get("nodeSelector", {}).items()):
+        return False
+    required = (spec.get("affinity", {}).get("nodeAffinity", {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution"))
+    if required is None:
+        return True
+    return any(_term_matches(t.get("matchExpressions", []), labels)
+               for t in required["nodeSelectorTerms"])
+
+
+LINUX = {"kubernetes.io/os": "linux", "kubernetes.io/hostname": "n1"}
+OPTED_IN = {**LINUX, "p2p-mirror.io/enabled": "true"}
+NODES = {
+    "opted-in": OPTED_IN,
+    "not labelled": LINUX,
+    "label false": {**LINUX, "p2p-mirror.io/enabled": "false"},
+    "windows": {**OPTED_IN, "kubernetes.io/os": "windows"},
+    "virtual-kubelet": {**OPTED_IN, "type": "virtual-kubelet"},
+    "aks virtual node": {**OPTED_IN, "kubernetes.azure.com/managed-virtual-node": "true"},
+    "eks fargate": {**OPTED_IN, "eks.amazonaws.com/compute-type": "fargate"},
+    "tke eklet": {**OPTED_IN, "node.kubernetes.io/instance-type": "eklet"},
+}
+
+
+def test_agent_and_installer_run_only_on_opted_in_linux_nodes() -> None:
+    """The first apply touches no node; the operator opts nodes in (canary), never a virtual
+    or Windows node."""
+    docs = kustomize(DAEMONSET)
+    for name in ("p2p-mirror-agent", "p2p-mirror-install"):
+        ds = by_kind(docs, "DaemonSet", name)
+        admitted = {node for node, labels in NODES.items() if schedulable_on(ds, labels)}
+        assert admitted == {"opted-in"}, name
+    uninstall = by_kind(kustomize(DAEMONSET / "uninstall"), "DaemonSet", "p2p-mirror-uninstall")
+    admitted = {node for node, labels in NODES.items() if schedulable_on(uninstall, labels)}
+    assert admitted == {"opted-in", "not labelled", "label false"}
+    readme = (DAEMONSET / "README.md").read_text()
+    assert "## Canary" in readme and "kubectl label node NODE p2p-mirror.io/enabled=true" in readme
+
+
+def test_installer_defaults_to_containerd_and_only_it_shares_host_pids() -> None:
+    docs = kustomize(DAEMONSET)
+    install = by_kind(docs, "DaemonSet", "p2p-mirror-install")
+    command = container(install, "install", init=True)["command"]
+    assert command[command.index("--runtime") + 1] == "containerd"
+    assert pod_spec(install)["hostPID"] is True
+    for d in docs:
+        if d["kind"] in ("DaemonSet", "StatefulSet") and d is not install:
+            assert not pod_spec(d).get("hostPID"), d["metadata"]["name"]
+            for c in pod_spec(d)["containers"] + pod_spec(d).get("initContainers", []):
+                assert not c.get("securityContext", {}).get("privileged"), c["name"]
+    uninstall = by_kind(kustomize(DAEMONSET / "uninstall"), "DaemonSet", "p2p-mirror-uninstall")
+    assert pod_spec(uninstall)["priorityClassName"] == "system-node-critical"
+
+
+# --- what each role is started with (issues 19, 21, 22 items 8-10) ---
+
+
+HOST_IP, POD_IP = "10.20.0.7", "10.244.3.9"
+
+
+def role_config(workload: dict[str, Any], name: str, docs: list[dict[str, Any]],
+                tmp_path: Path, cls: type) -> Any:
+    """The config the role really runs with: its ConfigMap file plus its container args after
+    the kubelet's $(VAR) expansion (downward API values made up), parsed by the CLI's own
+    click command and load_config, as `p2p-mirror ROLE` would."""
+    from p2p_mirror.cli import main as cli
+    from p2p_mirror.core.config import load_config as load
+
+    c = container(workload, name)
+    values = {"HOST_IP": HOST_IP, "POD_IP": POD_IP, "POD_NAMESPACE": "kube-system"}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c.get("env", [])
+           if "valueFrom" in e}
+    for var in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
+        assert var in env, f"{name}: $({var}) is not set from the downward API"
+    assert env.get("HOST_IP", "status.hostIP") == "status.hostIP"
+    assert env.get("POD_IP", "status.podIP") == "status.podIP"
+    assert env.get("POD_NAMESPACE", "metadata.namespace") == "metadata.namespace"
+    args = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in c["args"]]
+    command, rest = args[0], args[1:]
+    config_path = Path(rest[rest.index("--config") + 1])
+    mount = next(m for m in c["volumeMounts"] if config_path.is_relative_to(m["mountPath"]))
+    volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+    cm = next(d for d in docs if d["kind"] == "ConfigMap"
+              and d["metadata"]["name"] == volume["configMap"]["name"])
+    local = tmp_path / f"{name}.yaml"
+    local.write_text(cm["data"][config_path.name])
+    rest[rest.index("--config") + 1] = str(local)
+    ctx = cli.commands[command].make_context(command, rest)
+    params = dict(ctx.params)
+    params.pop("config")
+    return load(cls, local, params)
+
+
+def mounted_secret(workload: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    """The Secret volume that provides ``path`` in container ``name``."""
+    c = container(workload, name)
+    mount = next(m for m in c["volumeMounts"] if path.is_relative_to(m["mountPath"]))
+    volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+    assert "secret" in volume, f"{path} is not from a Secret"
+    rel = str(path.relative_to(mount["mountPath"]))
+    assert [i["path"] for i in volume["secret"]["items"]] == [rel]
+    return volume["secret"]
+
+
+def test_roles_run_with_the_node_address_seeder_set_trackers_and_cluster_secret(
+        tmp_path: Path) -> None:
+    docs = kustomize(DAEMONSET)
+    agent_ds = by_kind(docs, "DaemonSet", "p2p-mirror-agent")
+    seeder_sts = by_kind(docs, "StatefulSet", "p2p-mirror-seeder")
+    tracker_sts = by_kind(docs, "StatefulSet", "p2p-mirror-tracker")
+    agent = role_config(agent_ds, "agent", docs, tmp_path, AgentConfig)
+    seeder = role_config(seeder_sts, "seeder", docs, tmp_path, SeederConfig)
+    tracker = role_config(tracker_sts, "tracker", docs, tmp_path, TrackerConfig)
+
+    # Issue 21: the seeder set by its headless Service, every tracker by its stable name,
+    # node addresses announced.
+    seeder_svc = by_kind(docs, "Service", seeder_sts["spec"]["serviceName"])
+    tracker_svc = by_kind(docs, "Service", tracker_sts["spec"]["serviceName"])
+    assert seeder_svc["spec"]["clusterIP"] == "None" == tracker_svc["spec"]["clusterIP"]
+    assert agent.seeder == [f"http://{seeder_svc['metadata']['name']}.kube-system.svc:5005"]
+    assert seeder.tracker == [
+        f"http://p2p-mirror-tracker-{i}.{tracker_svc['metadata']['name']}.kube-system.svc:6969"
+        "/announce" for i in range(tracker_sts["spec"]["replicas"])]
+    assert tracker_sts["spec"]["replicas"] >= 2
+    assert agent.announce_ip == HOST_IP and seeder.announce_ip == POD_IP
+    # Issue 22 item 9: metrics on the node address, a host port Prometheus can reach.
+    assert str(agent.metrics_listen) == f"{HOST_IP}:5006"
+    ports = {p["containerPort"]: p for p in container(agent_ds, "agent")["ports"]}
+    assert ports[5006]["hostPort"] == 5006
+    # Issue 19: every role has the cluster secret, from the one Secret, readable by uid 10001.
+    for workload, name, cfg in ((agent_ds, "agent", agent), (seeder_sts, "seeder", seeder),
+                                (tracker_sts, "tracker", tracker)):
+        assert cfg.cluster_secret is not None, name
+        secret = mounted_secret(workload, name, cfg.cluster_secret)
+        assert secret["secretName"] == "p2p-mirror-cluster-secret"
+        assert not secret.get("optional"), "a role must not start without the secret"
+        assert secret["defaultMode"] & 0o040 and not secret["defaultMode"] & 0o007
+        assert pod_spec(workload)["securityContext"]["fsGroup"] == 10001
+        assert container(workload, name)["securityContext"]["runAsUser"] == 10001
+    readme = (DAEMONSET / "README.md").read_text()
+    assert "create secret generic p2p-mirror-cluster-secret" in readme
+
+
+def test_seeder_cache_survives_restarts_and_is_never_evicted(tmp_path: Path) -> None:
+    """Issue 22 item 8: a capped cache on the node's disk, the container's own writes
+    requested, no unbounded emptyDir."""
+    docs = kustomize(DAEMONSET)
+    sts = by_kind(docs, "StatefulSet", "p2p-mirror-seeder")
+    seeder = role_config(sts, "seeder", docs, tmp_path, SeederConfig)
+    c = container(sts, "seeder")
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(seeder.data_dir))
+    volume = next(v for v in pod_spec(sts)["volumes"] if v["name"] == mount["name"])
+    assert volume["hostPath"]["path"] == str(seeder.data_dir)
+    assert seeder.cache_max_bytes > 0 and seeder.min_free_disk > 0
+    assert quantity(c["resources"]["requests"]["ephemeral-storage"]) > 0
+    for v in pod_spec(sts)["volumes"]:
+        if "emptyDir" in v:
+            assert v["emptyDir"].get("medium") == "Memory" and v["emptyDir"]["sizeLimit"]
+    # Each replica on its own node, so each hostPath cache is that replica's own.
+    anti = pod_spec(sts)["affinity"]["podAntiAffinity"]
+    required = anti["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert required[0]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_network_policies_admit_only_node_addresses_to_seeders_and_trackers() -> None:
+    docs = kustomize(DAEMONSET)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    covered: dict[str, set[int]] = {}
+    for policy in policies:
+        component = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), "a rule without `from` admits everyone"
+            for peer in rule["from"]:
+                assert set(peer) <= {"ipBlock", "podSelector"}, peer
+                if "podSelector" in peer:
+                    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == \
+                        "p2p-mirror"
+                else:
+                    assert not ipaddress.ip_network(peer["ipBlock"]["cidr"]).is_global
+            covered.setdefault(component, set()).update(p["port"] for p in rule["ports"])
+    assert covered == {"seeder": {5005, 6882}, "tracker": {6969}}
+    for name, component in (("p2p-mirror-seeder", "seeder"), ("p2p-mirror-tracker", "tracker")):
+        sts = by_kind(docs, "StatefulSet", name)
+        assert {p["containerPort"] for p in container(sts, component)["ports"]} == \
+            covered[component]
+    # The production example narrows the ipBlocks to its node subnet.
+    for policy in (d for d in kustomize(PRODUCTION) if d["kind"] == "NetworkPolicy"):
+        blocks = [p["ipBlock"]["cidr"] for p in policy["spec"]["ingress"][0]["from"]
+                  if "ipBlock" in p]
+        assert blocks == ["10.20.0.0/16"]
+
+
+def table_ports(readme: Path) -> set[int]:
+    return {int(m) for m in re.findall(r"^\| (\d+) \|", readme.read_text(), re.M)}
+
+
+def test_every_port_is_in_the_firewall_tables() -> None:
+    docs = kustomize(DAEMONSET) + kustomize(PRODUCTION)
+    ports = {5004, 5003}  # loopback: the mirror and the dockerd proxy
+    for d in docs:
+        if d["kind"] in ("DaemonSet", "StatefulSet"):
+            for c in pod_spec(d)["containers"]:
+                ports.update(p["containerPort"] for p in c.get("ports", []))
+    assert ports == {5003, 5004, 5005, 5006, 6881, 6882, 6969}
+    for readme in (DAEMONSET / "README.md", ANSIBLE / "README.md"):
+        assert ports <= table_ports(readme), readme
+
+
+def test_optional_parts_stay_out_of_the_default(tmp_path: Path) -> None:
+    default = kustomize(DAEMONSET)
+    production = kustomize(PRODUCTION)
+    assert not [d for d in default if d["kind"] == "ServiceMonitor"]
+    monitor = by_kind(production, "ServiceMonitor", "p2p-mirror")
+    scraped = {e["port"] for e in monitor["spec"]["endpoints"]}
+    metrics_svc = by_kind(production, "Service", "p2p-mirror-agent-metrics")
+    assert metrics_svc["spec"]["ports"][0]["port"] == 5006 and "metrics" in scraped
+    assert "http" in scraped  # seeders' and trackers' /metrics on their API ports
+    # The seeder's own registry credentials: a dockerconfigjson Secret, only when asked for.
+    seeder = role_config(by_kind(production, "StatefulSet", "p2p-mirror-seeder"), "seeder",
+                         production, tmp_path, SeederConfig)
+    assert seeder.registry_auth is not None
+    secret = mounted_secret(by_kind(production, "StatefulSet", "p2p-mirror-seeder"), "seeder",
+                            seeder.registry_auth)
+    assert secret["secretName"] == "p2p-mirror-registry-auth"
+    assert secret["items"][0]["key"] == ".dockerconfigjson"
+    default_seeder = role_config(by_kind(default, "StatefulSet", "p2p-mirror-seeder"), "seeder",
+                                 default, tmp_path, SeederConfig)
+    assert default_seeder.registry_auth is None
+    assert by_kind(production, "StatefulSet", "p2p-mirror-seeder")["spec"]["replicas"] == 4
+
+
+def test_image_is_qualified_and_pinned(tmp_path: Path) -> None:
+    """Issue 22 item 10: a qualified image name, the base by digest, every dependency pinned
+    in one constraints file that the image and the playbook both use."""
+    for path in (DAEMONSET, DAEMONSET / "uninstall", PRODUCTION):
+        for d in kustomize(path):
+            if d["kind"] in ("DaemonSet", "StatefulSet"):
+                spec = pod_spec(d)
+                for c in spec["containers"] + spec.get("initContainers", []):
+                    assert c["image"] == "ghcr.io/p2p-mirror/p2p-mirror:0.1.0", c["image"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=\S+:\S+@sha256:[0-9a-f]{64}$", dockerfile, re.M)
+    assert "--constraint constraints.txt" in dockerfile
+    assert re.search(r"^COPY .*constraints\.txt", dockerfile, re.M)
+    defaults = (ANSIBLE / "roles/p2p_mirror/defaults/main.yml").read_text()
+    assert "/constraints.txt" in defaults
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not pinned: {line}"
+            pins[canonical(name)] = version
+    assert dependency_closure("p2p-mirror") <= set(pins)
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def dependency_closure(dist: str) -> set[str]:
+    """Every distribution ``dist`` needs at run time on this Python (extras left out)."""
+    from importlib import metadata
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    env = default_environment()
+    seen: set[str] = set()
+    todo = [dist]
+    while todo:
+        for text in metadata.requires(todo.pop()) or []:
+            req = Requirement(text)
+            if req.marker and not req.marker.evaluate({**env, "extra": ""}):
+                continue
+            name = canonical(req.name)
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
 
 
 @pytest.mark.parametrize(
-    ("configmap", "key", "cls"),
-    [("p2p-mirror-agent", "agent.yaml", AgentConfig),
-     ("p2p-mirror-seeder", "seeder.yaml", SeederConfig),
-     ("p2p-mirror-tracker", "tracker.yaml", TrackerConfig)],
+    ("kind", "workload", "name", "cls"),
+    [("DaemonSet", "p2p-mirror-agent", "agent", AgentConfig),
+     ("StatefulSet", "p2p-mirror-seeder", "seeder", SeederConfig),
+     ("StatefulSet", "p2p-mirror-tracker", "tracker", TrackerConfig)],
 )
-def test_configmaps_hold_valid_role_configs(configmap: str, key: str, cls: type,
+def test_configmaps_hold_valid_role_configs(kind: str, workload: str, name: str, cls: type,
                                            tmp_path: Path) -> None:
+    """Each role's ConfigMap plus its arguments load with the real config class; the shipped
+    segment_size is the default one."""
     docs = kustomize(DAEMONSET)
-    cm = next(d for d in docs if d["kind"] == "ConfigMap"
-              and d["metadata"]["name"].startswith(configmap + "-"))
-    path = tmp_path / key
-    path.write_text(cm["data"][key])
-    load_config(cls, path)
+    cfg = role_config(by_kind(docs, kind, workload), name, docs, tmp_path, cls)
+    if cls is SeederConfig:
+        assert cfg.segment_size == SeederConfig.__dataclass_fields__["segment_size"].default
     # The workload mounts the generated (hash-suffixed) name, so a config edit rolls the pods.
-    mounted = [v["configMap"]["name"] for d in docs if d["kind"] in ("DaemonSet", "Deployment")
-               for v in d["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
-    assert cm["metadata"]["name"] in mounted
+    generated = [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"
+                 and d["metadata"]["name"].startswith(f"p2p-mirror-{name}-")]
+    mounted = [v["configMap"]["name"] for v in pod_spec(by_kind(docs, kind, workload))["volumes"]
+               if "configMap" in v]
+    assert len(generated) == 1 and mounted == generated
 
 
 @pytest.mark.integration
