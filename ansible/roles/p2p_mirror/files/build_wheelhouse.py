@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -50,7 +51,11 @@ def own_wheel(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> Path:
             raise SystemExit(f"{source}: no pyproject.toml, not a p2p-mirror checkout")
         src = tmp / "src"
         shutil.copytree(source, src, ignore=SKIP)
-        pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(src)],
+        # The controller's own setuptools when it has one: an isolated build installs it anew
+        # each time (seconds, and the index).
+        isolation = [] if importlib.util.find_spec("setuptools") is None else [
+            "--no-build-isolation"]
+        pip(["wheel", "--quiet", "--no-deps", *isolation, "--wheel-dir", str(out), str(src)],
             dict(env, SOURCE_DATE_EPOCH=EPOCH))
     else:
         pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(out),
@@ -90,10 +95,20 @@ def build(args: argparse.Namespace) -> Path:
         wheel = own_wheel(args, tmp, env)
         house = tmp / "house"
         platforms = [arg for tag in GLIBC_TAGS for arg in ("--platform", f"{tag}_{machine}")]
-        pip(["download", "--quiet", "--only-binary=:all:", "--dest", str(house),
-             "--python-version", f"{major}.{minor}", "--implementation", "cp",
-             "--abi", f"cp{major}{minor}", "--abi", "abi3", "--abi", "none", *platforms,
-             "--platform", "any", "--constraint", str(constraints), str(wheel)], env)
+        download = ["download", "--quiet", "--only-binary=:all:", "--dest", str(house),
+                    "--python-version", f"{major}.{minor}", "--implementation", "cp",
+                    "--abi", f"cp{major}{minor}", "--abi", "abi3", "--abi", "none", *platforms,
+                    "--platform", "any", "--constraint", str(constraints), str(wheel)]
+        # The dependencies depend only on the pins and the target: fetched once, then reused
+        # without the index for every new p2p-mirror wheel.
+        pins = hashlib.sha256(constraints.read_bytes()).hexdigest()[:16]
+        deps = out_dir / f".deps-cp{major}{minor}-{machine}-{pins}"
+        if deps.is_dir():
+            pip([*download, "--no-index", "--find-links", str(deps)], env)
+        else:
+            pip(download, env)
+            shutil.copytree(house, tmp / "deps", ignore=shutil.ignore_patterns("p2p_mirror-*"))
+            shutil.move(str(tmp / "deps"), deps)
         shutil.copyfile(constraints, house / "constraints.txt")
         digest = hashlib.sha256()
         for path in sorted(house.iterdir()):

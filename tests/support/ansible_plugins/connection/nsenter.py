@@ -39,7 +39,7 @@ class Connection(ConnectionBase):
         return self
 
     def _argv(self, *command: str) -> list[str]:
-        pid = str(self.get_option("remote_addr"))
+        pid = str(self.get_option("remote_addr") or self._play_context.remote_addr)
         if not pid.isdigit():
             raise AnsibleError(f"nsenter connection: ansible_host must be a PID, got {pid!r}")
         return ["nsenter", "-t", pid, "-a", "--", *CLEAN_ENV, *command]
