@@ -514,7 +514,7 @@ def test_init_containers_configure_and_restore_a_real_containerd() -> None:
     need("containerd")
     need("ctr")
     need("nsenter")
-    install_cmd = container(by_kind(kustomize(DAEMONSET), "DaemonSet", "p2p-mirror-agent"),
+    install_cmd = container(by_kind(kustomize(DAEMONSET), "DaemonSet", "p2p-mirror-install"),
                             "install", init=True)["command"]
     uninstall_cmd = container(
         by_kind(kustomize(DAEMONSET / "uninstall"), "DaemonSet", "p2p-mirror-uninstall"),
@@ -568,6 +568,15 @@ def test_ansible_lint_passes() -> None:
     proc = subprocess.run([need("ansible-lint"), "--offline", "--profile", "production"],
                           cwd=ANSIBLE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+def test_role_lists_only_platforms_it_supports() -> None:
+    """Python 3.10+ (EL8/EL9 ship 3.6/3.9) and systemd 239+ (no Type=exec, which needs 240)."""
+    meta = yaml.safe_load((ANSIBLE / "roles/p2p_mirror/meta/main.yml").read_text())
+    assert {p["name"] for p in meta["galaxy_info"]["platforms"]} == {"Debian", "Ubuntu"}
+    unit = (ANSIBLE / "roles/p2p_mirror/templates/p2p-mirror.service.j2").read_text()
+    assert "Type=simple" in unit and "Type=exec" not in unit
+    assert "MemoryMax=" in unit and "CPUQuota=" in unit
 
 
 def test_example_inventory_lists_the_roles() -> None:
@@ -691,6 +700,9 @@ def test_playbook_on_a_systemd_host() -> None:
             assert host.run("systemctl", "is-enabled", service).stdout.strip() == "enabled"
             assert host.unit_property(service, "MemoryMax").isdigit(), service
             assert host.unit_property(service, "CPUQuotaPerSecUSec") != "infinity", service
+            verify = host.run("systemd-analyze", "verify", "--man=no",
+                              f"/etc/systemd/system/{service}.service", check=False)
+            assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
             assert host.http_status(url) == 200, url
         # containerd was pointed at the agent and restarted by the host's systemd.
         containerd_configured = host.unit_property("containerd.service", "InvocationID")
