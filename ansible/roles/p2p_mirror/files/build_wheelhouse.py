@@ -10,6 +10,9 @@ The wheelhouse's directory is named by a hash of its contents: same inputs, same
 so a host's copy changes, and the package is reinstalled, only when something really changed.
 A wheelhouse already built from the same inputs (sources, constraints, target) is reused.
 
+The wheelhouse also comes as DIR.tar (deterministic), which is what a host is sent: one file
+to compare and copy instead of a checksum round trip per wheel.
+
 Usage: build_wheelhouse.py --out DIR --constraints FILE --target PY_VERSION MACHINE
                            (--source CHECKOUT | --package REQUIREMENT)
 Prints the wheelhouse's path as the last line.
@@ -24,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -116,8 +120,29 @@ def build(args: argparse.Namespace) -> Path:
         target = out_dir / f"p2p-mirror-cp{major}{minor}-{machine}-{digest.hexdigest()[:16]}"
         if not target.exists():
             shutil.move(str(house), target)
+    archive = target.with_name(target.name + ".tar")
+    if not archive.exists():
+        pack(target, archive)
     marker.write_text(target.name + "\n")
     return target
+
+
+def pack(directory: Path, archive: Path) -> None:
+    """``directory`` as a tar whose bytes depend only on the files' names and contents."""
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in [directory, *sorted(directory.iterdir())]:
+            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(directory.parent)))
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = int(EPOCH)
+            info.mode = 0o755 if path.is_dir() else 0o644
+            if path.is_dir():
+                tar.addfile(info)
+            else:
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+    partial.replace(archive)
 
 
 def main(argv: list[str]) -> int:
