@@ -11,6 +11,7 @@ systemd and containerd and no network.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -577,6 +578,42 @@ def test_role_lists_only_platforms_it_supports() -> None:
     unit = (ANSIBLE / "roles/p2p_mirror/templates/p2p-mirror.service.j2").read_text()
     assert "Type=simple" in unit and "Type=exec" not in unit
     assert "MemoryMax=" in unit and "CPUQuota=" in unit
+
+
+def test_agents_get_every_seeder_and_seeders_every_tracker(tmp_path: Path) -> None:
+    """Issue 21 (ansible): the endpoints an agent and a seeder are configured with come from
+    every host of the groups, at each host's advertised address; the agent announces its own."""
+    need("ansible-playbook")
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {"all": {"hosts": {"a1": {**local, "ansible_host": "192.0.2.20"}}, "children": {
+        "p2p_seeders": {"hosts": {
+            "s1": {**local, "ansible_host": "192.0.2.11"},
+            "s2": {**local, "ansible_host": "192.0.2.12", "p2p_mirror_seeder_port": 5015},
+            "s3": {**local, "p2p_mirror_advertise_address": "10.0.0.9"}}},
+        "p2p_trackers": {"hosts": {"t1": {**local, "ansible_host": "192.0.2.31"},
+                                   "t2": {**local, "ansible_host": "192.0.2.32"}}},
+    }}}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    out = tmp_path / "endpoints.json"
+    (tmp_path / "play.yml").write_text(yaml.safe_dump([{
+        "hosts": "a1", "gather_facts": False, "tasks": [
+            {"ansible.builtin.include_role": {"name": "p2p_mirror", "tasks_from": "endpoints"}},
+            {"ansible.builtin.copy": {"dest": str(out), "mode": "0644", "content":
+             "{{ {'seeders': p2p_mirror_seeder_urls, 'trackers': p2p_mirror_tracker_urls,"
+             " 'ip': p2p_mirror_advertise_ip} | to_json }}"}}]}]))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"),
+               ANSIBLE_ROLES_PATH=str(ANSIBLE / "roles"), ANSIBLE_HOME=str(tmp_path / "home"),
+               ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"))
+    proc = subprocess.run([need("ansible-playbook"), "-i", str(tmp_path / "inventory.yml"),
+                           str(tmp_path / "play.yml")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["seeders"] == ["http://192.0.2.11:5005", "http://192.0.2.12:5015",
+                              "http://10.0.0.9:5005"]
+    assert got["trackers"] == ["http://192.0.2.31:6969/announce",
+                               "http://192.0.2.32:6969/announce"]
+    assert got["ip"] == "192.0.2.20"
 
 
 def test_example_inventory_lists_the_roles() -> None:
