@@ -389,7 +389,8 @@ def test_network_policies_admit_only_node_addresses_to_seeders_and_trackers() ->
         assert {p["containerPort"] for p in container(sts, component)["ports"]} == \
             covered[component]
     # The production example narrows the ipBlocks to its node subnet.
-    for policy in (d for d in kustomize(PRODUCTION) if d["kind"] == "NetworkPolicy"):
+    for policy in (d for d in kustomize(PRODUCTION) if d["kind"] == "NetworkPolicy"
+                   and d["metadata"]["name"] != "p2p-mirror-metrics"):
         blocks = [p["ipBlock"]["cidr"] for p in policy["spec"]["ingress"][0]["from"]
                   if "ipBlock" in p]
         assert blocks == ["10.20.0.0/16"]
@@ -420,6 +421,10 @@ def test_optional_parts_stay_out_of_the_default(tmp_path: Path) -> None:
     metrics_svc = by_kind(production, "Service", "p2p-mirror-agent-metrics")
     assert metrics_svc["spec"]["ports"][0]["port"] == 5006 and "metrics" in scraped
     assert "http" in scraped  # seeders' and trackers' /metrics on their API ports
+    scrape_policy = by_kind(production, "NetworkPolicy", "p2p-mirror-metrics")
+    (rule,) = scrape_policy["spec"]["ingress"]
+    assert {p["port"] for p in rule["ports"]} == {5005, 6969}
+    assert [set(peer) for peer in rule["from"]] == [{"namespaceSelector"}]
     # The seeder's own registry credentials: a dockerconfigjson Secret, only when asked for.
     seeder = role_config(by_kind(production, "StatefulSet", "p2p-mirror-seeder"), "seeder",
                          production, tmp_path, SeederConfig)
@@ -750,6 +755,7 @@ def test_playbook_on_a_systemd_host() -> None:
         # The shipped role configs load with the real config classes; the secret is set.
         secret = root / "etc/p2p-mirror/cluster-secret"
         assert secret.stat().st_mode & 0o777 == 0o600
+        assert (work / "cluster-secret").stat().st_mode & 0o777 == 0o600
         assert secret.read_text().strip() == (work / "cluster-secret").read_text().strip()
         assert len(secret.read_text().strip()) == 64
         configs = {}
