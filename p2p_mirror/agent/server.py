@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDict
 
-from p2p_mirror.agent.pull import Fetcher, SeederClient
+from p2p_mirror.agent.blob_download import BlobDownload
+from p2p_mirror.agent.node_address import bt_listen_for
+from p2p_mirror.agent.pull import BlobPuller
+from p2p_mirror.agent.seeder_client import SeederClient
+from p2p_mirror.agent.seeder_set import SeederSet
 from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
@@ -29,9 +33,11 @@ from p2p_mirror.core.oci import (
     validate_reference,
 )
 from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, forward_headers
+from p2p_mirror.core.seeding import SeededBlobs
 from p2p_mirror.core.service import background, every, healthz, serve, wait_for_signal
 from p2p_mirror.core.store import BlobLayout, BlobStore
-from p2p_mirror.core.swarm import Swarm
+from p2p_mirror.core.swarm import TorrentSession
+from p2p_mirror.core.tls import TLSError
 
 log = logging.getLogger("p2p_mirror.agent")
 ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
@@ -68,23 +74,28 @@ class Agent:
         self.store = BlobStore(cfg.data_dir)
         self.origin = Origin(cfg.origin_timeout, "agent")
         self.metrics = Metrics()
-        self.swarm = (
-            Swarm(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit,
-                  tracker_peers=cfg.swarm_peers)
+        self.session = (
+            TorrentSession(bt_listen_for(cfg.bt_listen, cfg.announce_ip), cfg.upload_rate_limit,
+                           cfg.download_rate_limit, tracker_peers=cfg.swarm_peers,
+                           announce_ip=cfg.announce_ip)  # fmt: skip
             if cfg.seeder
             else None
         )
-        self.seeders = SeederClient(cfg.seeder, cfg.swarm_timeout) if cfg.seeder else None
-        self.fetcher = Fetcher(
+        self.seeders = (
+            SeederClient(SeederSet(cfg.seeder), cfg.swarm_timeout) if cfg.seeder else None
+        )
+        self.seeded = SeededBlobs(self.store, self.session) if self.session is not None else None
+        self.puller = BlobPuller(
             self.store,
             self.origin,
-            self.swarm,
+            self.session,
             self.seeders,
             self.metrics,
             cfg.swarm_timeout,
             cfg.stall_timeout,
             cfg.seeder_grace,
             on_cached=lambda digest: self.gc(),
+            seeded=self.seeded,
         )
         self.access: dict[tuple[str, ...], Access] = {}
         self.flights: dict[tuple, asyncio.Future] = {}
@@ -104,32 +115,33 @@ class Agent:
         removed = self.store.recover()
         if removed:
             log.info("removed %d unverified leftovers from an earlier run", len(removed))
-        if self.swarm is not None:
-            await self.swarm.start()
-            self.metrics.gauge("swarm_download_bytes", lambda: self.swarm.totals().downloaded,
+        if self.session is not None:
+            await self.session.start()
+            self.metrics.gauge("swarm_download_bytes", lambda: self.session.totals().downloaded,
                                "Payload downloaded from peers (live torrents)")
-            self.metrics.gauge("swarm_upload_bytes", lambda: self.swarm.totals().uploaded,
+            self.metrics.gauge("swarm_upload_bytes", lambda: self.session.totals().uploaded,
                                "Payload uploaded to peers (live torrents)")
-            self.metrics.gauge("swarm_wasted_bytes", lambda: self.swarm.totals().wasted,
+            self.metrics.gauge("swarm_wasted_bytes", lambda: self.session.totals().wasted,
                                "Payload received twice or failing its hash (live torrents)")
-            self.metrics.gauge("torrents", lambda: len(self.swarm.transfers), "Torrents")
-            log.info("re-seeding %d cached blobs", self.fetcher.reseed())
+            self.metrics.gauge("torrents", lambda: len(self.session.transfers), "Torrents")
+            assert self.seeded is not None
+            log.info("re-seeding %d cached blobs", len(self.seeded.reseed_all()))
         self.metrics.gauge("cache_bytes", self.store.usage, "Bytes of verified cached blobs")
 
     async def close(self) -> None:
-        if self.swarm is not None:
-            await self.swarm.close()
+        if self.session is not None:
+            await self.session.close()
         if self.seeders is not None:
             await self.seeders.close()
         await self.origin.close()
 
     def gc(self) -> None:
-        protected = set(self.fetcher.active)
+        protected = set(self.puller.active)
         evicted = self.store.gc(
             self.cfg.cache_max_bytes,
             self.cfg.min_free_disk,
             protected,
-            before_evict=self.fetcher.stop_seeding,
+            before_evict=self.seeded.stop if self.seeded is not None else lambda digest: None,
         )
         for digest in evicted:
             log.info("evicted %s from the cache", digest)
@@ -275,9 +287,9 @@ class Agent:
             await head.prepare(request)
             await head.write_eof()
             return head
-        fetch = self.fetcher.start(digest, access.size, target.upstream, target.name,
-                                   request.headers)
-        return await self.stream(request, fetch, byte_range, headers)
+        download = self.puller.start(digest, access.size, target.upstream, target.name,
+                                     request.headers)  # fmt: skip
+        return await self.stream(request, download, byte_range, headers)
 
     async def serve_cached(
         self, request: web.Request, layout: BlobLayout, byte_range, headers: dict[str, str]
@@ -292,17 +304,20 @@ class Agent:
         return await self._send(request, layout.size, byte_range, headers,
                                 lambda pos: None, layout.read)
 
-    async def stream(self, request: web.Request, fetch, byte_range, headers) -> web.StreamResponse:
-        """Send bytes as the fetch produces them; abort (never finish) if it fails."""
-        await fetch.wait_beyond(byte_range[0] if byte_range else 0)  # fails before any byte
+    async def stream(
+        self, request: web.Request, download: BlobDownload, byte_range, headers
+    ) -> web.StreamResponse:
+        """Send bytes as the download produces them; abort (never finish) if it fails."""
+        await download.wait_beyond(byte_range[0] if byte_range else 0)  # fails before any byte
 
         async def ready(pos: int) -> None:
-            await fetch.wait_beyond(pos)
+            await download.wait_beyond(pos)
 
         def read(pos: int, n: int) -> bytes:
-            return fetch.layout.read(pos, min(n, fetch.available - pos))
+            assert download.layout is not None
+            return download.layout.read(pos, min(n, download.available - pos))
 
-        return await self._send(request, fetch.size, byte_range, headers, ready, read)
+        return await self._send(request, download.size, byte_range, headers, ready, read)
 
     async def _send(self, request, size, byte_range, headers, ready, read) -> web.StreamResponse:
         start, end = byte_range or (0, size)
@@ -339,6 +354,13 @@ class Agent:
         app.router.add_route("*", "/v2/{tail:.*}", self.handle)
         return app
 
+    def metrics_app(self) -> web.Application:
+        """What Prometheus scrapes on ``metrics_listen``: no registry API there."""
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", self.metrics.handler)
+        return app
+
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """A single ``bytes=a-b`` range as [start, end); None for no (or a multi-) range."""
@@ -363,17 +385,34 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 async def _main(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     await agent.start()
+    proxy = None
+    if cfg.proxy_listen is not None:  # before the mirror: its port open means all is up
+        from p2p_mirror.agent.proxy import proxied_registries, start_proxy
+
+        names = proxied_registries(cfg.registries, cfg.default_registry)
+        try:
+            proxy = await start_proxy(agent, cfg.proxy_listen, cfg.data_dir, names)
+        except (TLSError, OSError) as e:
+            await agent.close()
+            raise SystemExit(f"agent: proxy on {cfg.proxy_listen}: {e}") from None
     runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
                          cfg.drain_timeout)  # fmt: skip
-    if agent.swarm is not None:
-        log.info("agent BitTorrent on %s:%d", cfg.bt_listen.host, agent.swarm.port)
+    runners = [runner]
+    if cfg.metrics_listen is not None:
+        runners.append(await serve(agent.metrics_app(), cfg.metrics_listen.host,
+                                   cfg.metrics_listen.port, "agent metrics", log, 1.0))  # fmt: skip
+    if agent.session is not None:
+        log.info("agent BitTorrent on %s:%d", agent.session.listen.host, agent.session.port)
     else:
         log.info("no seeder configured: blobs come from the origin (and the cache)")
     try:
         async with background(every(60, agent.gc, log)):
             await wait_for_signal()
     finally:
-        await runner.cleanup()
+        if proxy is not None:
+            await proxy.close()
+        for each in runners:
+            await each.cleanup()
         await agent.close()
 
 

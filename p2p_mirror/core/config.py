@@ -56,7 +56,8 @@ class Upstream:
 
     name: str
     url: str
-    verify_tls: bool = True
+    verify_tls: bool = True  # False only where configured (``insecure: true``)
+    ca_file: Path | None = None  # this registry's CA bundle instead of the system roots
 
     @classmethod
     def default_for(cls, name: str) -> Upstream:
@@ -96,7 +97,10 @@ def parse_registry_flag(text: str) -> Upstream:
 
 
 def parse_registries(value: Any) -> dict[str, Upstream]:
-    """YAML mapping ``name: url`` / ``name: {url:, verify_tls:}``, or a list of ``NAME=URL``."""
+    """YAML mapping ``name: url`` / ``name: {url:, ca_file:, insecure:}``, or ``NAME=URL``s.
+
+    ``verify_tls: false`` is the same as ``insecure: true``.
+    """
     out: dict[str, Upstream] = {}
     if value is None:
         return out
@@ -114,14 +118,31 @@ def parse_registries(value: Any) -> dict[str, Upstream]:
         elif isinstance(spec, str):
             out[name] = Upstream(name, parse_url(spec))
         elif isinstance(spec, Mapping):
-            unknown = set(spec) - {"url", "verify_tls"}
-            if unknown:
-                raise ValueError(f"{name}: unknown keys {sorted(unknown)}")
-            url = parse_url(spec["url"]) if "url" in spec else Upstream.default_for(name).url
-            out[name] = Upstream(name, url, parse_bool(spec.get("verify_tls", True)))
+            out[name] = _parse_upstream_spec(name, spec)
         else:
             raise ValueError(f"{name}: expected a URL or a mapping")
     return out
+
+
+def _parse_upstream_spec(name: str, spec: Mapping[str, Any]) -> Upstream:
+    unknown = set(spec) - {"url", "verify_tls", "insecure", "ca_file"}
+    if unknown:
+        raise ValueError(f"{name}: unknown keys {sorted(unknown)} (known: url, ca_file, insecure)")
+    url = parse_url(spec["url"]) if "url" in spec else Upstream.default_for(name).url
+    verify = parse_bool(spec.get("verify_tls", True))
+    if "insecure" in spec:
+        insecure = parse_bool(spec["insecure"])
+        if "verify_tls" in spec and insecure == verify:
+            raise ValueError(f"{name}: insecure and verify_tls contradict each other")
+        verify = not insecure
+    ca_file = None
+    if spec.get("ca_file") not in (None, ""):
+        ca_file = parse_path(spec["ca_file"])
+        if not ca_file.is_file():
+            raise ValueError(f"{name}: ca_file {ca_file} is not a readable file")
+        if not url.startswith("https://"):
+            raise ValueError(f"{name}: ca_file needs an https:// url, got {url}")
+    return Upstream(name, url, verify, ca_file)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*(?:/s)?\s*$", re.IGNORECASE)
@@ -248,7 +269,9 @@ class TrackerConfig:
 @dataclass
 class SeederConfig:
     data_dir: Path = _required(parse_path, "blob store and torrent state")
-    tracker: list[str] = _required(parse_urls, "tracker announce URL(s)")
+    tracker: list[str] = _required(
+        parse_urls, "tracker announce URLs; each torrent names 2 of them (rendezvous hash)"
+    )
     listen: HostPort = _opt(HostPort("0.0.0.0", 5005), HostPort.parse, "HTTP metainfo API")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6882), HostPort.parse, "BitTorrent listen")
     registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
@@ -276,7 +299,10 @@ class SeederConfig:
 @dataclass
 class AgentConfig:
     data_dir: Path = _required(parse_path, "blob cache and torrent state")
-    seeder: list[str] = _opt(list, parse_urls, "seeder metainfo URL(s); empty: origin only")
+    seeder: list[str] = _opt(
+        list, parse_urls,
+        "seeder URLs (a host name stands for all its addresses); empty: origin only",
+    )
     listen: HostPort = _opt(HostPort("127.0.0.1", 5004), HostPort.parse, "registry mirror address")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6881), HostPort.parse, "BitTorrent listen")
     registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
@@ -287,20 +313,9 @@ class AgentConfig:
     download_rate_limit: int = _opt(0, parse_size, "bytes/s, 0 unlimited")
     swarm_timeout: float = _opt(30.0, parse_seconds, "give up on seeder/swarm start after this")
     stall_timeout: float = _opt(15.0, parse_seconds, "fall back to origin after no progress")
-    # Measured at N=16: 2 s let congested (not broken) peers pile onto the seeder (seeder
-    # egress 2.2x, 30.6 s); 5 s kept it at 1.04x (25 s). The clock starts once the agent's
-    # own dealt run is in: before, the seeder's queue of runs outlasted it (256 MiB, N=16).
+    # Too short a grace lets congested (not broken) peers pile onto the seeder.
     seeder_grace: float = _opt(5.0, parse_seconds, "ask the seeder itself after no peer progress")
-    # Every connection of a torrent near its end asks for blocks already on their way from
-    # another peer (BitTorrent end game), so payload wasted grows with connections per
-    # torrent. Measured, N=16, 64 MiB at 50 Mbit/s: asking for 200 peers (libtorrent's
-    # default) wasted 14-22% of each node's download and took 28 s; 3 peers (each node still
-    # has ~6 connections per torrent: its own plus those that picked it) 4-9%, 25 s. At
-    # 20 Mbit/s, N=8, 16 MiB (32 torrents, so many torrent ends): 3 peers wasted 10-12% of
-    # each node's download (received 1.15-1.19x the image), 9.2-10.1 s; 2 peers 1.11-1.14x,
-    # 9.3-9.7 s, with less CPU (N=4 8.2-8.3 s against 8.5-8.6 s). A random graph where each
-    # node picks 2 others is almost always connected, a node re-announces for more, and
-    # seeder_grace covers the rest.
+    # Few peers per announce: payload wasted in torrent end games grows with connections.
     swarm_peers: int = _opt(2, parse_count, "peers to ask the tracker for per announce")
     auth_cache_ttl: float = _opt(30.0, parse_seconds, "cache origin access checks this long")
     # Kubernetes kills a pod 30 s after SIGTERM by default (deploy/daemonset sets 30): drain

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from p2p_mirror.core.oci import Digest
+from p2p_mirror.core.oci import Digest, OCIError
 
 MARKER = "verified"
 
@@ -267,7 +267,7 @@ class BlobStore:
             for path in alg_dir.iterdir():
                 try:
                     digest = Digest.parse(f"{alg_dir.name}:{path.name}")
-                except Exception:  # noqa: BLE001 - foreign file in our tree: leave it alone
+                except OCIError:  # a foreign file in our tree: leave it alone
                     continue
                 out.append((digest, path))
         return out

@@ -1,6 +1,6 @@
 """The only module that touches libtorrent: a session with a small asyncio interface.
 
-A ``Swarm`` seeds and downloads single-file torrents. Callers wait for pieces with
+A ``TorrentSession`` seeds and downloads single-file torrents. Callers wait for pieces with
 ``Transfer.wait_piece`` (driven by libtorrent's alerts, so a finished piece wakes the
 reader at once) and read the bytes from the file themselves.
 """
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +20,13 @@ import libtorrent as lt
 from p2p_mirror.core.config import HostPort, MiB
 
 log = logging.getLogger(__name__)
+# What libtorrent's bindings raise: RuntimeError (e.g. a handle of a removed torrent),
+# TypeError or ValueError (arguments it cannot convert).
+LIBTORRENT_ERRORS = (RuntimeError, TypeError, ValueError)
 
 
 @dataclass(frozen=True)
-class SwarmTotals:
+class SessionTotals:
     """Payload byte counters of a session; ``wasted`` = received twice or failing a hash."""
 
     downloaded: int
@@ -51,7 +54,7 @@ class Metainfo:
     def parse(cls, data: bytes) -> Metainfo:
         try:
             ti = lt.torrent_info(lt.bdecode(data))
-        except Exception as e:  # noqa: BLE001 - libtorrent raises RuntimeError or TypeError
+        except LIBTORRENT_ERRORS as e:
             raise SwarmError(f"invalid torrent: {e}") from None
         if ti.num_files() != 1:
             raise SwarmError("torrent must hold exactly one file")
@@ -83,6 +86,21 @@ def make_torrent(path: Path, trackers: Iterable[str], piece_size: int) -> bytes:
     ct.set_creator("p2p-mirror")
     lt.set_piece_hashes(ct, str(path.parent))
     return lt.bencode(ct.generate())
+
+
+def set_trackers(torrent: bytes, trackers: Sequence[str]) -> bytes:
+    """``torrent`` announcing to ``trackers``, one tier each (libtorrent, with
+    ``announce_to_all_tiers``, announces to every tier). The announce list is outside the
+    info dict: the info-hash stays the same."""
+    data = lt.bdecode(torrent)
+    if not isinstance(data, dict) or b"info" not in data:
+        raise SwarmError("invalid torrent: no info dict")
+    data.pop(b"announce", None)
+    data.pop(b"announce-list", None)
+    if trackers:
+        data[b"announce"] = trackers[0].encode()
+        data[b"announce-list"] = [[url.encode()] for url in trackers]
+    return lt.bencode(data)
 
 
 @dataclass
@@ -131,7 +149,7 @@ class Transfer:
 
     def payload_received(self) -> int:
         """Payload bytes downloaded from peers so far (0 if libtorrent cannot say)."""
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*LIBTORRENT_ERRORS):
             return self.handle.status().total_payload_download
         return 0
 
@@ -148,7 +166,7 @@ class Transfer:
 
     def connect(self, peers: Iterable[tuple[str, int]]) -> None:
         for host, port in peers:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*LIBTORRENT_ERRORS):
                 self.handle.connect_peer((host, port))
 
     async def read_pieces(self, first: int, stop: int, timeout: float = 5.0) -> bytes:
@@ -168,7 +186,7 @@ class Transfer:
             if loop.time() > deadline:
                 raise SwarmError(f"pieces {first}-{stop - 1} of {self.meta.name} never reached "
                                  "the disk")  # fmt: skip
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*LIBTORRENT_ERRORS):
                 self.handle.flush_cache()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
@@ -190,14 +208,14 @@ class Transfer:
     def peer_summary(self) -> str:
         """``ip:port down/up`` per connected peer, for the logs."""
         parts = []
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*LIBTORRENT_ERRORS):
             for peer in self.handle.get_peer_info():
                 ip, port = peer.ip
                 parts.append(f"{ip}:{port} {peer.total_download}/{peer.total_upload}")
         return ", ".join(parts) or "no peers"
 
 
-class Swarm:
+class TorrentSession:
     """A libtorrent session tuned for a LAN swarm of registry blobs (TCP only, no DHT)."""
 
     def __init__(
@@ -207,6 +225,7 @@ class Swarm:
         download_rate_limit: int = 0,
         unchoke_slots: int = 64,
         tracker_peers: int = 200,
+        announce_ip: str | None = None,
     ) -> None:
         self.listen = listen
         self.session = lt.session(
@@ -243,8 +262,7 @@ class Swarm:
                 "connections_limit": 1000,
                 # libtorrent drops a peer that turns seed while we are not interested in it,
                 # before the HAVE that made it a seed makes us interested again: the piece it
-                # just completed then waits >= 1 s for a reconnect (measured: 1-3 s stalls at
-                # segment ends, several per 16 MiB pull at N=2). Keep such connections; idle
+                # just completed then waits for a reconnect. Keep such connections; idle
                 # ones are closed once the connection limit is reached, after this many seconds.
                 "close_redundant_connections": False,
                 "inactivity_timeout": 10,
@@ -264,6 +282,9 @@ class Swarm:
                 "user_agent": "p2p-mirror",
             }
         )
+        if announce_ip:
+            # Trackers record this (ip=), not the source address a NAT may have rewritten.
+            self.session.apply_settings({"announce_ip": announce_ip})
         if upload_rate_limit or download_rate_limit:
             self._limit_local_peers()
         self.transfers: dict[str, Transfer] = {}
@@ -325,7 +346,7 @@ class Swarm:
 
         Downloads use rarest-first, not sequential order: when every node pulls the same
         blob at once, sequential peers all hold the same pieces and only the seeder has
-        anything to give. (Measured: piece deadlines ahead of the reader cost 25% too.)
+        anything to give.
         Peers are found through the tracker only (no DHT, LSD or peer exchange), so a torrent
         added with ``announce=False`` stays unknown to peers that were not told about it.
         """
@@ -358,21 +379,21 @@ class Swarm:
         """Stop sharing a torrent; its file stays on disk."""
         if self.transfers.get(transfer.meta.info_hash) is transfer:
             del self.transfers[transfer.meta.info_hash]
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*LIBTORRENT_ERRORS):
             self.session.remove_torrent(transfer.handle)
         transfer.error = transfer.error or "removed"
         transfer._notify()
 
-    def totals(self) -> SwarmTotals:
+    def totals(self) -> SessionTotals:
         """Payload bytes over all torrents in the session."""
         down = up = wasted = 0
         for transfer in list(self.transfers.values()):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*LIBTORRENT_ERRORS):
                 status = transfer.handle.status()
                 down += status.total_payload_download
                 up += status.total_payload_upload
                 wasted += status.total_redundant_bytes + status.total_failed_bytes
-        return SwarmTotals(down, up, wasted)
+        return SessionTotals(down, up, wasted)
 
     async def _pump_alerts(self) -> None:
         while not self._closing:
@@ -392,7 +413,7 @@ class Swarm:
             return
         try:
             info_hash = str(handle.info_hashes().v1)
-        except Exception:  # noqa: BLE001 - handle of a torrent already removed
+        except LIBTORRENT_ERRORS:  # a handle of a torrent already removed
             return
         transfer = self.transfers.get(info_hash)
         if transfer is None:

@@ -11,15 +11,18 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from support.fakes import FixedSource
 
-from p2p_mirror.agent.pull import BlobFetch, Fetcher, SeederClient, SegmentOffer
+from p2p_mirror.agent.blob_download import BlobDownload
+from p2p_mirror.agent.pull import BlobPuller
+from p2p_mirror.agent.seeder_client import SeederClient, SegmentOffer
 from p2p_mirror.core.config import HostPort
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest
 from p2p_mirror.core.origin import Origin
 from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER
 from p2p_mirror.core.store import BlobStore
-from p2p_mirror.core.swarm import Metainfo, Swarm, SwarmError, Transfer, make_torrent
+from p2p_mirror.core.swarm import Metainfo, SwarmError, TorrentSession, Transfer, make_torrent
 
 PIECE = 128 * 1024
 DIGEST = Digest.parse("sha256:" + "ab" * 32)
@@ -27,14 +30,17 @@ DATA = os.urandom(4 * PIECE)
 
 
 @pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[tuple[Swarm, Swarm, Metainfo]]:
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[TorrentSession, TorrentSession, Metainfo]]:
     """Two started sessions on loopback (no tracker) and a torrent of ``DATA``, which is
     written to ``tmp_path/"seeder"/"segment"``; neither session has the torrent yet."""
     src = tmp_path / "seeder"
     src.mkdir()
     (src / "segment").write_bytes(DATA)
     meta = Metainfo.parse(make_torrent(src / "segment", ["http://127.0.0.1:9/announce"], PIECE))
-    first, second = Swarm(HostPort("127.0.0.1", 0)), Swarm(HostPort("127.0.0.1", 0))
+    first, second = (
+        TorrentSession(HostPort("127.0.0.1", 0)),
+        TorrentSession(HostPort("127.0.0.1", 0)),
+    )
     await first.start()
     await second.start()
     yield first, second, meta
@@ -43,7 +49,9 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Swarm, Swarm, Metainfo]]:
 
 
 @pytest.fixture
-def sessions(tmp_path: Path, pair: tuple[Swarm, Swarm, Metainfo]) -> tuple[Swarm, Swarm, Metainfo]:
+def sessions(
+    tmp_path: Path, pair: tuple[TorrentSession, TorrentSession, Metainfo]
+) -> tuple[TorrentSession, TorrentSession, Metainfo]:
     """A seeding session holding one segment, and an empty downloading one."""
     seeder, agent, meta = pair
     seeder.add(meta, tmp_path / "seeder", seed=True, announce=False)
@@ -86,7 +94,7 @@ async def piece_server(dealt: list[int], broken: dict[int, str]) -> TestServer:
     return server
 
 
-async def deal(tmp_path: Path, agent: Swarm, seeder: Swarm, meta: Metainfo,
+async def deal(tmp_path: Path, agent: TorrentSession, seeder: TorrentSession, meta: Metainfo,
                pieces: list[int], broken: dict[int, str], inline: bool = False,
                ) -> tuple[Transfer, Metrics]:  # fmt: skip
     """Deal ``pieces`` to ``agent``: after the torrent in its response (``inline``), or
@@ -95,16 +103,17 @@ async def deal(tmp_path: Path, agent: Swarm, seeder: Swarm, meta: Metainfo,
     url = str(server.make_url("")).rstrip("/")
     client = SeederClient([url], timeout=5)
     metrics = Metrics()
-    fetcher = Fetcher(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, client, metrics,
+    puller = BlobPuller(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, client, metrics,
                       swarm_timeout=5, stall_timeout=5, seeder_grace=5)  # fmt: skip
-    fetch = BlobFetch(DIGEST, len(DATA), None, "demo", {})  # type: ignore[arg-type]
+    download = BlobDownload(DIGEST, len(DATA), None, "demo", {})  # type: ignore[arg-type]
     save = tmp_path / "agent"
     save.mkdir()
     transfer = agent.add(meta, save, seed=False, announce=False)
     offer = await client.torrent(url, DIGEST, 0, 6881) if inline else SegmentOffer(b"", pieces)
     assert (offer.body is not None) == inline
     try:
-        await fetcher._dealt_pieces(fetch, url, 0, transfer, offer, [("127.0.0.1", seeder.port)])
+        source = FixedSource([("127.0.0.1", seeder.port)])
+        await puller._dealt_pieces(download, source, url, 0, transfer, offer)  # type: ignore[arg-type]
     finally:
         offer.close()
         await client.close()
@@ -114,7 +123,7 @@ async def deal(tmp_path: Path, agent: Swarm, seeder: Swarm, meta: Metainfo,
 
 @pytest.mark.parametrize("inline", [True, False])
 async def test_dealt_pieces_are_shared_without_the_seeders_swarm(
-    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo], inline: bool
+    tmp_path: Path, sessions: tuple[TorrentSession, TorrentSession, Metainfo], inline: bool
 ) -> None:
     seeder, agent, meta = sessions
     transfer, metrics = await deal(tmp_path, agent, seeder, meta, [2, 0], {}, inline)
@@ -129,7 +138,7 @@ async def test_dealt_pieces_are_shared_without_the_seeders_swarm(
 
 
 async def test_a_run_of_pieces_is_read_in_one_go_and_each_piece_checked(
-    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo]
+    tmp_path: Path, sessions: tuple[TorrentSession, TorrentSession, Metainfo]
 ) -> None:
     """The agent streams a run of finished pieces with one read; a piece whose bytes on disk
     do not match its hash fails the whole run (never served), after the retries."""
@@ -153,7 +162,10 @@ async def test_a_run_of_pieces_is_read_in_one_go_and_each_piece_checked(
     ("out of range", True, 0), ("out of range", False, 0),
 ])  # fmt: skip
 async def test_a_failed_dealt_piece_joins_the_seeders_swarm(
-    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo], failure: str, inline: bool,
+    tmp_path: Path,
+    sessions: tuple[TorrentSession, TorrentSession, Metainfo],
+    failure: str,
+    inline: bool,
     added: int,
 ) -> None:
     """Nobody else was dealt that piece: the agent takes the segment from the seeder's swarm
@@ -173,21 +185,22 @@ async def test_a_failed_dealt_piece_joins_the_seeders_swarm(
 
 
 async def test_peers_are_given_their_grace_only_once_our_dealt_run_is_in(
-    tmp_path: Path, sessions: tuple[Swarm, Swarm, Metainfo]
+    tmp_path: Path, sessions: tuple[TorrentSession, TorrentSession, Metainfo]
 ) -> None:
     """No peer sends anything: while our own dealt run is still on its way (the seeder's
     queue; nobody else has a piece yet either) that is no stall; once it is in and the grace
     has passed with no peer bytes, the agent asks the seeder's swarm and completes from it."""
     seeder, agent, meta = sessions
     metrics = Metrics()
-    fetcher = Fetcher(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, None, metrics,
+    puller = BlobPuller(BlobStore(tmp_path / "store"), Origin(5, "agent"), agent, None, metrics,
                       swarm_timeout=5, stall_timeout=5, seeder_grace=0.2)  # fmt: skip
     (tmp_path / "agent").mkdir()
     transfer = agent.add(meta, tmp_path / "agent", seed=False, announce=False)
     run_in = asyncio.Event()
     dealer = asyncio.create_task(run_in.wait())
     watcher = asyncio.create_task(
-        fetcher._seeder_if_stalled(transfer, [("127.0.0.1", seeder.port)], dealer))
+        puller._seeder_if_stalled(transfer, FixedSource([("127.0.0.1", seeder.port)]), dealer)  # type: ignore[arg-type]
+    )
     await asyncio.sleep(1.0)  # five graces
     assert metrics.value("seeder_segments_total", reason="stalled") == 0
     run_in.set()
@@ -198,7 +211,7 @@ async def test_peers_are_given_their_grace_only_once_our_dealt_run_is_in(
 
 
 async def test_a_peer_that_turns_seed_while_we_wait_still_sends_its_last_piece(
-    tmp_path: Path, pair: tuple[Swarm, Swarm, Metainfo]
+    tmp_path: Path, pair: tuple[TorrentSession, TorrentSession, Metainfo]
 ) -> None:
     """The peer had only what we already took (we told it we were not interested), then its
     last piece arrives and makes it a seed: we still get that piece at once, on the same
@@ -224,7 +237,7 @@ async def test_a_peer_that_turns_seed_while_we_wait_still_sends_its_last_piece(
 
 
 async def test_pieces_handed_over_the_moment_a_torrent_is_added_are_kept(
-    tmp_path: Path, pair: tuple[Swarm, Swarm, Metainfo]
+    tmp_path: Path, pair: tuple[TorrentSession, TorrentSession, Metainfo]
 ) -> None:
     """A dealt run can arrive right behind its torrent; libtorrent lost pieces added while it
     still checked the new torrent's files (2 of 30 torrents). Forty fresh torrents, every

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from p2p_mirror.agent.pull import Fallback, SeederClient, parse_piece_list
+from p2p_mirror.agent.seeder_client import Fallback, SeederClient
 from p2p_mirror.core.oci import Digest
 from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER
 
@@ -133,14 +133,6 @@ async def test_dealt_pieces_follow_the_torrent_in_its_response(serve) -> None:
                 await client.torrent(await serve(InlineSeeder(length=lie)), DIGEST, 0, 6881)
     finally:
         await client.close()
-
-
-@pytest.mark.parametrize(
-    ("header", "pieces"), [("", []), ("3", [3]), ("0,5,10", [0, 5, 10]), ("1,x", []), ("1;2", [])]
-)
-def test_dealt_pieces_header(header: str, pieces: list[int]) -> None:
-    """A malformed list means no pieces: peers, or the seeder's swarm after a stall, cover it."""
-    assert parse_piece_list(header) == pieces
 
 
 async def test_a_slow_run_is_read_while_it_moves_and_given_up_when_it_stops(serve) -> None:

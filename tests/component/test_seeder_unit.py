@@ -14,60 +14,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from p2p_mirror.agent.pull import parse_piece_list
 from p2p_mirror.core.config import SeederConfig, load_config
 from p2p_mirror.core.oci import Digest
-from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER
-from p2p_mirror.seeder.server import (
-    BACKLOG_SEGMENTS,
-    HAND_ON_BYTES,
-    MIN_PIECE,
-    Seeder,
-    piece_size_for,
-    segment_size_for,
-)
-from p2p_mirror.seeder.turns import Turns
+from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER, parse_piece_list
+from p2p_mirror.seeder.ingest import BACKLOG_SEGMENTS, NEXT_REQUEST_LEAD_BYTES
+from p2p_mirror.seeder.link_queue import LinkQueue
+from p2p_mirror.seeder.server import Seeder
+from p2p_mirror.seeder.sizing import piece_size_for
 
 MiB = 1024 * 1024
 PIECE = 256 * 1024
 SEEDER_PIECE = 128 * 1024  # the seeder's default
-
-
-@pytest.mark.parametrize(
-    ("size", "segment"),
-    [
-        (0, PIECE),  # an empty blob is still one (empty) segment
-        (1000, PIECE),
-        (1 * MiB, PIECE),  # 4 segments of one piece
-        (8 * MiB + 5, 5 * PIECE),  # rounded up to whole pieces
-        (16 * MiB, 2 * MiB),
-        (64 * MiB, 8 * MiB),
-        (128 * MiB, 16 * MiB),
-        (1024 * MiB, 16 * MiB),  # large blobs: capped, so swarms stay few
-    ],
-)
-def test_segment_size(size: int, segment: int) -> None:
-    got = segment_size_for(size, 16 * MiB, PIECE)
-    assert got == segment
-    assert got % PIECE == 0
-    count = max(1, -(-size // got))
-    assert count <= max(8, -(-size // (16 * MiB)))
-
-
-@pytest.mark.parametrize(
-    ("segment", "largest", "piece"),
-    [
-        (512 * 1024, 128 * 1024, MIN_PIECE),  # never below the floor
-        (2 * MiB - 1, 128 * 1024, 32 * 1024),
-        (2 * MiB, 128 * 1024, 64 * 1024),  # 32 pieces
-        (4 * MiB, 128 * 1024, 128 * 1024),
-        (16 * MiB, 128 * 1024, 128 * 1024),  # large segments keep the configured size
-        (512 * 1024, 16 * 1024, 16 * 1024),  # a configured size under the floor stays
-        (512 * 1024, 96 * 1024, 96 * 1024),  # not a power of two: not halved
-    ],
-)
-def test_small_segments_get_small_pieces(segment: int, largest: int, piece: int) -> None:
-    assert piece_size_for(segment, largest) == piece
 
 
 # --- origin order and the waiting protocol (a stand-in origin whose bodies the test holds) --
@@ -120,7 +77,8 @@ async def served(origin: HeldOrigin) -> AsyncIterator[TestServer]:
 
 @pytest.fixture
 async def held() -> AsyncIterator[tuple[HeldOrigin, TestServer]]:
-    origin = HeldOrigin([os.urandom(BLOB), os.urandom(BLOB)])  # half held: > HAND_ON_BYTES
+    # half of each body held: more than NEXT_REQUEST_LEAD_BYTES
+    origin = HeldOrigin([os.urandom(BLOB), os.urandom(BLOB)])
     async with served(origin) as origin_server:
         yield origin, origin_server
 
@@ -188,7 +146,7 @@ async def test_a_stuck_origin_stream_lets_the_next_blob_start(
     origin, origin_server = held
     first, second = origin.blobs
     async with seeder_of(tmp_path, origin_server) as (seeder, client):
-        seeder.origin_turns.patience = 0.3
+        seeder.ingest.origin_queue.patience = 0.3
         for digest in (first, second):
             await ask(client, digest)
         await _until(lambda: origin.gets == [first, second], timeout=3)  # not the 5 s default
@@ -201,22 +159,23 @@ async def test_a_stuck_origin_stream_lets_the_next_blob_start(
 
 async def test_the_next_blob_starts_as_the_current_one_nearly_ends(tmp_path: Path) -> None:
     """With the current body's last bytes on their way, the next blob's request goes out
-    (no idle link between two bodies); until then it waits its turn."""
-    origin = HeldOrigin([os.urandom(3 * MiB), os.urandom(3 * MiB)], held=HAND_ON_BYTES // 2)
+    (no idle link between two bodies); until then it waits in the queue."""
+    blobs = [os.urandom(3 * MiB), os.urandom(3 * MiB)]
+    origin = HeldOrigin(blobs, held=NEXT_REQUEST_LEAD_BYTES // 2)
     first, second = origin.blobs
     async with (
         served(origin) as origin_server,
         seeder_of(tmp_path, origin_server) as (seeder, client),
     ):
-            seeder.origin_turns.patience = 60.0  # no hand-off for a stalled body
+            seeder.ingest.origin_queue.patience = 60.0  # a stalled body does not let the next start
             for digest in (first, second):
                 await ask(client, digest)
             await _until(lambda: origin.gets == [first, second])
             assert not origin.release[first].is_set()  # the first body is not finished
-            assert seeder.origin_bytes >= 3 * MiB - HAND_ON_BYTES
+            assert seeder.origin_bytes >= 3 * MiB - NEXT_REQUEST_LEAD_BYTES
 
 
-async def test_a_one_piece_blob_does_not_wait_its_turn(tmp_path: Path) -> None:
+async def test_a_one_piece_blob_does_not_wait_in_the_queue(tmp_path: Path) -> None:
     """An image config asked for while a large body is still arriving is fetched at once."""
     origin = HeldOrigin([os.urandom(BLOB), os.urandom(1000)])
     large, config = origin.blobs
@@ -225,7 +184,7 @@ async def test_a_one_piece_blob_does_not_wait_its_turn(tmp_path: Path) -> None:
         served(origin) as origin_server,
         seeder_of(tmp_path, origin_server) as (seeder, client),
     ):
-            seeder.origin_turns.patience = 60.0  # no hand-off: only the bypass can help
+            seeder.ingest.origin_queue.patience = 60.0  # only the one-piece bypass can help
             await ask(client, large)
             await _until(lambda: origin.gets == [large])
             assert (await ask(client, config))["segments"] == 1
@@ -285,15 +244,16 @@ async def test_a_segments_pieces_are_dealt_out_over_the_waiting_agents(tmp_path:
             return parse_piece_list(resp.headers[PIECES_HEADER])
 
         waiting = [asyncio.create_task(torrent(port)) for port in (1, 2, 3)]
-        job = seeder.jobs[Digest.parse(digest)]
-        await _until(lambda: sum(job.waiting.get(last, {}).values()) == 3)
+        job = seeder.ingest.job(Digest.parse(digest))
+        assert job is not None
+        await _until(lambda: job.waiting_agents(last) == 3)
         origin.release[digest].set()
-        hands = await asyncio.gather(*waiting)
+        runs = await asyncio.gather(*waiting)
         piece = piece_size_for(segment, SEEDER_PIECE)
         assert piece < SEEDER_PIECE  # a small segment gets small pieces
         pieces = -(-(4 * MiB - last * segment) // piece)
-        assert sorted(p for hand in hands for p in hand) == list(range(pieces))
-        assert all(hand == list(range(hand[0], hand[-1] + 1)) for hand in hands), hands
+        assert sorted(p for run in runs for p in run) == list(range(pieces))
+        assert all(run == list(range(run[0], run[-1] + 1)) for run in runs), runs
         assert await torrent(4) == []  # dealt already
 
         blob = origin.blobs[digest]
@@ -332,8 +292,9 @@ async def test_an_agent_that_asks_inline_gets_its_run_after_the_torrent(tmp_path
             return parse_piece_list(resp.headers[PIECES_HEADER]), body[:length], body[length:]
 
         waiting = [asyncio.create_task(torrent(port, pieces="inline")) for port in (1, 2)]
-        job = seeder.jobs[Digest.parse(digest)]
-        await _until(lambda: sum(job.waiting.get(last, {}).values()) == 2)
+        job = seeder.ingest.job(Digest.parse(digest))
+        assert job is not None
+        await _until(lambda: job.waiting_agents(last) == 2)
         origin.release[digest].set()
         answers = await asyncio.gather(*waiting)
         plain = await torrent(3)  # not inline: the torrent only, the same bytes
@@ -354,7 +315,7 @@ async def test_an_agent_that_asks_inline_gets_its_run_after_the_torrent(tmp_path
 
 
 async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_path: Path) -> None:
-    """The agent's dealt runs cannot leave (the test holds the only send turn): the seeder
+    """The agent's dealt runs cannot leave (the test holds the only send slot): the seeder
     stops reading the origin once ``BACKLOG_SEGMENTS`` segments of runs wait, rather than
     queueing the whole blob; once runs leave it reads on, and every run is the blob's bytes."""
     origin = HeldOrigin([os.urandom(8 * MiB)], held=0)  # the origin sends it all at once
@@ -364,11 +325,11 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
         served(origin) as origin_server,
         seeder_of(tmp_path, origin_server) as (seeder, client),
     ):
-        seeder.piece_turns = Turns(1, patience=60.0)
+        seeder.dealer.send_queue = LinkQueue(1, patience=60.0)
         release = asyncio.Event()
 
         async def hold_the_link() -> None:
-            async with seeder.piece_turns.turn(lambda: 0, "the test"):
+            async with seeder.dealer.send_queue.slot(lambda: 0, "the test"):
                 await release.wait()
 
         holder = asyncio.create_task(hold_the_link())
@@ -383,7 +344,7 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
             return (await resp.read())[int(resp.headers[TORRENT_LENGTH_HEADER]):]
 
         runs = [asyncio.create_task(run(i)) for i in range(count)]
-        await _until(lambda: seeder.piece_turns.queued > BACKLOG_SEGMENTS * segment)
+        await _until(lambda: seeder.dealer.send_queue.queued > BACKLOG_SEGMENTS * segment)
         await asyncio.sleep(0.3)  # the stream sees it at its next chunk
         paused_at = seeder.origin_bytes
         await asyncio.sleep(0.5)
@@ -391,8 +352,8 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
         # a run joins the queue a little after its segment is out: up to a segment more
         assert paused_at < (BACKLOG_SEGMENTS + 3) * segment < 8 * MiB
         metrics = await (await client.get("/metrics")).text()
-        assert f"p2p_mirror_dealt_backlog_bytes {seeder.piece_turns.queued}\n" in metrics
-        assert seeder.piece_turns.queued > BACKLOG_SEGMENTS * segment
+        assert f"p2p_mirror_dealt_backlog_bytes {seeder.dealer.send_queue.queued}\n" in metrics
+        assert seeder.dealer.send_queue.queued > BACKLOG_SEGMENTS * segment
         release.set()
         blob = origin.blobs[digest]
         assert await asyncio.gather(*runs) == [blob[i * segment : (i + 1) * segment]

@@ -11,13 +11,13 @@ from pathlib import Path
 from support import SUPPORT
 
 from p2p_mirror.core.config import HostPort
-from p2p_mirror.core.swarm import Swarm
+from p2p_mirror.core.swarm import TorrentSession
 
 
 async def test_close_ends_when_an_alert_wakes_the_pump_at_that_moment() -> None:
     """An alert's wake-up and shutdown in the same turn of the loop: Python 3.11's wait_for
     swallowed the pump's cancellation then, and close() never returned."""
-    swarm = Swarm(HostPort("127.0.0.1", 0))
+    swarm = TorrentSession(HostPort("127.0.0.1", 0))
     await swarm.start()
     await asyncio.sleep(0.05)  # the pump is waiting for a wake-up
     swarm._wake.set()  # what libtorrent's notify function does for a new alert

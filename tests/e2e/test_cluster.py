@@ -11,10 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from support import failed, require_binaries, require_root
 
-from lab.cluster import Cluster, install_hosts, p2p_mirror_argv
+from lab.cluster import Cluster, install_hosts
 from lab.images import build_image
-from tests.conftest import failed, require_binaries, require_root
+from lab.procs import lab_python
 
 MiB = 1024 * 1024
 TOOLS = ("ip", "tc", "nsenter", "containerd", "ctr", "docker-registry", "skopeo", "curl")
@@ -69,7 +70,7 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     require_binaries(*TOOLS)
     before = leftover_namespaces()
     out = subprocess.run(
-        [*p2p_mirror_argv(), "demo", "--nodes", "2", "--layers", "4MiB,2MiB",
+        [*lab_python(), "lab.demo", "--nodes", "2", "--layers", "4MiB,2MiB",
          "--rate-mbit", "200", "--workdir", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip

@@ -30,7 +30,7 @@ from lab.procs import wait_for
 from lab.registry import Registry
 from lab.stack import AgentProc, LocalStack, metric_sum
 from p2p_mirror.installer.hosts import render_new
-from p2p_mirror.seeder.server import piece_size_for, segment_size_for
+from p2p_mirror.seeder.sizing import piece_size_for, segment_size_for
 
 PIECE = 128 * 1024  # the seeder's default piece size
 

@@ -246,6 +246,8 @@ def test_installer_defaults_to_containerd_and_only_it_shares_host_pids() -> None
     install = by_kind(docs, "DaemonSet", "p2p-mirror-install")
     command = container(install, "install", init=True)["command"]
     assert command[command.index("--runtime") + 1] == "containerd"
+    # A rolled-back install is not retried in a loop: its next start exits 0 and idles.
+    assert command[command.index("--skipped-exit-code") + 1] == "0"
     assert pod_spec(install)["hostPID"] is True
     for d in docs:
         if d["kind"] in ("DaemonSet", "StatefulSet") and d is not install:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from p2p_mirror.core.config import HostPort
-from p2p_mirror.core.swarm import Metainfo, Swarm, make_torrent
+from p2p_mirror.core.swarm import Metainfo, TorrentSession, make_torrent
 
 PIECE = 32 * 1024
 
@@ -24,7 +24,10 @@ async def cycle(workdir: Path) -> None:
     dst.mkdir()
     (src / "segment").write_bytes(os.urandom(8 * PIECE))
     meta = Metainfo.parse(make_torrent(src / "segment", ["http://127.0.0.1:9/announce"], PIECE))
-    seeder, agent = Swarm(HostPort("127.0.0.1", 0)), Swarm(HostPort("127.0.0.1", 0))
+    seeder, agent = (
+        TorrentSession(HostPort("127.0.0.1", 0)),
+        TorrentSession(HostPort("127.0.0.1", 0)),
+    )
     await seeder.start()
     await agent.start()
     try:

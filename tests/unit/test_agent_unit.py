@@ -75,7 +75,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         },
     )
     agent = Agent(cfg)
-    assert agent.swarm is None and agent.seeders is None  # no seeder: no BitTorrent at all
+    assert agent.session is None and agent.seeders is None  # no seeder: no BitTorrent at all
     try:
         yield agent
     finally:

@@ -1,0 +1,152 @@
+"""The seeder's HTTP API (``p2p_mirror.core.protocol``): blob info, segment torrents with
+the agent's dealt run of pieces (inline after the torrent, or on request), and the pieces.
+
+The only place where ingest failures become OCI errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from p2p_mirror.core import protocol
+from p2p_mirror.core.metrics import Metrics
+from p2p_mirror.core.oci import Digest, OCIError, validate_name
+from p2p_mirror.core.origin import error_for_status
+from p2p_mirror.core.service import healthz
+from p2p_mirror.core.swarm import Metainfo, TorrentSession, read_range
+from p2p_mirror.seeder.dealing import Dealer
+from p2p_mirror.seeder.ingest import Ingest, IngestError, IngestJob
+
+
+def oci_error_for(error: IngestError) -> OCIError:
+    """The answer an agent gets for a failed ingest."""
+    if error.reason == IngestError.ORIGIN_REFUSED and error.origin_status is not None:
+        return error_for_status(error.origin_status, "blobs")
+    if error.reason == IngestError.DIGEST_MISMATCH:
+        return OCIError("DIGEST_INVALID", error.message)
+    return OCIError("UNAVAILABLE", error.message)
+
+
+class SeederAPI:
+    def __init__(self, ingest: Ingest, dealer: Dealer, session: TorrentSession,
+                 metrics: Metrics) -> None:  # fmt: skip
+        self.ingest = ingest
+        self.dealer = dealer
+        self.session = session
+        self.metrics = metrics
+        metrics.describe("piece_bytes_total", "Bytes of dealt pieces sent to agents")
+
+    async def handle_blob(self, request: web.Request) -> web.Response:
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+            name = validate_name(request.query.get(protocol.REPO_PARAM, ""))
+            registry = request.query.get(protocol.REGISTRY_PARAM, "")
+            if not registry:
+                raise OCIError("NAME_INVALID", "registry parameter required")
+            job = await self.ingest.ensure(digest, registry, name, request.headers)
+        except OCIError as e:
+            return e.response()
+        except IngestError as e:
+            return oci_error_for(e).response()
+        layout = job.layout
+        assert layout is not None
+        info = protocol.BlobInfo(str(digest), layout.size, layout.segment_size, layout.count,
+                                 self.session.port, self.ingest.cfg.announce_ip or "")  # fmt: skip
+        return web.json_response(info.to_json())
+
+    async def handle_torrent(self, request: web.Request) -> web.StreamResponse:
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+        except OCIError as e:
+            return e.response()
+        job = self.ingest.job(digest)
+        index = int(request.match_info["index"])
+        if job is None or not job.has_segment(index):
+            return OCIError("BLOB_UNKNOWN", "no such blob or segment").response()
+        agent = protocol.agent_key(request.remote, request.query)
+        try:
+            data, run = await self.ingest.torrent_for(
+                job, index, agent, protocol.parse_wait(request.query.get(protocol.WAIT_PARAM))
+            )
+        except IngestError as e:
+            return oci_error_for(e).response()
+        except TimeoutError:
+            # Not published yet (queued, or still arriving): how far the origin downloads
+            # got tells the agent a busy seeder from a stuck one.
+            return web.json_response(protocol.not_yet_body(self.ingest.origin_bytes), status=202)
+        if not protocol.wants_inline(request.query):
+            return web.Response(body=data, headers=protocol.offer_headers(run))
+        # The run follows the torrent in this response: a second request would reach us a
+        # round trip after the segment is out, and until then the uplink may idle.
+        resp = web.StreamResponse(headers=protocol.offer_headers(run, len(data)))
+        meta = job.metas[index]
+        pieces = range(run[0], run[-1] + 1) if run else range(0)
+        resp.content_length = len(data) + _run_bytes(meta, pieces)
+        await resp.prepare(request)
+        await resp.write(data)
+        return await self._send_pieces(request, resp, job, index, pieces)
+
+    async def handle_pieces(self, request: web.Request) -> web.StreamResponse:
+        """``count`` (default 1) consecutive pieces of a published segment, for the agent
+        they were dealt to (one that did not ask for them inline), streamed piece by piece."""
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+        except OCIError as e:
+            return e.response()
+        job = self.ingest.job(digest)
+        index, first = int(request.match_info["index"]), int(request.match_info["piece"])
+        count = protocol.parse_piece_count(request.query.get(protocol.COUNT_PARAM))
+        meta = job.metas.get(index) if job is not None else None
+        if (job is None or job.layout is None or meta is None or count is None
+                or first + count > meta.num_pieces):  # fmt: skip
+            return OCIError("BLOB_UNKNOWN", "no such blob, segment or pieces").response()
+        pieces = range(first, first + count)
+        resp = web.StreamResponse(headers={"Content-Type": protocol.BYTES_CONTENT_TYPE})
+        resp.content_length = _run_bytes(meta, pieces)
+        return await self._send_pieces(request, resp, job, index, pieces)
+
+    async def _send_pieces(
+        self, request: web.Request, resp: web.StreamResponse, job: IngestJob, index: int,
+        pieces: range,
+    ) -> web.StreamResponse:
+        """Stream ``pieces`` of segment ``index`` on ``resp`` (prepared here if not yet), in
+        the send queue with the other runs."""
+        assert job.layout is not None
+        meta, path = job.metas[index], job.layout.segment_path(index)
+        sent = 0
+        what = f"pieces {pieces.start}+{len(pieces)} of {job.digest}"
+        # an inline response without a run only ends: no slot to wait for
+        slot = (self.dealer.send_queue.slot(lambda: sent, what, _run_bytes(meta, pieces))
+                if pieces else contextlib.nullcontext())  # fmt: skip
+        async with slot:
+            for piece in pieces:
+                lo, hi = meta.piece_range(piece)
+                try:
+                    data = await asyncio.to_thread(read_range, path, lo, hi)
+                except OSError as e:  # evicted meanwhile
+                    if not resp.prepared:
+                        return OCIError("BLOB_UNKNOWN", f"segment gone: {e}").response()
+                    raise
+                if not resp.prepared:
+                    await resp.prepare(request)
+                await resp.write(data)
+                sent += len(data)
+            await resp.write_eof()
+        self.metrics.inc("piece_bytes_total", sent)
+        return resp
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(protocol.BLOB_INFO_ROUTE, self.handle_blob)
+        app.router.add_get(protocol.TORRENT_ROUTE, self.handle_torrent)
+        app.router.add_get(protocol.PIECES_ROUTE, self.handle_pieces)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", self.metrics.handler)
+        return app
+
+
+def _run_bytes(meta: Metainfo, pieces: range) -> int:
+    """Bytes of a run of consecutive pieces."""
+    return meta.piece_range(pieces[-1])[1] - meta.piece_range(pieces[0])[0] if pieces else 0

@@ -1,0 +1,333 @@
+"""Ingest: each blob from the origin once, cut into segment files, each published as a torrent.
+
+A blob's size and segment layout are known at once (the origin's HEAD); its body comes
+``origin_streams`` at a time in request order (blobs of one piece, such as image configs,
+at once), and each segment's torrent is published as soon as its bytes have arrived, so
+peers start before the whole blob is here. The last segment is published only after the
+whole blob matched its digest, so no peer can ever complete a blob that fails it. Reading
+the origin pauses while the dealt runs waiting to be sent exceed a backlog (backpressure).
+
+This module owns every job's state; the HTTP API reads it through ``IngestJob``'s read-only
+views and awaits torrents through ``Ingest.torrent_for``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+from p2p_mirror.core.config import SeederConfig, Upstream, upstream_for
+from p2p_mirror.core.metrics import Metrics
+from p2p_mirror.core.oci import Digest
+from p2p_mirror.core.origin import Origin, OriginUnavailable, forward_headers
+from p2p_mirror.core.seeding import SeededBlobs, StoredTorrents
+from p2p_mirror.core.store import BlobLayout, BlobStore
+from p2p_mirror.core.swarm import Metainfo, make_torrent
+from p2p_mirror.seeder import tracker_shard
+from p2p_mirror.seeder.dealing import Dealer
+from p2p_mirror.seeder.link_queue import LinkQueue
+from p2p_mirror.seeder.sizing import piece_size_for, segment_size_for
+
+log = logging.getLogger("p2p_mirror.seeder")
+STUCK_STREAM_SECONDS = 5.0  # an origin body this long without a byte lets the next one start
+# The next blob's request goes out this many bytes before the current body ends, so its
+# request and TCP ramp-up overlap the current body's last bytes.
+NEXT_REQUEST_LEAD_BYTES = 512 * 1024
+BACKLOG_SEGMENTS = 2  # dealt runs waiting to be sent, in segments, before the origin waits
+
+
+class IngestError(Exception):
+    """A blob could not be ingested; ``reason`` is a short label (also a metric label).
+
+    ``origin_status`` is the origin's HTTP status where it refused the blob.
+    """
+
+    ORIGIN_REFUSED = "origin_refused"
+    ORIGIN_UNAVAILABLE = "origin_unavailable"
+    ORIGIN_INCOMPLETE = "origin_incomplete"  # no size, sizes that disagree, a short body
+    DIGEST_MISMATCH = "digest_mismatch"  # more bytes than announced, or bytes that fail it
+    FAILED = "error"  # our own failure (a disk error)
+
+    def __init__(self, reason: str, message: str, origin_status: int | None = None) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason, self.message, self.origin_status = reason, message, origin_status
+
+
+class IngestJob:
+    """One blob being (or already) ingested; its torrents resolve as segments are published.
+
+    Read-only outside this module: ``layout``, ``error``, ``metas``, ``waiting_agents``."""
+
+    def __init__(self, digest: Digest, layout: BlobLayout | None = None) -> None:
+        self.digest = digest
+        self._layout = layout
+        self._ready = asyncio.Event()
+        self._torrents: list[asyncio.Future[bytes]] = []
+        self._error: IngestError | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._metas: dict[int, Metainfo] = {}
+        self._waiting: dict[int, Counter[str]] = {}  # agents waiting for each segment
+        self._runs: dict[int, dict[str, list[int]]] = {}  # each segment's dealt runs
+        self._received = 0  # body bytes from the origin so far
+
+    @property
+    def layout(self) -> BlobLayout | None:
+        return self._layout
+
+    @property
+    def error(self) -> IngestError | None:
+        return self._error
+
+    @property
+    def metas(self) -> Mapping[int, Metainfo]:
+        """The published segments' torrents, parsed."""
+        return MappingProxyType(self._metas)
+
+    @property
+    def active(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def has_segment(self, index: int) -> bool:
+        """Whether the layout is known and has segment ``index`` (published or not)."""
+        return self._ready.is_set() and index < len(self._torrents)
+
+    def waiting_agents(self, index: int) -> int:
+        return sum(self._waiting.get(index, Counter()).values())
+
+    def _fail(self, error: IngestError) -> None:
+        self._error = error
+        self._ready.set()
+        for fut in self._torrents:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # mark retrieved: agents may never ask for it
+
+
+class Ingest:
+    """Runs the ingest jobs of one seeder."""
+
+    def __init__(self, cfg: SeederConfig, store: BlobStore, origin: Origin, seeded: SeededBlobs,
+                 dealer: Dealer, metrics: Metrics) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.store = store
+        self.origin = origin
+        self.seeded = seeded
+        self.dealer = dealer
+        self.metrics = metrics
+        self.origin_queue = LinkQueue(cfg.origin_streams, STUCK_STREAM_SECONDS)
+        self._jobs: dict[Digest, IngestJob] = {}
+        metrics.describe("origin_bytes_total", "Blob bytes fetched from origin registries")
+        metrics.describe("seed_jobs_total", "Blob seeding jobs by result")
+
+    @property
+    def origin_bytes(self) -> int:
+        """Blob bytes received from origins so far (the agents' sign that it is working)."""
+        return int(self.metrics.value("origin_bytes_total"))
+
+    def job(self, digest: Digest) -> IngestJob | None:
+        return self._jobs.get(digest)
+
+    def active(self) -> set[Digest]:
+        """Blobs still being ingested (not to be evicted)."""
+        return {d for d, job in self._jobs.items() if job.active}
+
+    def restore(self, stored: StoredTorrents) -> None:
+        """A job for a blob stored (and seeded again) at start: every torrent published."""
+        job = IngestJob(stored.digest, stored.layout)
+        loop = asyncio.get_running_loop()
+        for index, (data, meta) in enumerate(zip(stored.torrents, stored.metas, strict=True)):
+            job._metas[index] = meta
+            fut: asyncio.Future[bytes] = loop.create_future()
+            fut.set_result(data)
+            job._torrents.append(fut)
+        job._ready.set()
+        self._jobs[stored.digest] = job
+
+    def close(self) -> None:
+        for job in self._jobs.values():
+            if job._task:
+                job._task.cancel()
+
+    async def ensure(self, digest: Digest, registry: str, name: str,
+                     headers: Mapping[str, str]) -> IngestJob:  # fmt: skip
+        """The job for ``digest``, started if needed; returns once its size is known.
+
+        Raises ``IngestError`` if it failed.
+        """
+        job = self._jobs.get(digest)
+        if job is None or job.error is not None:
+            upstream = upstream_for(self.cfg.registries, registry)
+            job = IngestJob(digest)
+            self._jobs[digest] = job
+            job._task = asyncio.create_task(self._run(job, upstream, name, headers))
+        await job._ready.wait()
+        if job.error:
+            raise job.error
+        return job
+
+    async def torrent_for(self, job: IngestJob, index: int, agent: str,
+                          wait: float) -> tuple[bytes, list[int]]:  # fmt: skip
+        """Segment ``index``'s torrent and the run of pieces dealt to ``agent``, once it is
+        published; TimeoutError after ``wait`` seconds, ``IngestError`` if the job failed."""
+        waiting = job._waiting.setdefault(index, Counter())
+        waiting[agent] += 1
+        try:
+            data = await asyncio.wait_for(asyncio.shield(job._torrents[index]), wait)
+        finally:
+            waiting[agent] -= 1
+        if index not in job._runs:  # nobody was waiting when it was published
+            job._runs[index] = self.dealer.assign(job._metas[index].num_pieces, [agent])
+        return data, job._runs[index].get(agent, [])
+
+    def evict(self, digest: Digest) -> None:
+        """Forget a blob and stop seeding it before the store deletes its files."""
+        self._jobs.pop(digest, None)
+        self.seeded.stop(digest)
+        log.info("evicted %s", digest)
+
+    async def _run(self, job: IngestJob, upstream: Upstream, name: str,
+                   headers: Mapping[str, str]) -> None:  # fmt: skip
+        try:
+            await self._ingest(job, upstream, name, headers)
+            self.metrics.inc("seed_jobs_total", result="ok")
+        except IngestError as e:
+            self.metrics.inc("seed_jobs_total", result=e.reason)
+            log.warning("blob %s from %s/%s: %s", job.digest, upstream.name, name, e)
+            job._fail(e)
+        except OriginUnavailable as e:
+            self.metrics.inc("seed_jobs_total", result=IngestError.ORIGIN_UNAVAILABLE)
+            log.warning("blob %s: origin unavailable: %s", job.digest, e)
+            job._fail(IngestError(IngestError.ORIGIN_UNAVAILABLE, str(e)))
+        except Exception as e:  # noqa: BLE001 - a disk error must fail the job, not the server
+            self.metrics.inc("seed_jobs_total", result=IngestError.FAILED)
+            log.exception("blob %s failed", job.digest)
+            job._fail(IngestError(IngestError.FAILED, f"seeder error: {e}"))
+        if job.error is not None:
+            self.seeded.stop(job.digest)
+            if job.layout is not None:
+                self.store.abandon(job.layout)
+
+    async def _ingest(self, job: IngestJob, upstream: Upstream, name: str,
+                      headers: Mapping[str, str]) -> None:  # fmt: skip
+        send = forward_headers(headers)
+        status, head, _ = await self.origin.request(
+            "HEAD", upstream, name, "blobs", str(job.digest), send
+        )
+        if status != 200:
+            raise _refused(status)
+        size = _content_length(head)
+        if size is None:
+            raise IngestError(IngestError.ORIGIN_INCOMPLETE, "origin sent no Content-Length")
+        segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
+        layout = self.store.begin(job.digest, size, segment)
+        job._layout = layout
+        loop = asyncio.get_running_loop()
+        job._torrents = [loop.create_future() for _ in range(layout.count)]
+        job._ready.set()  # agents learn the layout now, while the blob may still be queued
+        # A blob of one piece (an image config, a tiny layer) costs the origin link next to
+        # nothing: it does not wait behind the large bodies (runtimes need the config early).
+        if size <= self.cfg.piece_size:
+            await self._stream(job, layout, upstream, name, send, lambda: None, None)
+        else:
+            send_queue = self.dealer.send_queue
+
+            def moved() -> int:  # paused for the dealt runs (_stream): not stuck while they go
+                return job._received + send_queue.granted
+
+            async with self.origin_queue.slot(moved, f"blob {job.digest}") as let_next_start:
+                backlog = BACKLOG_SEGMENTS * layout.segment_size
+                await self._stream(job, layout, upstream, name, send, let_next_start, backlog)
+        await self._publish(job, layout.count - 1)  # the digest matched: peers may finish
+        await asyncio.to_thread(self.store.commit, layout)  # fsync, off the event loop
+        log.info("seeding %s (%d bytes, %d segments)", job.digest, layout.size, layout.count)
+
+    async def _stream(
+        self, job: IngestJob, layout: BlobLayout, upstream: Upstream, name: str, send,
+        nearly_done: Callable[[], None], backlog: int | None,
+    ) -> None:
+        """Write the blob into its segment files, publishing each one as it completes;
+        ``nearly_done()`` once the last ``NEXT_REQUEST_LEAD_BYTES`` are on their way.
+
+        Reading pauses while the dealt runs not yet sent add up to more than ``backlog``
+        bytes (if given): agents that take their runs more slowly than the origin sends
+        would otherwise wait in a queue that only grows, time out and download those
+        segments again, from the seeder's swarm or the origin."""
+        resp = await self.origin.open_blob(upstream, name, job.digest, send)
+        send_queue = self.dealer.send_queue
+        try:
+            if resp.status != 200:
+                raise _refused(resp.status)
+            if resp.content_length != layout.size:
+                raise IngestError(IngestError.ORIGIN_INCOMPLETE,
+                                  "origin's GET and HEAD disagree on the size")  # fmt: skip
+            hasher = job.digest.hasher()
+            offset = 0
+            index = 0
+            seg = open(layout.segment_path(0), "wb")  # noqa: SIM115 - closed per segment below
+            try:
+                async for chunk in resp.content.iter_any():
+                    if offset + len(chunk) > layout.size:
+                        raise IngestError(IngestError.DIGEST_MISMATCH,
+                                          "origin sent more bytes than announced")  # fmt: skip
+                    hasher.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        room = layout.segment_len(index) - (offset - index * layout.segment_size)
+                        seg.write(view[:room])
+                        offset += min(room, len(view))
+                        view = view[room:]
+                        if offset == (index + 1) * layout.segment_size and offset < layout.size:
+                            seg.close()
+                            await self._publish(job, index)
+                            index += 1
+                            seg = open(layout.segment_path(index), "wb")  # noqa: SIM115
+                    job._received = offset
+                    self.metrics.inc("origin_bytes_total", len(chunk))
+                    if layout.size - offset <= NEXT_REQUEST_LEAD_BYTES:
+                        nearly_done()
+                    if backlog is not None and send_queue.queued > backlog:
+                        await send_queue.backlog_below(backlog)
+            finally:
+                seg.close()
+        finally:
+            resp.release()
+        if offset != layout.size:
+            raise IngestError(IngestError.ORIGIN_INCOMPLETE,
+                              f"origin sent {offset} of {layout.size} bytes")  # fmt: skip
+        if hasher.hexdigest() != job.digest.hex:
+            raise IngestError(IngestError.DIGEST_MISMATCH, "origin bytes do not match the digest")
+
+    async def _publish(self, job: IngestJob, index: int) -> None:
+        """Make segment ``index``'s torrent, seed it, and deal it to the waiting agents."""
+        layout = job.layout
+        assert layout is not None
+        path = layout.segment_path(index)
+        piece = piece_size_for(layout.segment_size, self.cfg.piece_size)
+        made = await asyncio.to_thread(make_torrent, path, (), piece)
+        data = tracker_shard.shard(made, self.cfg.tracker)
+        tmp = layout.torrent_path(index).with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, layout.torrent_path(index))
+        meta = Metainfo.parse(data)
+        job._metas[index] = meta
+        self.seeded.seed_segment(job.digest, layout, meta)
+        waiting = [agent for agent, n in job._waiting.get(index, Counter()).items() if n > 0]
+        if waiting:
+            job._runs[index] = self.dealer.assign(meta.num_pieces, waiting)
+        job._torrents[index].set_result(data)
+
+
+def _refused(status: int) -> IngestError:
+    return IngestError(IngestError.ORIGIN_REFUSED, f"origin answered {status}", status)
+
+
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    try:
+        size = int(headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return size if size >= 0 else None
