@@ -20,10 +20,12 @@ from multidict import CIMultiDict
 
 from p2p_mirror.agent.access import after_other_registry, confirm_source
 from p2p_mirror.agent.blob_download import BlobDownload
+from p2p_mirror.agent.node_address import bt_listen_for
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
+from p2p_mirror.agent.seeder_set import SeederSet
 from p2p_mirror.core.clusterauth import SEEDER_API, ClusterAuth
-from p2p_mirror.core.config import AgentConfig, HostPort, Upstream, parse_registry_name
+from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
     Digest,
@@ -37,6 +39,7 @@ from p2p_mirror.core.seeding import SeededBlobs
 from p2p_mirror.core.service import background, every, healthz, serve, wait_for_signal
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import TorrentSession
+from p2p_mirror.core.tls import TLSError
 
 log = logging.getLogger("p2p_mirror.agent")
 ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
@@ -74,14 +77,17 @@ class Agent:
         self.origin = Origin(cfg.origin_timeout, "agent")
         self.metrics = Metrics()
         self.session = (
-            TorrentSession(bt_address(cfg), cfg.upload_rate_limit, cfg.download_rate_limit,
-                  tracker_peers=cfg.swarm_peers)
+            TorrentSession(bt_listen_for(cfg.bt_listen, cfg.announce_ip), cfg.upload_rate_limit,
+                           cfg.download_rate_limit, tracker_peers=cfg.swarm_peers,
+                           announce_ip=cfg.announce_ip)  # fmt: skip
             if cfg.seeder
             else None
         )
         self.cluster = ClusterAuth.from_file(cfg.cluster_secret, "agent")
-        self.seeders = (SeederClient(cfg.seeder, cfg.swarm_timeout, self.cluster.token(SEEDER_API))
-                        if cfg.seeder else None)  # fmt: skip
+        self.seeders = (
+            SeederClient(SeederSet(cfg.seeder), cfg.swarm_timeout, self.cluster.token(SEEDER_API))
+            if cfg.seeder else None
+        )  # fmt: skip
         self.seeded = SeededBlobs(self.store, self.session) if self.session is not None else None
         self.puller = BlobPuller(
             self.store,
@@ -367,13 +373,12 @@ class Agent:
         app.router.add_route("*", "/v2/{tail:.*}", self.handle)
         return app
 
-
-def bt_address(cfg: AgentConfig) -> HostPort:
-    """Where the agent listens for BitTorrent: the node address peers are told about
-    (``announce_ip``) if set, not every address of the host; else ``bt_listen``."""
-    if cfg.announce_ip is not None:
-        return HostPort(cfg.announce_ip, cfg.bt_listen.port)
-    return cfg.bt_listen
+    def metrics_app(self) -> web.Application:
+        """What Prometheus scrapes on ``metrics_listen``: no registry API there."""
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", self.metrics.handler)
+        return app
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -399,17 +404,34 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 async def _main(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     await agent.start()
+    proxy = None
+    if cfg.proxy_listen is not None:  # before the mirror: its port open means all is up
+        from p2p_mirror.agent.proxy import proxied_registries, start_proxy
+
+        names = proxied_registries(cfg.registries, cfg.default_registry)
+        try:
+            proxy = await start_proxy(agent, cfg.proxy_listen, cfg.data_dir, names)
+        except (TLSError, OSError) as e:
+            await agent.close()
+            raise SystemExit(f"agent: proxy on {cfg.proxy_listen}: {e}") from None
     runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
                          cfg.drain_timeout)  # fmt: skip
+    runners = [runner]
+    if cfg.metrics_listen is not None:
+        runners.append(await serve(agent.metrics_app(), cfg.metrics_listen.host,
+                                   cfg.metrics_listen.port, "agent metrics", log, 1.0))  # fmt: skip
     if agent.session is not None:
-        log.info("agent BitTorrent on %s:%d", bt_address(cfg).host, agent.session.port)
+        log.info("agent BitTorrent on %s:%d", agent.session.listen.host, agent.session.port)
     else:
         log.info("no seeder configured: blobs come from the origin (and the cache)")
     try:
         async with background(every(60, agent.gc, log)):
             await wait_for_signal()
     finally:
-        await runner.cleanup()
+        if proxy is not None:
+            await proxy.close()
+        for each in runners:
+            await each.cleanup()
         await agent.close()
 
 

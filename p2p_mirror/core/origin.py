@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     wait_exponential,
 )
@@ -29,6 +30,7 @@ from p2p_mirror.core.redirects import (
     next_hop,
     same_origin,
 )
+from p2p_mirror.core.tls import TLSError, client_context
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,11 @@ class Origin:
 
     @staticmethod
     def _ssl(upstream: Upstream) -> ssl.SSLContext | bool:
-        return upstream.verify_tls
+        """Verified by default (system roots, or the registry's own ``ca_file``)."""
+        try:
+            return client_context(upstream.ca_file, upstream.verify_tls)
+        except TLSError as e:
+            raise OriginUnavailable(f"{upstream.name}: {e}") from None
 
     async def request(
         self,
@@ -172,7 +178,9 @@ class Origin:
         return AsyncRetrying(
             stop=stop_after_attempt(self.attempts),
             wait=wait_exponential(multiplier=0.2, max=2),
-            retry=retry_if_exception_type(RETRYABLE),
+            # A certificate that fails verification fails the same way on every attempt.
+            retry=retry_if_exception_type(RETRYABLE)
+            & retry_if_not_exception_type(aiohttp.ClientSSLError),
             reraise=True,
         )
 

@@ -29,6 +29,7 @@ from p2p_mirror.core.provenance import origin_has_bytes
 from p2p_mirror.core.seeding import SeededBlobs, StoredTorrents
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import Metainfo, make_torrent
+from p2p_mirror.seeder import tracker_shard
 from p2p_mirror.seeder.credentials import RegistryAuth
 from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.link_queue import LinkQueue
@@ -388,7 +389,8 @@ class Ingest:
         assert layout is not None
         path = layout.segment_path(index)
         piece = piece_size_for(layout.segment_size, self.cfg.piece_size)
-        data = await asyncio.to_thread(make_torrent, path, self.cfg.tracker, piece)
+        made = await asyncio.to_thread(make_torrent, path, (), piece)
+        data = tracker_shard.shard(made, self.cfg.tracker)
         tmp = layout.torrent_path(index).with_suffix(".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, layout.torrent_path(index))

@@ -108,12 +108,3 @@ def test_announce_urls_carry_the_tracker_token_and_keep_the_info_hash(tmp_path: 
     decoded = lt.bdecode(signed)
     assert decoded[b"announce"] == f"http://t/announce?token={token}".encode()
 
-
-def test_agent_listens_on_its_announce_ip(tmp_path: Path) -> None:
-    from p2p_mirror.agent.server import bt_address
-    from p2p_mirror.core.config import AgentConfig
-
-    cfg = AgentConfig(data_dir=tmp_path, bt_listen=HostPort("0.0.0.0", 6881))
-    assert bt_address(cfg) == HostPort("0.0.0.0", 6881)
-    cfg.announce_ip = "10.1.2.3"
-    assert bt_address(cfg) == HostPort("10.1.2.3", 6881)

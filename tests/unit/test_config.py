@@ -185,7 +185,7 @@ def test_parse_registries_mapping_list_and_nested() -> None:
 @pytest.mark.parametrize(
     ("value", "words"),
     [
-        ({"a.test": {"url": "http://h", "insecure": True}}, ["a.test", "insecure"]),
+        ({"a.test": {"url": "http://h", "skip_verify": True}}, ["a.test", "skip_verify"]),
         ({"a.test": 5}, ["a.test"]),
         ({"a.test": {"verify_tls": "maybe"}}, ["maybe"]),
         ({"bad/name": "http://h"}, ["bad/name"]),
@@ -311,7 +311,7 @@ def test_empty_yaml_is_an_empty_mapping(tmp_path: Path) -> None:
         ("swarm_peers", "2.5"),
         ("log_level", "chatty"),
         ("registries", "[bad/name]"),
-        ("registries", "{a.test: {url: http://h, insecure: true}}"),
+        ("registries", "{a.test: {url: http://h, skip_verify: true}}"),
     ],
 )
 def test_bad_value_error_names_the_key(tmp_path: Path, key: str, value: str) -> None:
