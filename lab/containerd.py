@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lab.procs import LabError, Proc, lab_python, netns_prefix, wait_for
+from p2p_mirror.installer import hosts as hosts_toml
 
 CONTAINERD_BIN = "containerd"
 CTR_BIN = "ctr"
@@ -130,18 +131,13 @@ def write_hosts_toml(
     ``hosts`` are tried in order before ``server``; an ``http://`` URL needs no
     ``--plain-http``. For lab tests; the installer writes the node's own files.
     """
-    lines: list[str] = []
-    if server:
-        lines += [f'server = "{server}"', ""]
-    caps = ", ".join(f'"{c}"' for c in capabilities)
-    for host in hosts:
-        lines += [f'[host."{host}"]', f"  capabilities = [{caps}]"]
-        if skip_verify:
-            lines.append("  skip_verify = true")
-        lines.append("")
+    tls = hosts_toml.Tls(skip_verify=skip_verify)
+    text = hosts_toml.render(
+        server, [hosts_toml.Host(h, tuple(capabilities), tls=tls) for h in hosts]
+    )
     path = Path(certs_dir) / registry / "hosts.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    path.write_text(text)
     return path
 
 

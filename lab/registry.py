@@ -146,7 +146,9 @@ class Registry:
         proxy_username: str | None = None,
         proxy_password: str | None = None,
         log_level: str = "info",
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        self.tls = tls  # (certificate chain, key) PEM files: serve HTTPS
         self.host = host
         self.port = port
         self.netns = netns
@@ -170,7 +172,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.hostport}"
+        return f"{'https' if self.tls else 'http'}://{self.hostport}"
 
     def write_config(self) -> Path:
         """Write CONFIG.yml (JSON is valid YAML, so no quoting surprises)."""
@@ -190,6 +192,9 @@ class Registry:
             },
             "http": {"addr": self.hostport, "secret": secrets.token_hex(16)},
         }
+        if self.tls:
+            config["http"]["tls"] = {  # type: ignore[index]
+                "certificate": str(self.tls[0]), "key": str(self.tls[1])}
         if self.users:
             htpasswd = self.workdir / "htpasswd"
             lines = [htpasswd_line(u, p) for u, p in self.users.items()]
@@ -292,6 +297,22 @@ class Registry:
 
     def blob_egress_bytes(self, since: int = 0) -> int:
         return sum(r.written for r in self.blob_fetches(since))
+
+
+def write_test_tls(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for ``host`` signed by it, as PEM files:
+    (CA certificate, server chain, server key); for ``Registry(tls=(chain, key))``."""
+    from p2p_mirror.core.tls import mint, new_ca
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = new_ca()
+    cert, key = mint(ca, host)
+    paths = directory / "ca.crt", directory / "server.crt", directory / "server.key"
+    paths[0].write_bytes(ca.cert_pem)
+    paths[1].write_bytes(cert + ca.cert_pem)
+    paths[2].write_bytes(key)
+    paths[2].chmod(0o600)
+    return paths
 
 
 def registry_available() -> bool:

@@ -7,6 +7,7 @@ inside network namespaces.
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,18 +15,13 @@ import yaml
 
 from lab.cluster import p2p_mirror_argv, parse_blob_sources
 from lab.procs import Proc, ProcGroup, free_port, port_open
+from p2p_mirror.core.metrics import sample_sum
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """Sum of the series of ``p2p_mirror_<name>`` in Prometheus ``text`` that carry ``labels``
     (all series by default)."""
-    total = 0.0
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    for line in text.splitlines():
-        series = line.startswith((f"p2p_mirror_{name}{{", f"p2p_mirror_{name} "))
-        if series and all(w in line for w in wanted):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sample_sum(text, f"p2p_mirror_{name}", **labels)
 
 
 @dataclass
@@ -34,6 +30,7 @@ class AgentProc:
     port: int
     data_dir: Path
     proc: Proc
+    proxy_port: int = 0  # its dockerd proxy (proxy_listen), 0: off
 
     @property
     def url(self) -> str:
@@ -53,8 +50,12 @@ class AgentProc:
 class LocalStack:
     """Start roles on free loopback ports; ``close()`` stops them all by PID."""
 
-    def __init__(self, workdir: Path, registries: dict[str, str], segment_size: str = "64MiB"):
+    def __init__(self, workdir: Path, registries: dict[str, str | dict],
+                 segment_size: str = "64MiB", seeder_args: Sequence[str] = ()) -> None:
+        """``registries``: name -> URL, or the config mapping (``{url:, ca_file:, ...}``);
+        ``seeder_args`` go after the seeder's defaults (a flag given again wins)."""
         self.workdir = workdir
+        self.seeder_args = list(seeder_args)
         self.registries = registries
         self.segment_size = segment_size
         self.procs = ProcGroup()
@@ -65,6 +66,11 @@ class LocalStack:
         self.agents: list[AgentProc] = []
 
     def _registry_args(self) -> list[str]:
+        if any(isinstance(u, dict) for u in self.registries.values()):
+            path = self.workdir / "seeder-registries.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump({"registries": dict(self.registries)}))
+            return ["--config", str(path)]
         return [arg for n, u in self.registries.items() for arg in ("--registry", f"{n}={u}")]
 
     @property
@@ -93,6 +99,7 @@ class LocalStack:
                 "--bt-listen", "127.0.0.1:0",
                 "--segment-size", self.segment_size,
                 *self._registry_args(),
+                *self.seeder_args,
             ],
             self.workdir / "seeder.log",
         )  # fmt: skip
@@ -106,9 +113,11 @@ class LocalStack:
     def add_agent(self, name: str, **config: object) -> AgentProc:
         """An agent with its own port and cache; ``config`` keys go to its YAML config file."""
         port = free_port()
+        proxy_port = free_port()  # never the default 5003: agents here share one loopback
         data_dir = self.workdir / name
         cfg = {
             "listen": f"127.0.0.1:{port}",
+            "proxy_listen": f"127.0.0.1:{proxy_port}",
             "data_dir": str(data_dir),
             "seeder": [self.seeder_url],
             "bt_listen": "127.0.0.1:0",
@@ -122,7 +131,8 @@ class LocalStack:
             [*p2p_mirror_argv(), "agent", "--config", str(cfg_path)], self.workdir / f"{name}.log"
         )
         proc.wait_ready(lambda: port_open("127.0.0.1", port), 30, f"agent {name}")
-        agent = AgentProc(name, port, data_dir, proc)
+        agent = AgentProc(name, port, data_dir, proc,
+                          proxy_port if cfg["proxy_listen"] else 0)
         self.agents.append(agent)
         return agent
 

@@ -11,17 +11,20 @@ is then seeded (``p2p_mirror.core.seeding``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from p2p_mirror.agent.blob_download import BlobDownload
-from p2p_mirror.agent.seeder_client import Fallback, SeederClient, SegmentOffer, runs_of
+from p2p_mirror.agent.seeder_client import (
+    BlobSource,
+    Fallback,
+    SeederClient,
+    SegmentOffer,
+    runs_of,
+)
 from p2p_mirror.core.bounds import JOIN_AHEAD_SEGMENTS, transfer_deadline
 from p2p_mirror.core.config import MiB, Upstream
 from p2p_mirror.core.diskspace import Reservation
@@ -118,8 +121,10 @@ class BlobPuller:
                 await self._from_origin(download, hasher)
             if hasher.hexdigest() != download.digest.hex:
                 raise OCIError("DIGEST_INVALID", "blob bytes do not match the digest")
+            download.digest_matched()
             assert download.layout is not None
             await asyncio.to_thread(self.store.commit, download.layout)  # fsync, off the event loop
+            await asyncio.to_thread(self.store.add_source, download.layout, download.upstream.name)
             self._seed(download)
             download.finish()
             self.on_cached(download.digest)
@@ -128,10 +133,11 @@ class BlobPuller:
             self._drop(download, OCIError("UNAVAILABLE", "download cancelled"))
             raise
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting readers
-            error = e if isinstance(e, OCIError) else OCIError("UNAVAILABLE", str(e) or repr(e))
+            # Clients get a fixed message; hosts, ports and exception text go to the log only.
+            error = e if isinstance(e, OCIError) else OCIError("UNAVAILABLE", "download failed")
             if isinstance(e, OriginUnavailable):
-                error = OCIError("UNAVAILABLE", f"origin unavailable: {e}")
-            log.warning("blob %s failed: %s", download.digest, error)
+                error = OCIError("UNAVAILABLE", "origin registry unavailable")
+            log.warning("blob %s failed: %s", download.digest, e or repr(e))
             self.metrics.inc("blob_failures_total", code=error.code)
             self._drop(download, error)
 
@@ -148,13 +154,9 @@ class BlobPuller:
 
     async def _from_swarm(self, download: BlobDownload, hasher) -> None:
         assert self.session is not None and self.seeders is not None
+        source = self.seeders.source(download.digest, download.upstream.name, download.name)
         try:
-            url, info = await asyncio.wait_for(
-                self.seeders.blob_info(
-                    download.digest, download.upstream.name, download.name, download.headers
-                ),
-                self.swarm_timeout,
-            )
+            url, info = await asyncio.wait_for(source.open(), self.swarm_timeout)
         except TimeoutError:
             raise Fallback("seeder", "timed out") from None
         if (info.size != download.size or info.segment_size <= 0
@@ -163,7 +165,6 @@ class BlobPuller:
         log.debug("blob %s: seeder %s has it: %s", download.digest, url, info)
         layout = self.store.begin(download.digest, download.size, info.segment_size)
         download.layout = layout
-        peers = [(await _resolve(urlsplit(url).hostname or ""), info.bt_port)]
         # Ask for the segments' torrents ahead of the reader and join each swarm as soon as
         # it is published (joining late delays every segment), but only so many ahead: a
         # task per segment of a huge blob would be a task per 16 MiB.
@@ -174,7 +175,7 @@ class BlobPuller:
             for index in range(layout.count):
                 while joined < min(layout.count, index + JOIN_AHEAD_SEGMENTS):
                     getters[joined] = asyncio.create_task(
-                        self._join(download, url, joined, peers))  # fmt: skip
+                        self._join(download, source, joined))  # fmt: skip
                     joined += 1
                 # Each segment is due by an absolute deadline, however patient the waits
                 # inside are: past it the rest of the blob comes from the origin.
@@ -193,9 +194,9 @@ class BlobPuller:
             for task in (*getters.values(), *download.watchers):
                 task.cancel()
 
-    async def _join(self, download: BlobDownload, url: str, index: int, peers) -> Transfer:
+    async def _join(self, download: BlobDownload, source: BlobSource, index: int) -> Transfer:
         assert self.session is not None and self.seeders is not None and download.layout is not None
-        offer = await self.seeders.torrent(url, download.digest, index, self.session.port)
+        url, offer = await source.torrent(index, self.session.port)
         dealer: asyncio.Task[None] | None = None
         try:
             meta = Metainfo.parse(offer.torrent)
@@ -210,10 +211,10 @@ class BlobPuller:
             download.transfers.append(transfer)
             if offer.dealt:
                 dealer = asyncio.create_task(
-                    self._dealt_pieces(download, url, index, transfer, offer, peers))  # fmt: skip
+                    self._dealt_pieces(download, source, url, index, transfer, offer))  # fmt: skip
                 download.watchers.append(dealer)
             download.watchers.append(
-                asyncio.create_task(self._seeder_if_stalled(transfer, peers, dealer)))  # fmt: skip
+                asyncio.create_task(self._seeder_if_stalled(transfer, source, dealer)))  # fmt: skip
             return transfer
         finally:  # the response ends with the dealt pieces, even if that task never ran
             if dealer is None:
@@ -222,40 +223,71 @@ class BlobPuller:
                 dealer.add_done_callback(lambda _task: offer.close())
 
     async def _dealt_pieces(
-        self, download: BlobDownload, url: str, index: int, transfer: Transfer, offer: SegmentOffer,
-        seeder: list[tuple[str, int]],
+        self, download: BlobDownload, source: BlobSource, url: str, index: int,
+        transfer: Transfer, offer: SegmentOffer,
     ) -> None:
-        """Take the pieces the seeder dealt us, from the torrent's response (or in one request
-        per run of consecutive pieces), and hand each to libtorrent as it arrives, which
-        shares it at once.
+        """Take the pieces the seeder dealt us and hand each to libtorrent as it arrives,
+        which shares it at once.
 
-        Nobody else gets these pieces from the seeder: if one fails, take the segment from
-        the seeder's swarm instead (peers still get them from us once we have them).
+        Nobody else gets these pieces from the seeder. If the connection broke, ask once
+        more (the same seeder deals us the same run again; one that is down, its successor
+        deals the segment anew); if that fails too, or the bytes were wrong, take the
+        segment from the seeder's swarm (peers still get them from us once we have them).
         """
+        try:
+            await self._take_run(download, url, index, transfer, offer)
+            return
+        except Fallback as e:
+            failure: Exception = e
+        except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as e:
+            log.warning("blob %s: dealt run of segment %d cut (%s); asking again",
+                        download.digest, index, e or type(e).__name__)  # fmt: skip
+            failure = e
+            try:
+                assert self.session is not None
+                url, again = await source.torrent(index, self.session.port)
+            except Fallback as e2:
+                failure = e2
+            else:
+                try:
+                    await self._take_run(download, url, index, transfer, again)
+                    return
+                except (Fallback, aiohttp.ClientError, asyncio.IncompleteReadError,
+                        TimeoutError) as e2:  # fmt: skip
+                    failure = e2
+                finally:
+                    again.close()
+        log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",
+                    download.digest, failure or type(failure).__name__)  # fmt: skip
+        self.metrics.inc("seeder_segments_total", reason="piece_failed")
+        transfer.connect(source.peers)
+
+    async def _take_run(
+        self, download: BlobDownload, url: str, index: int, transfer: Transfer,
+        offer: SegmentOffer,
+    ) -> None:
+        """The dealt run of ``offer``, from its response (or in one request per run of
+        consecutive pieces), each piece checked and handed to libtorrent."""
         assert self.seeders is not None
         meta = transfer.meta
-        try:
-            if not all(0 <= p < meta.num_pieces for p in offer.dealt):
-                raise Fallback("seeder", f"dealt pieces {offer.dealt} not all in segment {index}")
-            for run in [offer.dealt] if offer.body is not None else runs_of(offer.dealt):
-                sizes = [end - start for start, end in map(meta.piece_range, run)]
-                if offer.body is not None:
-                    pieces = offer.inline_pieces(sizes)
-                else:
-                    pieces = self.seeders.pieces(url, download.digest, index, run[0], sizes)
-                async for piece, data in pieces:
-                    if not meta.piece_ok(piece, data):
-                        raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
-                    await transfer.add_piece(piece, data)
-                    self.metrics.inc("seeder_pieces_total")
-        except (Fallback, aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as e:
-            log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",
-                        download.digest, e or type(e).__name__)  # fmt: skip
-            self.metrics.inc("seeder_segments_total", reason="piece_failed")
-            transfer.connect(seeder)
+        if not all(0 <= p < meta.num_pieces for p in offer.dealt):
+            raise Fallback("seeder", f"dealt pieces {offer.dealt} not all in segment {index}")
+        for run in [offer.dealt] if offer.body is not None else runs_of(offer.dealt):
+            sizes = [end - start for start, end in map(meta.piece_range, run)]
+            if offer.body is not None:
+                pieces = offer.inline_pieces(sizes)
+            else:
+                pieces = self.seeders.pieces(url, download.digest, index, run[0], sizes)
+            async for piece, data in pieces:
+                if piece in transfer.done:
+                    continue  # taken before the connection broke, or from a peer
+                if not meta.piece_ok(piece, data):
+                    raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
+                await transfer.add_piece(piece, data)
+                self.metrics.inc("seeder_pieces_total")
 
     async def _seeder_if_stalled(
-        self, transfer: Transfer, seeder: list[tuple[str, int]], dealer: asyncio.Task[None] | None
+        self, transfer: Transfer, source: BlobSource, dealer: asyncio.Task[None] | None
     ) -> None:
         """Peers sent nothing for this segment for ``seeder_grace``: ask the seeder too.
 
@@ -277,7 +309,7 @@ class BlobPuller:
                 log.debug("segment %s: no progress from peers, asking the seeder",
                           transfer.meta.name)  # fmt: skip
                 self.metrics.inc("seeder_segments_total", reason="stalled")
-                transfer.connect(seeder)
+                transfer.connect(source.peers)
                 return
             received = now
 
@@ -397,11 +429,3 @@ def _left(deadline: float) -> float | None:
 
 def _late(index: int, after: float) -> Fallback:
     return Fallback("deadline", f"segment {index} not in by its deadline ({after:.0f}s)")
-
-
-async def _resolve(host: str) -> str:
-    """An IP literal for libtorrent's connect_peer (seeder URLs may name a host)."""
-    with contextlib.suppress(ValueError):
-        return str(ipaddress.ip_address(host))
-    infos = await asyncio.get_running_loop().getaddrinfo(host, None)
-    return str(infos[0][4][0])

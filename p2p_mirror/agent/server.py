@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDict
 
+from p2p_mirror.agent.access import after_other_registry, confirm_source
 from p2p_mirror.agent.blob_download import BlobDownload
+from p2p_mirror.agent.node_address import bt_listen_for
 from p2p_mirror.agent.passthrough import StreamAborted, stream_uncached
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
+from p2p_mirror.agent.seeder_set import SeederSet
 from p2p_mirror.core.bounds import MAX_MANIFEST_BYTES, TooLarge, check_size, content_length
+from p2p_mirror.core.clusterauth import SEEDER_API, ClusterAuth
 from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
 from p2p_mirror.core.diskspace import NoSpace, Reservation
 from p2p_mirror.core.metrics import Metrics
@@ -45,6 +49,7 @@ from p2p_mirror.core.seeding import SeededBlobs
 from p2p_mirror.core.service import background, every, healthz, serve, wait_for_signal
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import TorrentSession
+from p2p_mirror.core.tls import TLSError
 
 log = logging.getLogger("p2p_mirror.agent")
 ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
@@ -78,12 +83,17 @@ class Agent:
         self.origin = Origin(cfg.origin_timeout, "agent")
         self.metrics = Metrics()
         self.session = (
-            TorrentSession(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit,
-                  tracker_peers=cfg.swarm_peers)
+            TorrentSession(bt_listen_for(cfg.bt_listen, cfg.announce_ip), cfg.upload_rate_limit,
+                           cfg.download_rate_limit, tracker_peers=cfg.swarm_peers,
+                           announce_ip=cfg.announce_ip)  # fmt: skip
             if cfg.seeder
             else None
         )
-        self.seeders = SeederClient(cfg.seeder, cfg.swarm_timeout) if cfg.seeder else None
+        self.cluster = ClusterAuth.from_file(cfg.cluster_secret, "agent")
+        self.seeders = (
+            SeederClient(SeederSet(cfg.seeder), cfg.swarm_timeout, self.cluster.token(SEEDER_API))
+            if cfg.seeder else None
+        )  # fmt: skip
         self.seeded = SeededBlobs(self.store, self.session) if self.session is not None else None
         self.puller = BlobPuller(
             self.store,
@@ -186,7 +196,12 @@ class Agent:
             Digest.parse(ref)
         else:
             validate_reference(ref)
-        return Target(self.cfg.upstream(registry), name, kind, ref)
+        upstream = self.cfg.upstream(registry)
+        if upstream is None:
+            # Not accelerated: a 404 sends the runtime on to its fallback host, and an image
+            # name cannot make this agent connect anywhere (docs/security.md, rule 1).
+            raise OCIError("NAME_UNKNOWN", "registry not served by this mirror")
+        return Target(upstream, name, kind, ref)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         kind = "other"
@@ -299,8 +314,15 @@ class Agent:
             "Accept-Ranges": "bytes",
         }
         byte_range = parse_range(request.headers.get("Range"), access.size)
+        await after_other_registry(self.puller.active.get(digest), target.upstream)
         layout = self.store.layout(digest)
         if layout is not None:
+            await self._coalesced(
+                ("confirm", target.upstream.name, target.name, str(digest),
+                 hashlib.sha256(request.headers.get("Authorization", "").encode()).hexdigest()),
+                lambda: confirm_source(self.store, self.origin, layout, target.upstream,
+                                       target.name, digest, request.headers),
+            )  # fmt: skip
             self.store.touch(digest)
             return await self.serve_cached(request, layout, byte_range, headers)
         if request.method == "HEAD":
@@ -319,6 +341,9 @@ class Agent:
             return await stream_uncached(request, self.origin, target.upstream, target.name,
                                          digest, access.size, byte_range, headers,
                                          self.metrics)  # fmt: skip
+        if download.upstream.name != target.upstream.name:
+            # Never another registry's bytes (after_other_registry waited for that one to end).
+            raise OCIError("UNAVAILABLE", "blob busy, try again")
         download.readers += 1
         try:
             return await self.stream(request, download, byte_range, headers)
@@ -350,7 +375,7 @@ class Agent:
 
         def read(pos: int, n: int) -> bytes:
             assert download.layout is not None
-            return download.layout.read(pos, min(n, download.available - pos))
+            return download.layout.read(pos, min(n, download.releasable - pos))
 
         return await self._send(request, download.size, byte_range, headers, ready, read)
 
@@ -389,6 +414,13 @@ class Agent:
         app.router.add_route("*", "/v2/{tail:.*}", self.handle)
         return app
 
+    def metrics_app(self) -> web.Application:
+        """What Prometheus scrapes on ``metrics_listen``: no registry API there."""
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", self.metrics.handler)
+        return app
+
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """A single ``bytes=a-b`` range as [start, end); None for no (or a multi-) range."""
@@ -413,17 +445,34 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 async def _main(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     await agent.start()
+    proxy = None
+    if cfg.proxy_listen is not None:  # before the mirror: its port open means all is up
+        from p2p_mirror.agent.proxy import proxied_registries, start_proxy
+
+        names = proxied_registries(cfg.registries, cfg.default_registry)
+        try:
+            proxy = await start_proxy(agent, cfg.proxy_listen, cfg.data_dir, names)
+        except (TLSError, OSError) as e:
+            await agent.close()
+            raise SystemExit(f"agent: proxy on {cfg.proxy_listen}: {e}") from None
     runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
                          cfg.drain_timeout)  # fmt: skip
+    runners = [runner]
+    if cfg.metrics_listen is not None:
+        runners.append(await serve(agent.metrics_app(), cfg.metrics_listen.host,
+                                   cfg.metrics_listen.port, "agent metrics", log, 1.0))  # fmt: skip
     if agent.session is not None:
-        log.info("agent BitTorrent on %s:%d", cfg.bt_listen.host, agent.session.port)
+        log.info("agent BitTorrent on %s:%d", agent.session.listen.host, agent.session.port)
     else:
         log.info("no seeder configured: blobs come from the origin (and the cache)")
     try:
         async with background(every(60, agent.gc, log)):
             await wait_for_signal()
     finally:
-        await runner.cleanup()
+        if proxy is not None:
+            await proxy.close()
+        for each in runners:
+            await each.cleanup()
         await agent.close()
 
 

@@ -56,7 +56,8 @@ class Upstream:
 
     name: str
     url: str
-    verify_tls: bool = True
+    verify_tls: bool = True  # False only where configured (``insecure: true``)
+    ca_file: Path | None = None  # this registry's CA bundle instead of the system roots
 
     @classmethod
     def default_for(cls, name: str) -> Upstream:
@@ -96,7 +97,10 @@ def parse_registry_flag(text: str) -> Upstream:
 
 
 def parse_registries(value: Any) -> dict[str, Upstream]:
-    """YAML mapping ``name: url`` / ``name: {url:, verify_tls:}``, or a list of ``NAME=URL``."""
+    """YAML mapping ``name: url`` / ``name: {url:, ca_file:, insecure:}``, or ``NAME=URL``s.
+
+    ``verify_tls: false`` is the same as ``insecure: true``.
+    """
     out: dict[str, Upstream] = {}
     if value is None:
         return out
@@ -114,14 +118,31 @@ def parse_registries(value: Any) -> dict[str, Upstream]:
         elif isinstance(spec, str):
             out[name] = Upstream(name, parse_url(spec))
         elif isinstance(spec, Mapping):
-            unknown = set(spec) - {"url", "verify_tls"}
-            if unknown:
-                raise ValueError(f"{name}: unknown keys {sorted(unknown)}")
-            url = parse_url(spec["url"]) if "url" in spec else Upstream.default_for(name).url
-            out[name] = Upstream(name, url, parse_bool(spec.get("verify_tls", True)))
+            out[name] = _parse_upstream_spec(name, spec)
         else:
             raise ValueError(f"{name}: expected a URL or a mapping")
     return out
+
+
+def _parse_upstream_spec(name: str, spec: Mapping[str, Any]) -> Upstream:
+    unknown = set(spec) - {"url", "verify_tls", "insecure", "ca_file"}
+    if unknown:
+        raise ValueError(f"{name}: unknown keys {sorted(unknown)} (known: url, ca_file, insecure)")
+    url = parse_url(spec["url"]) if "url" in spec else Upstream.default_for(name).url
+    verify = parse_bool(spec.get("verify_tls", True))
+    if "insecure" in spec:
+        insecure = parse_bool(spec["insecure"])
+        if "verify_tls" in spec and insecure == verify:
+            raise ValueError(f"{name}: insecure and verify_tls contradict each other")
+        verify = not insecure
+    ca_file = None
+    if spec.get("ca_file") not in (None, ""):
+        ca_file = parse_path(spec["ca_file"])
+        if not ca_file.is_file():
+            raise ValueError(f"{name}: ca_file {ca_file} is not a readable file")
+        if not url.startswith("https://"):
+            raise ValueError(f"{name}: ca_file needs an https:// url, got {url}")
+    return Upstream(name, url, verify, ca_file)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*(?:/s)?\s*$", re.IGNORECASE)
@@ -158,6 +179,17 @@ def parse_seconds(value: Any) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"must be a positive number of seconds, got {value!r}")
     return seconds
+
+
+def parse_rate(value: Any) -> float:
+    """A positive number of events per second."""
+    try:
+        rate = float(value) if not isinstance(value, bool) else math.nan
+    except ValueError:
+        raise ValueError(f"expected a rate per second, got {value!r}") from None
+    if not math.isfinite(rate) or rate <= 0:
+        raise ValueError(f"must be a positive rate per second, got {value!r}")
+    return rate
 
 
 def parse_bool(value: Any) -> bool:
@@ -236,9 +268,24 @@ def _required(parse: Callable[[Any], Any], doc: str) -> Any:
 @dataclass
 class TrackerConfig:
     listen: HostPort = _opt(HostPort("0.0.0.0", 6969), HostPort.parse, "announce/scrape address")
-    interval: float = _opt(30.0, parse_seconds, "announce interval told to peers")
-    peer_ttl: float = _opt(0.0, float, "forget a peer after this many seconds (0: 3 x interval)")
+    interval: float = _opt(30.0, parse_seconds, "announce interval told to leechers")
+    peer_ttl: float = _opt(0.0, float, "forget a leecher after this many seconds (0: 3 x interval)")
+    seed_interval: float = _opt(1800.0, parse_seconds, "announce interval told to seeds (left=0)")
+    seed_peer_ttl: float = _opt(
+        0.0, float, "forget a seed after this many seconds (0: 3 x seed_interval)"
+    )
     max_numwant: int = _opt(200, int, "most peers returned per announce")
+    max_torrents: int = _opt(100_000, parse_count, "most swarms held; announces for more refused")
+    max_peers_per_torrent: int = _opt(
+        20_000, parse_count, "most peers held in one swarm; new peers beyond it refused"
+    )
+    max_peers: int = _opt(2_000_000, parse_count, "most peers held over all swarms")
+    announce_rate: float = _opt(
+        200.0, parse_rate, "announces+scrapes per second allowed from one source address"
+    )
+    announce_burst: int = _opt(
+        3000, parse_count, "requests one source address may send at once before the rate applies"
+    )
     cluster_secret: Path | None = _opt(
         None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
     )
@@ -248,10 +295,14 @@ class TrackerConfig:
 @dataclass
 class SeederConfig:
     data_dir: Path = _required(parse_path, "blob store and torrent state")
-    tracker: list[str] = _required(parse_urls, "tracker announce URL(s)")
+    tracker: list[str] = _required(
+        parse_urls, "tracker announce URLs; each torrent names 2 of them (rendezvous hash)"
+    )
     listen: HostPort = _opt(HostPort("0.0.0.0", 5005), HostPort.parse, "HTTP metainfo API")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6882), HostPort.parse, "BitTorrent listen")
-    registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
+    registries: dict[str, Upstream] = _opt(
+        dict, parse_registries, "registry name -> endpoint; the only ones fetched"
+    )
     segment_size: int = _opt(16 * MiB, parse_size, "largest blob segment (one torrent each)")
     piece_size: int = _opt(128 * 1024, parse_size, "largest torrent piece")
     unchoke_slots: int = _opt(64, int, "peer connections the seeder uploads to at once")
@@ -281,10 +332,15 @@ class SeederConfig:
 @dataclass
 class AgentConfig:
     data_dir: Path = _required(parse_path, "blob cache and torrent state")
-    seeder: list[str] = _opt(list, parse_urls, "seeder metainfo URL(s); empty: origin only")
+    seeder: list[str] = _opt(
+        list, parse_urls,
+        "seeder URLs (a host name stands for all its addresses); empty: origin only",
+    )
     listen: HostPort = _opt(HostPort("127.0.0.1", 5004), HostPort.parse, "registry mirror address")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6881), HostPort.parse, "BitTorrent listen")
-    registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
+    registries: dict[str, Upstream] = _opt(
+        dict, parse_registries, "registry name -> endpoint; the only ones served"
+    )
     default_registry: str = _opt(DOCKER_HUB, parse_registry_name, "upstream when no ns= given")
     cache_max_bytes: int = _opt(20 * GiB, parse_size, "evict LRU blobs above this (0: no cap)")
     min_free_disk: float = _opt(0.05, parse_fraction, "evict below this free-disk fraction")
@@ -321,12 +377,14 @@ class AgentConfig:
     )
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
-    def upstream(self, name: str) -> Upstream:
+    def upstream(self, name: str) -> Upstream | None:
         return upstream_for(self.registries, name)
 
 
-def upstream_for(registries: Mapping[str, Upstream], name: str) -> Upstream:
-    return registries.get(name) or Upstream.default_for(name)
+def upstream_for(registries: Mapping[str, Upstream], name: str) -> Upstream | None:
+    """The configured endpoint of ``name``, or None: only configured registries are served
+    (an allowlist; an image name must not pick the host a role connects to)."""
+    return registries.get(name)
 
 
 def load_config(cls: type, path: Path | str | None, overrides: Mapping[str, Any] | None = None):

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,14 +78,31 @@ class Metainfo:
 
 
 def make_torrent(path: Path, trackers: Iterable[str], piece_size: int) -> bytes:
-    """A v1 torrent of one file; the info-hash depends only on name, size, piece size, bytes."""
+    """A private v1 torrent of one file; the info-hash depends only on name, size, piece size,
+    bytes (not on the trackers, so a tracker token in their URLs changes nothing)."""
     entry = lt.create_file_entry(path.name, path.stat().st_size)
     ct = lt.create_torrent([entry], piece_size, lt.create_torrent.v1_only)
+    ct.set_priv(True)  # no DHT, PEX or LSD for it, whatever a peer's settings say
     for tier, url in enumerate(trackers):
         ct.add_tracker(url, tier)
     ct.set_creator("p2p-mirror")
     lt.set_piece_hashes(ct, str(path.parent))
     return lt.bencode(ct.generate())
+
+
+def set_trackers(torrent: bytes, trackers: Sequence[str]) -> bytes:
+    """``torrent`` announcing to ``trackers``, one tier each (libtorrent, with
+    ``announce_to_all_tiers``, announces to every tier). The announce list is outside the
+    info dict: the info-hash stays the same."""
+    data = lt.bdecode(torrent)
+    if not isinstance(data, dict) or b"info" not in data:
+        raise SwarmError("invalid torrent: no info dict")
+    data.pop(b"announce", None)
+    data.pop(b"announce-list", None)
+    if trackers:
+        data[b"announce"] = trackers[0].encode()
+        data[b"announce-list"] = [[url.encode()] for url in trackers]
+    return lt.bencode(data)
 
 
 @dataclass
@@ -210,6 +227,7 @@ class TorrentSession:
         download_rate_limit: int = 0,
         unchoke_slots: int = 64,
         tracker_peers: int = 200,
+        announce_ip: str | None = None,
     ) -> None:
         self.listen = listen
         self.session = lt.session(
@@ -264,8 +282,15 @@ class TorrentSession:
                 "announce_to_all_tiers": True,
                 "num_want": tracker_peers,
                 "user_agent": "p2p-mirror",
-            }
+            },
+            # No default plugins: ut_metadata would hand a torrent to anyone who knows its
+            # info-hash, ut_pex would tell peers about others (docs/security.md, rule 5).
+            0,
         )
+        self.session.add_extension("smart_ban")  # the one default worth keeping
+        if announce_ip:
+            # Trackers record this (ip=), not the source address a NAT may have rewritten.
+            self.session.apply_settings({"announce_ip": announce_ip})
         if upload_rate_limit or download_rate_limit:
             self._limit_local_peers()
         self.transfers: dict[str, Transfer] = {}

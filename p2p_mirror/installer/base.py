@@ -12,10 +12,18 @@ class InstallError(RuntimeError):
 
 @dataclass
 class Change:
-    """A file to write: its host path (``/etc/...``) and the bytes it should hold."""
+    """A file to write: its host path (``/etc/...``) and the bytes it should hold.
+
+    ``restart``: the runtime reads the file only at start (containerd re-reads hosts.toml on
+    every pull, so those changes need no restart).
+    """
 
     path: str
     new: bytes
+    mode: int | None = None  # None: the file's current mode, 0644 for a new file
+    owner: tuple[int, int] | None = None  # None: the file's current owner, the installer's
+    secret: bool = False  # never print its bytes (--dry-run shows only that it changes)
+    restart: bool = True
 
 
 @dataclass
@@ -41,3 +49,7 @@ class Runtime(Protocol):
     def health(self) -> str | None:
         """None if the runtime answers and loaded its config, else a short reason."""
         ...
+
+    # Optional, looked up with getattr by the engine (containerd has neither):
+    #   reload_systemd: bool  -- run `systemctl daemon-reload` before `systemctl restart`
+    #   restart_refusal() -> str | None  -- why restarting it now would be unsafe

@@ -10,23 +10,33 @@ Schemas (picked from the config's ``version``; with no config file, from ``conta
 
 If ``config_path`` already names a directory, we write our hosts.toml files there instead of
 changing it (the first one, if it is a ``:``-separated list): the user's layout wins.
+
+containerd reads ``certs.d/_default`` only from 1.6.17 (and 1.7.0): older ones need one
+directory per registry (``--registry``). Once ``config_path`` is set, containerd ignores the
+legacy ``registry.configs."<host>".tls``, so we carry those settings into that host's hosts.toml.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from p2p_mirror.core.config import Upstream
+from p2p_mirror.core.config import Upstream, parse_registry_name
 from p2p_mirror.installer import hosts
-from p2p_mirror.installer.backup import under
-from p2p_mirror.installer.base import Change as FileChange
-from p2p_mirror.installer.base import InstallError, Plan
+from p2p_mirror.installer.base import Change, InstallError, Plan
+from p2p_mirror.installer.containerd_version import (
+    DEFAULT_DIR_SINCE,
+    Version,
+    binary_version,
+    find_binary,
+    server_version,
+)
+from p2p_mirror.installer.paths import read_text, under
 from p2p_mirror.installer.tomledit import Key, TomlEditError, get_path, parse, set_key
 
 DEFAULT_CONFIG = "/etc/containerd/config.toml"
@@ -39,39 +49,44 @@ SCHEMA_TABLES: dict[int, Key] = {
 }
 IMAGES_PLUGIN: Key = ("plugins", "io.containerd.cri.v1.images")
 CRI_PLUGIN_IDS = ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images")
-
-
-def _find_binary(root: Path, name: str) -> str | None:
-    if root == Path("/"):
-        return shutil.which(name)
-    for d in ("/usr/local/bin", "/usr/bin", "/bin"):
-        p = under(root, f"{d}/{name}")
-        if p.exists():
-            return str(p)
-    return None
-
-
-def binary_version(root: Path) -> tuple[int, int] | None:
-    """(major, minor) from ``containerd --version``, or None if there is none to ask."""
-    exe = _find_binary(root, "containerd")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "--version"], capture_output=True, timeout=10).stdout.decode()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"\s v?(\d+)\.(\d+)\.\d+", out)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
 def present(root: Path) -> bool:
     """Whether containerd looks installed under ``root`` (for ``--runtime auto``)."""
     marks = ("/etc/containerd", DEFAULT_SOCKET, "/usr/bin/containerd", "/usr/local/bin/containerd")
     return any(under(root, m).exists() for m in marks)
 
 
-class Containerd:
-    """The containerd adapter: plans edits, checks health through ``ctr`` or the socket."""
+def legacy_tls(configs: Any, where: str) -> dict[str, hosts.Tls]:
+    """``registry.configs."<host>".tls`` as hosts.toml TLS settings, by host."""
+    out: dict[str, hosts.Tls] = {}
+    if not isinstance(configs, dict):
+        return out
+    for host, conf in configs.items():
+        tls = conf.get("tls") if isinstance(conf, dict) else None
+        if not isinstance(tls, dict) or not tls:
+            continue
+        try:  # it becomes a directory name under certs.d
+            parse_registry_name(host)
+        except ValueError as e:
+            raise InstallError(f"{where}: registry.configs.{host!r}: {e}; nothing was "
+                               "changed") from None
+        ca, cert, key = tls.get("ca_file"), tls.get("cert_file"), tls.get("key_file")
+        skip = tls.get("insecure_skip_verify", False)
+        if not all(isinstance(v, str) or v is None for v in (ca, cert, key)) or \
+                not isinstance(skip, bool):
+            raise InstallError(f"{where}: registry.configs.{host!r}.tls has a value of the "
+                               "wrong type; nothing was changed")
+        if key and not cert:
+            raise InstallError(f"{where}: registry.configs.{host!r}.tls has key_file but no "
+                               "cert_file; fix it first (nothing was changed)")
+        client: str | tuple[str, str] | None = (cert, key) if cert and key else cert or None
+        found = hosts.Tls(ca or None, client, skip)
+        if found.keys():
+            out[host] = found
+    return out
+
+
+class ContainerdAdapter:
+    """The installer's containerd adapter: plans edits, checks health through ``ctr``."""
 
     name = "containerd"
     unit = "containerd"
@@ -83,23 +98,40 @@ class Containerd:
         registries: list[Upstream],
         config: str = DEFAULT_CONFIG,
         socket_path: Path | None = None,
-        version: tuple[int, int] | None = None,
+        version: Version | None = None,
     ) -> None:
         self.root = root
         self.mirror = mirror
         self.registries = registries
         self.config = config
         self.socket_path = socket_path
-        self.version = version if version is not None else binary_version(root)
+        self._version = version
         self.cri_was_ok: bool | None = None
+
+    @property
+    def version(self) -> Version | None:
+        """The given version, else the binary's, else the running daemon's (once asked)."""
+        if self._version is None:
+            self._version = binary_version(self.root) or self._daemon_version()
+        return self._version
+
+    def _daemon_version(self) -> Version | None:
+        if _socket_answers(self.socket()) is not None:
+            return None
+        try:
+            proc = self._ctr("version")
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if proc is None or proc.returncode != 0:
+            return None
+        return server_version(proc.stdout.decode(errors="replace"))
 
     # -- planning ---------------------------------------------------------------------------
 
     def _read_config(self) -> tuple[str, dict[str, Any]]:
-        path = under(self.root, self.config)
-        text = path.read_text() if path.exists() else ""
+        text = read_text(self.root, self.config) or ""
         try:
-            return text, parse(text, str(path))
+            return text, parse(text, self.config)
         except TomlEditError as e:
             raise InstallError(f"{e}; refusing to touch it (nothing was changed)") from None
 
@@ -110,7 +142,7 @@ class Containerd:
                 raise InstallError(f"{self.config}: unsupported config version {v!r}")
             return int(v)
         if not text.strip():
-            return 3 if self.version is not None and self.version >= (2, 0) else 2
+            return 3 if self.version is not None and self.version >= (2, 0, 0) else 2
         return 1
 
     def plan(self) -> Plan:
@@ -132,6 +164,7 @@ class Containerd:
             )
         current = get_path(doc, (*table, "config_path"))
         certs = DEFAULT_CERTS
+        tls: dict[str, hosts.Tls] = {}
         try:
             if isinstance(current, str) and current.strip():
                 certs = current.split(":")[0]
@@ -142,43 +175,80 @@ class Containerd:
                     )
                 new_text = text
             else:
+                tls = legacy_tls(get_path(doc, (*table, "configs")), where)
                 new_text = set_key(text, table, "config_path", certs, where)
-            if schema == 3 and self.version != (2, 0):
+            if schema == 3 and (self.version is None or self.version[:2] != (2, 0)):
                 new_text = set_key(new_text, IMAGES_PLUGIN, "use_local_image_pull", True, where)
         except TomlEditError as e:
             raise InstallError(f"{e} (nothing was changed)") from None
         if new_text != original:
-            plan.changes.append(FileChange(self.config, new_text.encode()))
-        plan.changes.extend(self._hosts_changes(certs, plan))
+            plan.changes.append(Change(self.config, new_text.encode()))
+        plan.changes.extend(self._hosts_changes(certs, plan, tls))
         return plan
 
-    def _hosts_changes(self, certs: str, plan: Plan) -> list[FileChange]:
-        targets: dict[str, str | None] = {}
+    def _targets(self, certs: str, plan: Plan, tls: dict[str, hosts.Tls]
+                 ) -> dict[str, tuple[str | None, hosts.Tls | None]]:
+        """Registry dir name -> (fallback server, its TLS) for every hosts.toml to write."""
+        targets: dict[str, tuple[str | None, hosts.Tls | None]] = {}
         if self.registries:
             for up in self.registries:
-                targets[up.name] = up.url
-        else:
-            targets[hosts.DEFAULT_DIR] = None
-            certs_dir = under(self.root, certs)
-            if certs_dir.is_dir():
-                for d in sorted(certs_dir.iterdir()):
-                    if not d.is_dir() or d.name == hosts.DEFAULT_DIR:
-                        continue
-                    if (d / "hosts.toml").exists():
-                        targets[d.name] = None
-                    else:
-                        plan.notes.append(
-                            f"containerd: {certs}/{d.name} has no hosts.toml, so containerd "
-                            f"ignores _default for {d.name}: its pulls bypass the mirror"
-                        )
-        out: list[FileChange] = []
-        for name, server in targets.items():
+                host = urlsplit(up.url).netloc
+                found = tls.pop(up.name, None) or tls.pop(host, None)
+                targets[up.name] = (up.url, found)
+            if tls:
+                raise InstallError(
+                    f"{self.config}: registry.configs has TLS settings for "
+                    f"{', '.join(sorted(tls))}, which containerd ignores once config_path is "
+                    "set. Add --registry for each (their TLS moves into its hosts.toml), or "
+                    "move them to certs.d/<host>/hosts.toml yourself; nothing was changed."
+                )
+            return targets
+        version = self.version
+        if version is None:
+            raise InstallError(
+                "cannot tell containerd's version (no containerd binary under "
+                f"{self.root} and {self.socket()} does not answer), and certs.d/_default works "
+                "only from containerd 1.6.17: pass --containerd-version, or --registry for each "
+                "registry to mirror; nothing was changed"
+            )
+        if version < DEFAULT_DIR_SINCE:
+            raise InstallError(
+                f"containerd {'.'.join(map(str, version))} does not read certs.d/_default "
+                "(it does from 1.6.17 and 1.7.0), so without --registry no pull would use the "
+                "mirror: pass --registry NAME[=URL] for each registry to mirror; nothing was "
+                "changed"
+            )
+        targets[hosts.DEFAULT_DIR] = (None, None)
+        certs_dir = under(self.root, certs)
+        if certs_dir.is_dir():
+            for d in sorted(certs_dir.iterdir()):
+                if not d.is_dir() or d.name == hosts.DEFAULT_DIR:
+                    continue
+                if under(self.root, f"{certs}/{d.name}/hosts.toml").exists():
+                    targets[d.name] = (None, tls.pop(d.name, None))
+                else:
+                    plan.notes.append(
+                        f"containerd: {certs}/{d.name} has no hosts.toml, so containerd "
+                        f"ignores _default for {d.name}: its pulls bypass the mirror"
+                    )
+        for host, found in tls.items():  # their own dir, or containerd would drop the TLS
+            targets[host] = (f"https://{host}", found)
+        return targets
+
+    def _hosts_changes(self, certs: str, plan: Plan, tls: dict[str, hosts.Tls]
+                       ) -> list[Change]:
+        out: list[Change] = []
+        for name, (server, found) in self._targets(certs, plan, dict(tls)).items():
             host_path = f"{certs.rstrip('/')}/{name}/hosts.toml"
-            path = under(self.root, host_path)
+            if found is not None:
+                plan.notes.append(
+                    f"containerd: moved the TLS settings of registry.configs.{name!r} into "
+                    f"{host_path} (containerd ignores them once config_path is set)"
+                )
             try:
-                if path.exists():
-                    old = path.read_text()
-                    new = hosts.merge(old, self.mirror, server, str(path))
+                old = read_text(self.root, host_path)
+                if old is not None:
+                    new = hosts.merge(old, self.mirror, server, host_path, server_tls=found)
                     if new == old:
                         continue
                     plan.notes.append(
@@ -186,10 +256,10 @@ class Containerd:
                         "kept after ours; the original is kept for uninstall)"
                     )
                 else:
-                    new = hosts.render_new(self.mirror, server)
+                    new = hosts.render_new(self.mirror, server, server_tls=found)
             except TomlEditError as e:
                 raise InstallError(f"{e}; nothing was changed") from None
-            out.append(FileChange(host_path, new.encode()))
+            out.append(Change(host_path, new.encode(), restart=False))
         return out
 
     # -- health -----------------------------------------------------------------------------
@@ -205,7 +275,7 @@ class Containerd:
         return under(self.root, DEFAULT_SOCKET)
 
     def _ctr(self, *args: str) -> subprocess.CompletedProcess[bytes] | None:
-        exe = shutil.which("ctr") or _find_binary(self.root, "ctr")
+        exe = shutil.which("ctr") or find_binary(self.root, "ctr")
         if exe is None:
             return None
         return subprocess.run(

@@ -11,6 +11,7 @@ import contextlib
 from aiohttp import web
 
 from p2p_mirror.core import protocol
+from p2p_mirror.core.clusterauth import SEEDER_API, TOKEN_HEADER, ClusterAuth
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError, oci_http_errors, validate_name
 from p2p_mirror.core.origin import error_for_status
@@ -21,14 +22,21 @@ from p2p_mirror.seeder.ingest import Ingest, IngestError, IngestJob
 
 
 def oci_error_for(error: IngestError) -> OCIError:
-    """The answer an agent gets for a failed ingest."""
+    """The answer an agent gets for a failed ingest: a fixed message per reason, never the
+    origin's address or an exception's text (those go to the seeder's log)."""
     if error.reason == IngestError.ORIGIN_REFUSED and error.origin_status is not None:
         return error_for_status(error.origin_status, "blobs")
     if error.reason == IngestError.TOO_LARGE:
         return OCIError("SIZE_INVALID", error.message)
     if error.reason == IngestError.DIGEST_MISMATCH:
-        return OCIError("DIGEST_INVALID", error.message)
-    return OCIError("UNAVAILABLE", error.message)
+        return OCIError("DIGEST_INVALID", "origin bytes do not match the digest")
+    return OCIError("UNAVAILABLE", PUBLIC_MESSAGES.get(error.reason, "seeder error"))
+
+
+PUBLIC_MESSAGES = {
+    IngestError.ORIGIN_UNAVAILABLE: "origin registry unavailable",
+    IngestError.ORIGIN_INCOMPLETE: "origin sent an incomplete blob",
+}
 
 
 def parameter_error(error: protocol.ProtocolError) -> OCIError:
@@ -44,7 +52,8 @@ def _index(text: str) -> int:
 
 class SeederAPI:
     def __init__(self, ingest: Ingest, dealer: Dealer, session: TorrentSession,
-                 metrics: Metrics) -> None:  # fmt: skip
+                 metrics: Metrics, cluster: ClusterAuth | None = None) -> None:  # fmt: skip
+        self.cluster = cluster if cluster is not None else ClusterAuth(None, "seeder")
         self.ingest = ingest
         self.dealer = dealer
         self.session = session
@@ -55,18 +64,18 @@ class SeederAPI:
         try:
             digest = Digest.parse(request.match_info["digest"])
             name = validate_name(request.query.get(protocol.REPO_PARAM, ""))
-            registry = protocol.parse_registry(request.query.get(protocol.REGISTRY_PARAM))
-            job = await self.ingest.ensure(digest, registry, name, request.headers)
-        except protocol.ProtocolError as e:
-            return parameter_error(e).response()
+            upstream = self.ingest.upstream(request.query.get(protocol.REGISTRY_PARAM, ""))
+            job = await self.ingest.ensure(digest, upstream, name)
         except OCIError as e:
             return e.response()
         except IngestError as e:
-            return oci_error_for(e).response()
+            # Refused the seeder's own credentials: the agent fetches from the origin itself.
+            return oci_error_for(e).response(
+                {protocol.REFUSED_HEADER: "1"} if e.credentials_refused else None)  # fmt: skip
         layout = job.layout
         assert layout is not None
         info = protocol.BlobInfo(str(digest), layout.size, layout.segment_size, layout.count,
-                                 self.session.port)  # fmt: skip
+                                 self.session.port, self.ingest.cfg.announce_ip or "")  # fmt: skip
         return web.json_response(info.to_json())
 
     async def handle_torrent(self, request: web.Request) -> web.StreamResponse:
@@ -154,8 +163,18 @@ class SeederAPI:
         self.metrics.inc("piece_bytes_total", sent)
         return resp
 
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler) -> web.StreamResponse:
+        """Blob endpoints only for holders of the cluster secret (health and metrics stay
+        open: they carry no blob data)."""
+        if request.path.startswith("/v1/") and not self.cluster.accepts(
+            SEEDER_API, request.headers.get(TOKEN_HEADER)
+        ):
+            return OCIError("UNAUTHORIZED", "cluster token required").response()
+        return await handler(request)
+
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[oci_http_errors])
+        app = web.Application(middlewares=[oci_http_errors, self.authenticate])
         # GET only: a HEAD would be dealt pieces, and get their bytes after its headers
         app.router.add_get(protocol.BLOB_INFO_ROUTE, self.handle_blob, allow_head=False)
         app.router.add_get(protocol.TORRENT_ROUTE, self.handle_torrent, allow_head=False)

@@ -40,11 +40,17 @@ def failed(request: pytest.FixtureRequest) -> bool:
     return report is None or report.failed
 
 
-def snapshot(root: Path) -> dict[str, tuple[str, bytes | None, int]]:
-    """Every file and dir under root: kind, bytes, mode. Equal snapshots = identical trees."""
+def snapshot(root: Path, skip: str | None = None) -> dict[str, tuple[str, bytes | None, int]]:
+    """Every file, dir and symlink under root: kind, bytes (a link's target), mode. Equal
+    snapshots = identical trees. ``skip``: a relative dir left out, with its parents."""
     out: dict[str, tuple[str, bytes | None, int]] = {}
     for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if skip and (rel == skip or rel.startswith(skip + "/") or skip.startswith(rel + "/")):
+            continue
+        if p.is_symlink():
+            out[rel] = ("link", str(p.readlink()).encode(), 0)
+            continue
         mode = p.stat().st_mode & 0o7777
-        out[str(p.relative_to(root))] = ("dir", None, mode) if p.is_dir() else (
-            "file", p.read_bytes(), mode)
+        out[rel] = ("dir", None, mode) if p.is_dir() else ("file", p.read_bytes(), mode)
     return out

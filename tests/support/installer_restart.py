@@ -1,6 +1,8 @@
 """Restart commands for the installer tests: fail, fail once, or stop the runtime for good.
 
 ``installer_restart.py fail``                      exit 3 (a broken restart)
+``installer_restart.py ok``                        exit 0 (a restart that works)
+(any action, ``--log F``: append the unit name to F, to count the restarts)
 ``installer_restart.py fail-once --marker F -- CMD``  fail the first call, then run CMD
 ``installer_restart.py stop --pidfile F``          kill the PID in F, start nothing
 """
@@ -39,14 +41,21 @@ def _stop(pidfile: Path) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["fail", "fail-once", "stop"])
+    parser.add_argument("action", choices=["fail", "ok", "fail-once", "stop"])
     parser.add_argument("--marker", type=Path)
     parser.add_argument("--pidfile", type=Path)
+    parser.add_argument("--log", type=Path)
+    parser.add_argument("unit", nargs="?", default="")
     command: list[str] = []
     if "--" in argv:
         at = argv.index("--")
         argv, command = argv[:at], argv[at + 1 :]
     args = parser.parse_args(argv)
+    if args.log is not None:
+        with args.log.open("a") as f:
+            f.write(f"{args.unit}\n")
+    if args.action == "ok":
+        return 0
     if args.action == "fail":
         print("simulated restart failure", file=sys.stderr)
         return 3

@@ -185,7 +185,7 @@ def test_parse_registries_mapping_list_and_nested() -> None:
 @pytest.mark.parametrize(
     ("value", "words"),
     [
-        ({"a.test": {"url": "http://h", "insecure": True}}, ["a.test", "insecure"]),
+        ({"a.test": {"url": "http://h", "skip_verify": True}}, ["a.test", "skip_verify"]),
         ({"a.test": 5}, ["a.test"]),
         ({"a.test": {"verify_tls": "maybe"}}, ["maybe"]),
         ({"bad/name": "http://h"}, ["bad/name"]),
@@ -247,7 +247,7 @@ registries:
         "c.test": Upstream("c.test", "http://127.0.0.1:6003"),
     }
     assert cfg.upstream("a.test").url == "http://127.0.0.1:5001"
-    assert cfg.upstream("other.test").url == "https://other.test"
+    assert cfg.upstream("other.test") is None  # an allowlist: no https://NAME default
 
 
 def test_load_flags_only_and_defaults(tmp_path: Path) -> None:
@@ -311,7 +311,7 @@ def test_empty_yaml_is_an_empty_mapping(tmp_path: Path) -> None:
         ("swarm_peers", "2.5"),
         ("log_level", "chatty"),
         ("registries", "[bad/name]"),
-        ("registries", "{a.test: {url: http://h, insecure: true}}"),
+        ("registries", "{a.test: {url: http://h, skip_verify: true}}"),
     ],
 )
 def test_bad_value_error_names_the_key(tmp_path: Path, key: str, value: str) -> None:
@@ -362,4 +362,6 @@ def test_list_and_dict_defaults_are_fresh_empty_containers(tmp_path: Path) -> No
     assert a.seeder == [] and a.registries == {}
     assert not b.seeder and b.registries == {}
     assert a.seeder is not b.seeder
-    assert a.upstream("docker.io").url == DOCKER_HUB_ENDPOINT
+    assert a.upstream("docker.io") is None
+    hub = load_config(AgentConfig, None, {"data_dir": str(tmp_path), "registries": ["docker.io"]})
+    assert hub.upstream("docker.io").url == DOCKER_HUB_ENDPOINT
