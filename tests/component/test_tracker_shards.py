@@ -96,7 +96,8 @@ async def test_the_tracker_records_the_announced_node_address(tmp_path: Path) ->
                                                peer_ttl=30.0), auth)  # fmt: skip
     (tmp_path / "blob").write_bytes(random.randbytes(100_000))
     url = f"{tracker.url}?token={auth.token(TRACKER)}"
-    meta = Metainfo.parse(tracker_shard.shard(make_torrent(tmp_path / "blob", (), 32 * 1024), [url]))
+    torrent = make_torrent(tmp_path / "blob", (), 32 * 1024)
+    meta = Metainfo.parse(tracker_shard.shard(torrent, [url]))
     session = TorrentSession(HostPort("127.0.0.1", 0), announce_ip="198.18.0.77")
     swarms = tracker.service.table.swarms
     ih = bytes.fromhex(meta.info_hash)
