@@ -63,8 +63,11 @@ class StaticOrigin:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/v2/{name:.+}/{kind:manifests|blobs}/{ref}", self.handle)
-        app.router.add_get("/v2/", lambda request: web.json_response({}))
+        app.router.add_get("/v2/", self.root)
         return app
+
+    async def root(self, request: web.Request) -> web.Response:
+        return web.json_response({})
 
 
 class FaultRelay:
