@@ -36,7 +36,7 @@ def check_size(what: str, size: int, limit: int, key: str) -> int:
 def content_length(headers: Mapping[str, str]) -> int | None:
     """A response's Content-Length as a non-negative int, or None if absent or malformed."""
     text = headers.get("Content-Length", "")
-    if not text or len(text) > 20 or not text.strip().isdigit():
+    if not text or len(text) > 20 or not text.isascii() or not text.strip().isdigit():
         return None
     return int(text)
 

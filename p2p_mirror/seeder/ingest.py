@@ -23,6 +23,7 @@ from types import MappingProxyType
 
 from p2p_mirror.core.bounds import TooLarge, check_size, content_length
 from p2p_mirror.core.config import SeederConfig, Upstream, parse_registry_name, upstream_for
+from p2p_mirror.core.diskspace import NoSpace, Reservation
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.origin import Origin, OriginUnavailable
@@ -57,6 +58,7 @@ class IngestError(Exception):
     ORIGIN_INCOMPLETE = "origin_incomplete"  # no size, sizes that disagree, a short body
     DIGEST_MISMATCH = "digest_mismatch"  # more bytes than announced, or bytes that fail it
     TOO_LARGE = "too_large"  # larger than max_blob_size
+    NO_SPACE = "no_space"  # no room on disk, even after evicting
     FAILED = "error"  # our own failure (a disk error)
 
     def __init__(self, reason: str, message: str, origin_status: int | None = None) -> None:
@@ -88,6 +90,7 @@ class IngestJob:
         self._runs: dict[int, dict[str, list[int]]] = {}  # each segment's dealt runs
         self._received = 0  # body bytes from the origin so far
         self._streaming = False  # the body has its origin turn (not queued behind others)
+        self._reservation: Reservation | None = None  # disk held for it while it downloads
         # (registry, repository) -> when its origin last confirmed the blob to the seeder
         self._confirmed: dict[tuple[str, str], float] = {}
         self._sources: set[str] = set()  # registries whose bytes of this blob matched
@@ -309,6 +312,9 @@ class Ingest:
             self.metrics.inc("seed_jobs_total", result=IngestError.FAILED)
             log.exception("blob %s failed", job.digest)
             job._fail(IngestError(IngestError.FAILED, f"seeder error: {e}"))
+        if job._reservation is not None:  # committed (counted as cache) or dropped
+            self.store.ledger.release(job._reservation)
+            job._reservation = None
         if job.error is not None:
             self.seeded.stop(job.digest)
             if job.layout is not None:
@@ -332,6 +338,12 @@ class Ingest:
         except TooLarge as e:
             raise IngestError(IngestError.TOO_LARGE, str(e)) from None
         segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
+        try:  # room for it, counting the blobs in flight; else the agents use the origin
+            job._reservation = self.store.reserve(
+                size, self.cfg.cache_max_bytes, self.cfg.min_free_disk, self.active(),
+                before_evict=self.evict)  # fmt: skip
+        except NoSpace as e:
+            raise IngestError(IngestError.NO_SPACE, str(e)) from None
         layout = self.store.begin(job.digest, size, segment)
         job._layout = layout
         job._ready.set()  # agents learn the layout now, while the blob may still be queued

@@ -385,3 +385,21 @@ async def test_a_failed_job_is_dropped(
             assert resp.status >= 400
             assert seeder.ingest.job(Digest.parse(digest)) is None
         assert seeder.ingest.jobs() == 0
+
+
+async def test_a_blob_without_room_on_disk_is_refused_before_its_download(
+    tmp_path: Path, held: tuple[HeldOrigin, TestServer]
+) -> None:
+    """The seeder reserves a blob's size before downloading it: with no room (here a cache
+    cap below the blob), the job fails at once and agents take the blob from the origin."""
+    origin, origin_server = held
+    first = next(iter(origin.blobs))
+    async with seeder_of(tmp_path, origin_server) as (seeder, client):
+        seeder.ingest.cfg.cache_max_bytes = BLOB // 2
+        resp = await client.get(f"/v1/blobs/{first}",
+                                params={"registry": REG, "repo": "library/demo"})  # fmt: skip
+        assert resp.status == 503
+        assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+        assert seeder.metrics.value("seed_jobs_total", result="no_space") == 1
+        assert origin.gets == [] and len(seeder.store.ledger) == 0
+        assert seeder.ingest.job(Digest.parse(first)) is None
