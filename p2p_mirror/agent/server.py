@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -110,6 +111,7 @@ class Agent:
             reserve=self.reserve,
         )
         self.access: dict[tuple[str, ...], Access] = {}
+        self.in_use: Counter[Digest] = Counter()  # requests per blob now
         self.flights: dict[tuple, asyncio.Future] = {}
         for name, text in (
             ("blob_bytes_total", "Blob bytes obtained, by source (swarm, origin, cache)"),
@@ -154,12 +156,12 @@ class Agent:
     def reserve(self, size: int) -> Reservation:
         """Disk space for a new download (``NoSpace`` when eviction cannot make room)."""
         return self.store.reserve(
-            size, self.cfg.cache_max_bytes, self.cfg.min_free_disk, set(self.puller.active),
+            size, self.cfg.cache_max_bytes, self.cfg.min_free_disk, self.protected(),
             before_evict=self.seeded.stop if self.seeded is not None else lambda digest: None,
         )
 
     def gc(self) -> None:
-        protected = set(self.puller.active)
+        protected = self.protected()
         evicted = self.store.gc(
             self.cfg.cache_max_bytes,
             self.cfg.min_free_disk,
@@ -298,7 +300,23 @@ class Agent:
         return access
 
     async def blob(self, request: web.Request, target: Target) -> web.StreamResponse:
+        # A blob some request is reading or confirming is not evicted under it (a new
+        # download's reservation may evict, and would cut that response).
         digest = Digest.parse(target.ref)
+        self.in_use[digest] += 1
+        try:
+            return await self._blob(request, target, digest)
+        finally:
+            self.in_use[digest] -= 1
+            if not self.in_use[digest]:
+                del self.in_use[digest]
+
+    def protected(self) -> set[Digest]:
+        """Blobs eviction must leave alone: being downloaded or being served."""
+        return set(self.puller.active) | set(self.in_use)
+
+    async def _blob(self, request: web.Request, target: Target,
+                    digest: Digest) -> web.StreamResponse:  # fmt: skip
         access = await self.check_access(request, target)
         if access.status != 200:
             # The origin's refusal goes back with its challenge, so the client can log in.

@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import subprocess
 import threading
 import time
 import urllib.error
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import failed, require_binaries
+from support import failed, require_binaries, require_root
 from support.fakes import FaultRelay
 
 from lab.images import PushedImage
@@ -393,6 +395,39 @@ def test_a_full_cache_streams_from_the_origin(rig_factory, table: list[Row]) -> 
     assert BlobStore(agent.data_dir).usage() <= 2 * MiB
     rig.row(table, "cache full (cache_max_bytes 2 MiB < layer)", results,
             injected="tiny cache cap", note="largest layer streamed uncached")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 5 MiB tmpfs, mounted for the test and unmounted after it (needs root)."""
+    require_root()
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_streams_from_the_origin(rig_factory, table: list[Row],
+                                             small_disk: Path) -> None:  # fmt: skip
+    """The agent's cache on a real 5 MiB filesystem: the image (~6 MiB) cannot all fit, so
+    what finds no room after eviction is streamed uncached; no write fails, no pull fails,
+    and the filesystem never fills past min_free_disk."""
+    rig = rig_factory()
+    agent = rig.stack.add_agent("agent1", data_dir=str(small_disk / "agent"),
+                                cache_max_bytes=0, min_free_disk="10%",
+                                **FAST_FALLBACK)  # fmt: skip
+    agent.data_dir = small_disk / "agent"
+    results = [pull(agent, rig.image) for _ in range(3)]
+    assert all(r.completed for r in results), [r.errors for r in results]
+    assert agent.metric("uncached_blobs_total") >= 1
+    usage = shutil.disk_usage(small_disk)
+    assert usage.free >= 0.1 * usage.total - 64 * 1024, usage
+    rig.row(table, "disk full (agent cache on a 5 MiB tmpfs, image ~6 MiB)", results,
+            injected="real small filesystem",
+            note=f"{int(agent.metric('uncached_blobs_total'))} blobs streamed uncached")
 
 
 def test_huge_sizes_are_refused_without_memory(rig_factory, table: list[Row]) -> None:
