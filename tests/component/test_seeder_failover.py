@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from support.fakes import aiohttp_servers
 
 from p2p_mirror.agent.seeder_client import Fallback, SeederClient
 from p2p_mirror.agent.seeder_set import SeederSet
@@ -50,20 +50,15 @@ class StandIn:
 
 @pytest.fixture
 async def serve() -> AsyncIterator:
-    servers: list[TestServer] = []
+    async with aiohttp_servers() as start_app:
 
-    async def start(stand_in: StandIn) -> str:
-        app = web.Application()
-        app.router.add_get("/v1/blobs/{digest}", stand_in.info)
-        app.router.add_get("/v1/blobs/{digest}/torrents/{index}", stand_in.torrent)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
+        async def start(stand_in: StandIn) -> str:
+            app = web.Application()
+            app.router.add_get("/v1/blobs/{digest}", stand_in.info)
+            app.router.add_get("/v1/blobs/{digest}/torrents/{index}", stand_in.torrent)
+            return await start_app(app)
 
-    yield start
-    for server in servers:
-        await server.close()
+        yield start
 
 
 def closed_port_url() -> str:
