@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,12 @@ class Transfer:
     done: set[int] = field(default_factory=set)
     error: str | None = None
     checked: asyncio.Event = field(default_factory=asyncio.Event)  # libtorrent's own check done
+    hash_failures: int = 0  # pieces of this torrent that failed libtorrent's hash check
+    on_disk: set[int] = field(default_factory=set)  # finished before a completed flush
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # flush_cache requests in the order libtorrent completes them (each is a fence on the
+    # torrent's storage): the pieces finished when it was asked, and who waits for it
+    _flushes: deque[tuple[frozenset[int], asyncio.Future[None]]] = field(default_factory=deque)
 
     @property
     def path(self) -> Path:
@@ -155,40 +161,62 @@ class Transfer:
                 self.handle.connect_peer((host, port))
 
     async def read_pieces(self, first: int, stop: int, timeout: float = 5.0) -> bytes:
-        """The bytes of finished pieces ``first`` to ``stop - 1``, each checked against its
-        hash, in one read (one thread hand-off per run, not per piece).
+        """The bytes of finished pieces ``first`` to ``stop - 1``, in one read (one thread
+        hand-off per run, not per piece).
 
         libtorrent reports a piece finished once hashed, possibly before its blocks reached
-        the file, so re-read (asking for a flush) until the file holds the verified bytes.
+        the file: read only after a flush asked for once the pieces had finished has
+        completed (a fence behind every write queued before it), so the file holds the bytes
+        libtorrent verified, and re-read (after another flush) while the read comes up short.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        delay = 0.005
-        while True:
-            data = await asyncio.to_thread(self._read_verified, first, stop)
-            if data is not None:
-                return data
-            if loop.time() > deadline:
-                raise SwarmError(f"pieces {first}-{stop - 1} of {self.meta.name} never reached "
-                                 "the disk")  # fmt: skip
-            with contextlib.suppress(*LIBTORRENT_ERRORS):
-                self.handle.flush_cache()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
-
-    def _read_verified(self, first: int, stop: int) -> bytes | None:
-        """The pieces' bytes from the file if they all match their hashes yet (blocking)."""
         start, end = self.meta.piece_range(first)[0], self.meta.piece_range(stop - 1)[1]
-        try:
-            data = read_range(self.path, start, end)
-        except FileNotFoundError:  # not even created yet: the blocks are still in memory
-            return None
-        view = memoryview(data)
-        for piece in range(first, stop):
-            lo, hi = self.meta.piece_range(piece)
-            if not self.meta.piece_ok(piece, view[lo - start : hi - start]):
-                return None
-        return data
+        while True:
+            await self._flushed(first, stop, deadline)
+            with contextlib.suppress(FileNotFoundError):
+                data = await asyncio.to_thread(read_range, self.path, start, end)
+                if len(data) == end - start:
+                    return data
+            self.on_disk.difference_update(range(first, stop))  # the next read needs a flush
+            if loop.time() > deadline:
+                raise self._never_on_disk(first, stop)
+            await asyncio.sleep(0.005)
+
+    async def _flushed(self, first: int, stop: int, deadline: float) -> None:
+        """Return once pieces ``first`` to ``stop - 1`` are known to be in the file."""
+        wanted = range(first, stop)
+        while not self.on_disk.issuperset(wanted):
+            if self.error:
+                raise SwarmError(self.error)
+            if not self.done.issuperset(wanted):
+                raise SwarmError(f"pieces {first}-{stop - 1} of {self.meta.name} not finished")
+            pending = next((f for snap, f in self._flushes if snap.issuperset(wanted)), None)
+            if pending is None:
+                pending = asyncio.get_running_loop().create_future()
+                self._flushes.append((frozenset(self.done), pending))
+                try:
+                    self.handle.flush_cache()
+                except LIBTORRENT_ERRORS as e:
+                    self._flushes.pop()
+                    raise SwarmError(f"cannot flush {self.meta.name}: {e}") from None
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                # shield: another reader may wait for the same flush
+                await asyncio.wait_for(asyncio.shield(pending), max(remaining, 0))
+            except TimeoutError:
+                raise self._never_on_disk(first, stop) from None
+
+    def _cache_flushed(self) -> None:
+        """libtorrent completed the oldest flush request still waiting (or all, on removal)."""
+        if self._flushes:
+            snapshot, waiter = self._flushes.popleft()
+            self.on_disk |= snapshot
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _never_on_disk(self, first: int, stop: int) -> SwarmError:
+        return SwarmError(f"pieces {first}-{stop - 1} of {self.meta.name} never reached the disk")
 
     def peer_summary(self) -> str:
         """``ip:port down/up`` per connected peer, for the logs."""
@@ -352,6 +380,7 @@ class TorrentSession:
         transfer = Transfer(meta, handle, save_dir)
         if seed:
             transfer.done = set(range(meta.num_pieces))
+            transfer.on_disk = set(transfer.done)
         self.transfers[meta.info_hash] = transfer
         transfer.connect(peers)
         return transfer
@@ -364,6 +393,10 @@ class TorrentSession:
             self.session.remove_torrent(transfer.handle)
         transfer.error = transfer.error or "removed"
         transfer._notify()
+        for _, waiter in transfer._flushes:  # no alert will come: wake readers to see the error
+            if not waiter.done():
+                waiter.set_result(None)
+        transfer._flushes.clear()
 
     def totals(self) -> SessionTotals:
         """Payload bytes over all torrents in the session."""
@@ -402,6 +435,8 @@ class TorrentSession:
         if isinstance(alert, lt.piece_finished_alert):
             transfer.done.add(alert.piece_index)
             transfer._notify()
+        elif isinstance(alert, lt.cache_flushed_alert):
+            transfer._cache_flushed()
         elif isinstance(alert, lt.torrent_checked_alert):
             transfer.checked.set()
         elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)):

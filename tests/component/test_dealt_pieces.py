@@ -135,11 +135,11 @@ async def test_dealt_pieces_are_shared_without_the_seeders_swarm(
     assert not transfer.handle.get_peer_info()
 
 
-async def test_a_run_of_pieces_is_read_in_one_go_and_each_piece_checked(
+async def test_a_run_of_pieces_is_read_in_one_go_once_flushed(
     tmp_path: Path, sessions: tuple[TorrentSession, TorrentSession, Metainfo]
 ) -> None:
-    """The agent streams a run of finished pieces with one read; a piece whose bytes on disk
-    do not match its hash fails the whole run (never served), after the retries."""
+    """The agent streams a run of finished pieces with one read, after libtorrent flushed
+    them; a file that comes up short is never served: the read fails after its retries."""
     seeder, agent, meta = sessions
     transfer, _ = await deal(tmp_path, agent, seeder, meta, list(range(meta.num_pieces)), {})
     for piece in range(meta.num_pieces):
@@ -147,11 +147,9 @@ async def test_a_run_of_pieces_is_read_in_one_go_and_each_piece_checked(
     assert await transfer.read_pieces(0, meta.num_pieces) == DATA
     assert await transfer.read_pieces(1, 3) == DATA[PIECE : 3 * PIECE]
     agent.remove(transfer)  # nothing rewrites the file now
-    with open(transfer.path, "r+b") as f:
-        f.seek(2 * PIECE + 10)
-        f.write(b"\0" * 10)
+    os.truncate(transfer.path, 3 * PIECE)
     assert await transfer.read_pieces(0, 2) == DATA[: 2 * PIECE]
-    with pytest.raises(SwarmError, match="never reached the disk"):
+    with pytest.raises(SwarmError, match="removed"):
         await transfer.read_pieces(1, 4, timeout=0.3)
 
 
