@@ -28,7 +28,7 @@ from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, forward_headers
 from p2p_mirror.core.seeding import SeededBlobs
 from p2p_mirror.core.store import BlobStore, segment_name
-from p2p_mirror.core.swarm import Metainfo, TorrentSession, Transfer
+from p2p_mirror.core.swarm import Metainfo, SwarmError, TorrentSession, Transfer
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 4 * MiB
@@ -170,7 +170,7 @@ class BlobPuller:
     ) -> None:
         """Take the pieces the seeder dealt us, from the torrent's response (or in one request
         per run of consecutive pieces), and hand each to libtorrent as it arrives, which
-        shares it at once.
+        checks its hash and shares it at once.
 
         Nobody else gets these pieces from the seeder: if one fails, take the segment from
         the seeder's swarm instead (peers still get them from us once we have them).
@@ -187,11 +187,13 @@ class BlobPuller:
                 else:
                     pieces = self.seeders.pieces(url, download.digest, index, run[0], sizes)
                 async for piece, data in pieces:
-                    if not meta.piece_ok(piece, data):
-                        raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
                     await transfer.add_piece(piece, data)
                     self.metrics.inc("seeder_pieces_total")
-        except (Fallback, aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as e:
+                for piece in run:  # libtorrent hashes each added piece (we need not)
+                    if not await transfer.verdict(piece, self.stall_timeout):
+                        raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
+        except (Fallback, SwarmError, aiohttp.ClientError, asyncio.IncompleteReadError,
+                TimeoutError) as e:
             log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",
                         download.digest, e or type(e).__name__)  # fmt: skip
             self.metrics.inc("seeder_segments_total", reason="piece_failed")

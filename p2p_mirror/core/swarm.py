@@ -99,7 +99,7 @@ class Transfer:
     done: set[int] = field(default_factory=set)
     error: str | None = None
     checked: asyncio.Event = field(default_factory=asyncio.Event)  # libtorrent's own check done
-    hash_failures: int = 0  # pieces of this torrent that failed libtorrent's hash check
+    failed: set[int] = field(default_factory=set)  # pieces that failed libtorrent's hash check
     on_disk: set[int] = field(default_factory=set)  # finished before a completed flush
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     # flush_cache requests in the order libtorrent completes them (each is a fence on the
@@ -138,6 +138,18 @@ class Transfer:
                 deadline = loop.time() + timeout  # some piece finished: still moving
         return True
 
+    async def verdict(self, piece: int, timeout: float) -> bool:
+        """True once libtorrent verified ``piece``, False once it failed its hash check (and
+        was discarded); TimeoutError if neither happened within ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while piece not in self.done:
+                if piece in self.failed:
+                    return False
+                if self.error:
+                    raise SwarmError(self.error)
+                await self._changed.wait()
+        return True
+
     def payload_received(self) -> int:
         """Payload bytes downloaded from peers so far (0 if libtorrent cannot say)."""
         with contextlib.suppress(*LIBTORRENT_ERRORS):
@@ -145,7 +157,8 @@ class Transfer:
         return 0
 
     async def add_piece(self, piece: int, data: bytes, timeout: float = 10.0) -> None:
-        """Hand libtorrent a piece fetched some other way; it checks the hash, then shares it.
+        """Hand libtorrent a piece fetched some other way; it checks the hash, then shares it
+        (``verdict`` says how that check went).
 
         Not before libtorrent has checked the new torrent's files: a piece added during that
         check is silently lost (2 of 30 fresh torrents, pieces added at once), and nobody
@@ -421,7 +434,6 @@ class TorrentSession:
         if isinstance(alert, lt.hash_failed_alert):
             self.hash_failures += 1
             log.warning("piece %d failed its hash check (corrupt or lying peer)", alert.piece_index)
-            return
         handle = getattr(alert, "handle", None)
         if handle is None:
             return
@@ -434,6 +446,9 @@ class TorrentSession:
             return
         if isinstance(alert, lt.piece_finished_alert):
             transfer.done.add(alert.piece_index)
+            transfer._notify()
+        elif isinstance(alert, lt.hash_failed_alert):
+            transfer.failed.add(alert.piece_index)
             transfer._notify()
         elif isinstance(alert, lt.cache_flushed_alert):
             transfer._cache_flushed()

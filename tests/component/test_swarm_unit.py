@@ -146,3 +146,19 @@ async def test_a_short_read_is_retried_and_then_fails(tmp_path: Path) -> None:
     t.on_disk.clear()
     with pytest.raises(SwarmError, match="never reached the disk"):
         await t.read_pieces(0, 2, timeout=0.1)  # no flush completes
+
+
+async def test_the_verdict_on_an_added_piece_is_libtorrents_hash_check() -> None:
+    """An added piece is verified once finished, rejected once its hash_failed alert came
+    (the agent then takes the segment from the seeder's swarm), and undecided until then."""
+    t = transfer()
+    deciding = asyncio.create_task(t.verdict(1, timeout=5))
+    await asyncio.sleep(0.02)
+    assert not deciding.done()
+    t.failed.add(1)
+    t._notify()
+    assert await deciding is False
+    t.done.add(2)
+    assert await t.verdict(2, timeout=1) is True
+    with pytest.raises(TimeoutError):
+        await t.verdict(3, timeout=0.05)
