@@ -78,14 +78,25 @@ class Metainfo:
         return hashlib.sha1(data).digest() == self.piece_hashes[piece]
 
 
-def make_torrent(path: Path, trackers: Iterable[str], piece_size: int) -> bytes:
-    """A v1 torrent of one file; the info-hash depends only on name, size, piece size, bytes."""
+def make_torrent(
+    path: Path, trackers: Iterable[str], piece_size: int, hashes: list[bytes] | None = None
+) -> bytes:
+    """A v1 torrent of one file; the info-hash depends only on name, size, piece size, bytes.
+
+    ``hashes``: each piece's SHA-1 if the caller computed them already (else read the file).
+    """
     entry = lt.create_file_entry(path.name, path.stat().st_size)
     ct = lt.create_torrent([entry], piece_size, lt.create_torrent.v1_only)
     for tier, url in enumerate(trackers):
         ct.add_tracker(url, tier)
     ct.set_creator("p2p-mirror")
-    lt.set_piece_hashes(ct, str(path.parent))
+    if hashes is None:
+        lt.set_piece_hashes(ct, str(path.parent))
+    elif len(hashes) != ct.num_pieces():
+        raise SwarmError(f"{len(hashes)} piece hashes for {ct.num_pieces()} pieces of {path}")
+    else:
+        for piece, digest in enumerate(hashes):
+            ct.set_hash(piece, digest)
     return lt.bencode(ct.generate())
 
 
