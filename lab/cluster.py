@@ -6,7 +6,10 @@ same harness serves the CI test, the demo and the benchmark, in three modes:
 
 - ``direct``: each node's containerd pulls from the origin;
 - ``cache``: a pull-through cache (docker-registry in proxy mode) in front of the origin;
-- ``p2p``: each node runs ``p2p-mirror agent``; a tracker and a seeder run on their own nodes.
+- ``p2p``: each node runs ``p2p-mirror agent``; trackers and seeders (one of each unless
+  told) run on their own nodes. ``nat_to_trackers`` routes the nodes' traffic to the
+  trackers through a ``nat`` node that source-NATs it (iptables MASQUERADE), as kube-proxy
+  may; the agents then announce their own address (``--announce-ip``).
 
 All processes start through a ``ProcGroup`` (or the lab wrappers) and stop by PID on exit;
 the ``Network`` then deletes namespaces, veths and bridge.
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ from lab.images import ImageLayout, push_image
 from lab.netns import DEFAULT_MTU, Network, NodeSpec
 from lab.procs import LabError, Proc, ProcGroup, port_open
 from lab.registry import Registry
+from p2p_mirror.core.metrics import parse_samples
 from p2p_mirror.installer import hosts
 
 MODES = ("direct", "cache", "p2p")
@@ -43,7 +48,6 @@ TRACKER_PORT = 6969
 SEEDER_PORT = 5005
 SEEDER_BT_PORT = 6882
 AGENT_BT_PORT = 6881
-_METRIC = re.compile(r'^p2p_mirror_blob_bytes_total\{[^}]*source="([a-z]+)"[^}]*\}\s+(\S+)$')
 
 
 def p2p_mirror_argv() -> list[str]:
@@ -83,10 +87,9 @@ def install_hosts(containerd: Containerd, server: str, mirror: str | None) -> Pa
 def parse_blob_sources(metrics_text: str) -> dict[str, int]:
     """``{"swarm": n, "origin": n, "cache": n}`` from the agent's Prometheus text."""
     out: dict[str, int] = {}
-    for line in metrics_text.splitlines():
-        m = _METRIC.match(line.strip())
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0) + int(float(m.group(2)))
+    for s in parse_samples(metrics_text):
+        if s.name == "p2p_mirror_blob_bytes_total" and "source" in s.labels:
+            out[s.labels["source"]] = out.get(s.labels["source"], 0) + int(s.value)
     return out
 
 
@@ -158,11 +161,16 @@ class Cluster:
         seeder_args: Sequence[str] = (),
         log: Callable[[str], None] | None = None,
         write_hosts: Callable[[Containerd, str, str | None], Path | None] | None = None,
+        seeders: int = 1,
+        trackers: int = 1,
+        nat_to_trackers: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 1 <= nodes <= 90:
             raise ValueError("nodes must be 1..90")
+        if not (1 <= seeders <= 8 and 1 <= trackers <= 8):
+            raise ValueError("seeders and trackers must be 1..8")
         self.workdir = Path(workdir).resolve()
         self.n = nodes
         self.mode = mode
@@ -177,8 +185,12 @@ class Cluster:
         infra = ["origin"]
         if mode == "cache":
             infra.append("cache")
-        if mode == "p2p":
-            infra += ["tracker", "seeder"]
+        self.tracker_names = _role_names("tracker", trackers) if mode == "p2p" else []
+        self.seeder_names = _role_names("seeder", seeders) if mode == "p2p" else []
+        self.nat_to_trackers = nat_to_trackers and mode == "p2p"
+        infra += self.tracker_names + self.seeder_names
+        if self.nat_to_trackers:
+            infra.append("nat")
         specs = [NodeSpec(n, self.infra_rate_mbit, self.infra_rate_mbit) for n in infra]
         specs += [NodeSpec(n, rate_mbit, rate_mbit) for n in self.node_names]
         self.net = Network(specs, mtu=mtu)
@@ -186,6 +198,7 @@ class Cluster:
         self.origin: Registry | None = None
         self.cache: Registry | None = None
         self.parts: dict[str, _NodeParts] = {}
+        self.roles: dict[str, Proc] = {}  # tracker and seeder processes by node name
         self._started = False
 
     # -- addresses -----------------------------------------------------------------------
@@ -230,6 +243,8 @@ class Cluster:
             self._start_cache()
         if self.mode == "p2p":
             self._start_tracker_and_seeder()
+        if self.nat_to_trackers:
+            self._nat_node_traffic_to_trackers()
         self._start_nodes()
 
     def close(self) -> None:
@@ -271,32 +286,75 @@ class Cluster:
         self.log(f"pull-through cache at {self.cache.url}")
 
     def _start_tracker_and_seeder(self) -> None:
-        tip, sip = self.ip("tracker"), self.ip("seeder")
-        tracker = self.procs.start(
-            [*p2p_mirror_argv(), "tracker", "--listen", f"{tip}:{TRACKER_PORT}"],
-            self.workdir / "tracker" / "tracker.log",
-            netns=self.net.node("tracker").netns,
-        )
-        seeder = self.procs.start(
-            [
-                *p2p_mirror_argv(), "seeder",
-                "--listen", f"{sip}:{SEEDER_PORT}",
-                "--data-dir", str(self.workdir / "seeder" / "data"),
-                "--tracker", self.tracker_announce,
-                "--bt-listen", f"{sip}:{SEEDER_BT_PORT}",
-                "--registry", f"{REGISTRY_NAME}={self.origin_url}",
-                *self.seeder_args,
-            ],
-            self.workdir / "seeder" / "seeder.log",
-            netns=self.net.node("seeder").netns,
-        )  # fmt: skip
-        tracker.wait_ready(lambda: port_open(tip, TRACKER_PORT), 30, "tracker")
-        seeder.wait_ready(lambda: port_open(sip, SEEDER_PORT), 30, "seeder")
-        self.log(f"tracker {self.tracker_announce}, seeder http://{sip}:{SEEDER_PORT}")
+        for name in self.tracker_names:
+            self.roles[name] = self.procs.start(
+                [*p2p_mirror_argv(), "tracker", "--listen", f"{self.ip(name)}:{TRACKER_PORT}"],
+                self.workdir / name / "tracker.log",
+                netns=self.net.node(name).netns,
+            )
+        trackers = [arg for url in self.tracker_announces for arg in ("--tracker", url)]
+        for name in self.seeder_names:
+            sip = self.ip(name)
+            self.roles[name] = self.procs.start(
+                [
+                    *p2p_mirror_argv(), "seeder",
+                    "--listen", f"{sip}:{SEEDER_PORT}",
+                    "--data-dir", str(self.workdir / name / "data"),
+                    *trackers,
+                    "--bt-listen", f"{sip}:{SEEDER_BT_PORT}",
+                    "--announce-ip", sip,
+                    "--registry", f"{REGISTRY_NAME}={self.origin_url}",
+                    *self.seeder_args,
+                ],
+                self.workdir / name / "seeder.log",
+                netns=self.net.node(name).netns,
+            )  # fmt: skip
+        for name, proc in self.roles.items():
+            port = TRACKER_PORT if name in self.tracker_names else SEEDER_PORT
+            proc.wait_ready(lambda ip=self.ip(name), port=port: port_open(ip, port), 30, name)
+        self.log(f"trackers {', '.join(self.tracker_announces)}; "
+                 f"seeders {', '.join(self.seeder_urls)}")  # fmt: skip
+
+    def _nat_node_traffic_to_trackers(self) -> None:
+        """Route every node's packets to the trackers through the ``nat`` node, which
+        rewrites their source to its own address (MASQUERADE); replies go back the same way."""
+        nat = self.net.node("nat")
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0",
+                    f"net.ipv4.conf.{nat.veth_ns}.send_redirects=0"):  # fmt: skip
+            self.net.run("nat", ["sysctl", "-qw", key])
+        self.net.run("nat", ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", nat.veth_ns,
+                             "-j", "MASQUERADE"])  # fmt: skip
+        for name in self.node_names:
+            self.net.run(name, ["sysctl", "-qw", "net.ipv4.conf.all.accept_redirects=0"])
+            for tracker in self.tracker_names:
+                self.net.run(name, ["ip", "route", "add", f"{self.ip(tracker)}/32",
+                                    "via", nat.ip])  # fmt: skip
+        self.log(f"nodes reach the trackers through nat {nat.ip} (MASQUERADE)")
 
     @property
     def tracker_announce(self) -> str:
-        return f"http://{self.ip('tracker')}:{TRACKER_PORT}/announce"
+        return self.tracker_announces[0]
+
+    @property
+    def tracker_announces(self) -> list[str]:
+        return [f"http://{self.ip(n)}:{TRACKER_PORT}/announce" for n in self.tracker_names]
+
+    @property
+    def seeder_urls(self) -> list[str]:
+        return [f"http://{self.ip(n)}:{SEEDER_PORT}" for n in self.seeder_names]
+
+    def stop_role(self, name: str) -> None:
+        """Kill a tracker or seeder (SIGKILL: a crash, nothing said goodbye)."""
+        proc = self.roles[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.popen.wait(timeout=10)
+
+    def role_metrics(self, name: str) -> str:
+        """A seeder's or tracker's ``/metrics`` text (they listen on the bridge)."""
+        port = TRACKER_PORT if name in self.tracker_names else SEEDER_PORT
+        with urllib.request.urlopen(f"http://{self.ip(name)}:{port}/metrics", timeout=10) as r:
+            return r.read().decode()
 
     def _server_for_nodes(self) -> str:
         if self.mode == "cache":
@@ -335,9 +393,10 @@ class Cluster:
                 *p2p_mirror_argv(), "agent",
                 "--listen", AGENT_LISTEN,
                 "--data-dir", str(self.workdir / name / "agent"),
-                "--seeder", f"http://{self.ip('seeder')}:{SEEDER_PORT}",
+                *[arg for url in self.seeder_urls for arg in ("--seeder", url)],
                 "--bt-listen", f"{node.ip}:{AGENT_BT_PORT}",
                 "--registry", f"{REGISTRY_NAME}={self.origin_url}",
+                *(["--announce-ip", node.ip] if self.nat_to_trackers else []),
                 *self.agent_args,
             ],
             self.workdir / name / "agent.log",
@@ -453,6 +512,11 @@ class Cluster:
         """(name, tail) of every process log, for failure reports."""
         for proc in self.procs.procs:
             yield str(proc.log), proc.tail(20)
+
+
+def _role_names(role: str, count: int) -> list[str]:
+    """``tracker`` for one, ``tracker1``..``trackerN`` for several."""
+    return [role] if count == 1 else [f"{role}{i}" for i in range(1, count + 1)]
 
 
 def _listening(netns: str, port: int) -> bool:

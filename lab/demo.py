@@ -80,7 +80,8 @@ def report(results: list[NodeResult], image_bytes: int, origin_bytes: int) -> li
 
 
 def run_demo(nodes: int, layer_sizes: list[int], rate_mbit: float, workdir: Path | None,
-             echo: Callable[[str], None] = click.echo) -> bool:  # fmt: skip
+             echo: Callable[[str], None] = click.echo, seeders: int = 1,
+             trackers: int = 1) -> bool:  # fmt: skip
     """Build, push, pull everywhere at once, report. True if every node got the image."""
     check_machine()
     exit_on_signals()
@@ -94,9 +95,11 @@ def run_demo(nodes: int, layer_sizes: list[int], rate_mbit: float, workdir: Path
              f"({human_bytes(sum(layer_sizes))}) ...")  # fmt: skip
         layout = build_image(workdir / "image", layer_sizes, seed=2026)
         echo(f"starting {nodes} nodes ({rate_mbit:g} Mbit/s links), an origin registry, "
-             "a tracker and a seeder, each in its own network namespace ...")  # fmt: skip
+             f"{trackers} tracker(s) and {seeders} seeder(s), each in its own network "
+             "namespace ...")  # fmt: skip
         with Cluster(workdir / "cluster", nodes, mode="p2p", rate_mbit=rate_mbit,
-                     log=lambda m: echo(f"  {m}"), write_hosts=install_hosts) as cluster:
+                     log=lambda m: echo(f"  {m}"), write_hosts=install_hosts,
+                     seeders=seeders, trackers=trackers) as cluster:  # fmt: skip
             ref = cluster.push(layout, REPO, TAG)
             echo(f"pushed {ref} to the origin; every node now runs `ctr image pull {ref}`")
             mark = cluster.origin_mark()
@@ -123,7 +126,12 @@ def run_demo(nodes: int, layer_sizes: list[int], rate_mbit: float, workdir: Path
               help="Every node's link, both ways (tc tbf).")
 @click.option("--workdir", type=click.Path(path_type=Path),
               help="Keep images, logs and caches here (default: a temp dir, removed).")
-def demo(nodes: int, layers: str, rate_mbit: float, workdir: Path | None) -> None:
+@click.option("--seeders", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="Seeders (each blob is fetched by its owner).")
+@click.option("--trackers", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="Trackers (each torrent announces to 2).")
+def demo(nodes: int, layers: str, rate_mbit: float, workdir: Path | None, seeders: int,
+         trackers: int) -> None:
     """A cluster on this machine pulls one image at once through p2p-mirror (needs root).
 
     Nodes are network namespaces with shaped links; each runs containerd and the agent,
@@ -138,7 +146,8 @@ def demo(nodes: int, layers: str, rate_mbit: float, workdir: Path | None) -> Non
         raise click.BadParameter(str(e), param_hint="--layers") from None
     if not sizes:
         raise click.BadParameter("give at least one layer size", param_hint="--layers")
-    sys.exit(0 if run_demo(nodes, sizes, rate_mbit, workdir) else 1)
+    sys.exit(0 if run_demo(nodes, sizes, rate_mbit, workdir, seeders=seeders,
+                           trackers=trackers) else 1)
 
 
 if __name__ == "__main__":

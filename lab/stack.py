@@ -7,6 +7,7 @@ inside network namespaces.
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,18 +15,13 @@ import yaml
 
 from lab.cluster import p2p_mirror_argv, parse_blob_sources
 from lab.procs import Proc, ProcGroup, free_port, port_open
+from p2p_mirror.core.metrics import sample_sum
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """Sum of the series of ``p2p_mirror_<name>`` in Prometheus ``text`` that carry ``labels``
     (all series by default)."""
-    total = 0.0
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    for line in text.splitlines():
-        series = line.startswith((f"p2p_mirror_{name}{{", f"p2p_mirror_{name} "))
-        if series and all(w in line for w in wanted):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sample_sum(text, f"p2p_mirror_{name}", **labels)
 
 
 @dataclass
@@ -55,9 +51,11 @@ class LocalStack:
     """Start roles on free loopback ports; ``close()`` stops them all by PID."""
 
     def __init__(self, workdir: Path, registries: dict[str, str | dict],
-                 segment_size: str = "64MiB"):
-        """``registries``: name -> URL, or the config mapping (``{url:, ca_file:, ...}``)."""
+                 segment_size: str = "64MiB", seeder_args: Sequence[str] = ()) -> None:
+        """``registries``: name -> URL, or the config mapping (``{url:, ca_file:, ...}``);
+        ``seeder_args`` go after the seeder's defaults (a flag given again wins)."""
         self.workdir = workdir
+        self.seeder_args = list(seeder_args)
         self.registries = registries
         self.segment_size = segment_size
         self.procs = ProcGroup()
@@ -101,6 +99,7 @@ class LocalStack:
                 "--bt-listen", "127.0.0.1:0",
                 "--segment-size", self.segment_size,
                 *self._registry_args(),
+                *self.seeder_args,
             ],
             self.workdir / "seeder.log",
         )  # fmt: skip

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import urllib.request
 
-_SAMPLE = re.compile(r"^(?P<name>[a-z_:][a-z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
+from p2p_mirror.core.metrics import parse_samples, sample_key
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """``{"name{labels}": value}`` from the Prometheus text format (comments skipped)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line.strip())
-        if m and not line.startswith("#"):
-            key = m.group("name") + (f"{{{m.group('labels')}}}" if m.group("labels") else "")
-            out[key] = float(m.group("value"))
-    return out
+    """``{'name{k="v"}': value}`` from the Prometheus text format."""
+    return {sample_key(s): s.value for s in parse_samples(text)}
 
 
 def human_bytes(n: float) -> str:

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(docker-registry containerd runc skopeo iproute2 strace util-linux systemd kmod curl docker.io)
+# mmdebstrap + systemd-container: the playbook test boots a Debian host with systemd-nspawn.
+APT_PACKAGES=(docker-registry containerd runc skopeo iproute2 strace util-linux systemd kmod curl
+  docker.io iptables opentracker mmdebstrap systemd-container)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -11,17 +11,20 @@ is then seeded (``p2p_mirror.core.seeding``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from p2p_mirror.agent.blob_download import BlobDownload
-from p2p_mirror.agent.seeder_client import Fallback, SeederClient, SegmentOffer, runs_of
+from p2p_mirror.agent.seeder_client import (
+    BlobSource,
+    Fallback,
+    SeederClient,
+    SegmentOffer,
+    runs_of,
+)
 from p2p_mirror.core.config import MiB, Upstream
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError
@@ -106,13 +109,11 @@ class BlobPuller:
 
     async def _from_swarm(self, download: BlobDownload, hasher) -> None:
         assert self.session is not None and self.seeders is not None
+        source = self.seeders.source(
+            download.digest, download.upstream.name, download.name, download.headers
+        )
         try:
-            url, info = await asyncio.wait_for(
-                self.seeders.blob_info(
-                    download.digest, download.upstream.name, download.name, download.headers
-                ),
-                self.swarm_timeout,
-            )
+            url, info = await asyncio.wait_for(source.open(), self.swarm_timeout)
         except TimeoutError:
             raise Fallback("seeder", "timed out") from None
         if info.size != download.size or info.segment_size <= 0:
@@ -120,11 +121,10 @@ class BlobPuller:
         log.debug("blob %s: seeder %s has it: %s", download.digest, url, info)
         layout = self.store.begin(download.digest, download.size, info.segment_size)
         download.layout = layout
-        peers = [(await _resolve(urlsplit(url).hostname or ""), info.bt_port)]
         # Ask for every segment's torrent at once and join each swarm as soon as it is
         # published, ahead of the reader: joining late delays every segment.
         getters = [
-            asyncio.create_task(self._join(download, url, i, peers)) for i in range(layout.count)
+            asyncio.create_task(self._join(download, source, i)) for i in range(layout.count)
         ]
         try:
             for index, getter in enumerate(getters):
@@ -136,9 +136,9 @@ class BlobPuller:
             for task in (*getters, *download.watchers):
                 task.cancel()
 
-    async def _join(self, download: BlobDownload, url: str, index: int, peers) -> Transfer:
+    async def _join(self, download: BlobDownload, source: BlobSource, index: int) -> Transfer:
         assert self.session is not None and self.seeders is not None and download.layout is not None
-        offer = await self.seeders.torrent(url, download.digest, index, self.session.port)
+        url, offer = await source.torrent(index, self.session.port)
         dealer: asyncio.Task[None] | None = None
         try:
             meta = Metainfo.parse(offer.torrent)
@@ -153,10 +153,10 @@ class BlobPuller:
             download.transfers.append(transfer)
             if offer.dealt:
                 dealer = asyncio.create_task(
-                    self._dealt_pieces(download, url, index, transfer, offer, peers))  # fmt: skip
+                    self._dealt_pieces(download, source, url, index, transfer, offer))  # fmt: skip
                 download.watchers.append(dealer)
             download.watchers.append(
-                asyncio.create_task(self._seeder_if_stalled(transfer, peers, dealer)))  # fmt: skip
+                asyncio.create_task(self._seeder_if_stalled(transfer, source, dealer)))  # fmt: skip
             return transfer
         finally:  # the response ends with the dealt pieces, even if that task never ran
             if dealer is None:
@@ -165,42 +165,76 @@ class BlobPuller:
                 dealer.add_done_callback(lambda _task: offer.close())
 
     async def _dealt_pieces(
-        self, download: BlobDownload, url: str, index: int, transfer: Transfer, offer: SegmentOffer,
-        seeder: list[tuple[str, int]],
+        self, download: BlobDownload, source: BlobSource, url: str, index: int,
+        transfer: Transfer, offer: SegmentOffer,
     ) -> None:
-        """Take the pieces the seeder dealt us, from the torrent's response (or in one request
-        per run of consecutive pieces), and hand each to libtorrent as it arrives, which
-        checks its hash and shares it at once.
+        """Take the pieces the seeder dealt us and hand each to libtorrent as it arrives,
+        which checks its hash and shares it at once.
 
-        Nobody else gets these pieces from the seeder: if one fails, take the segment from
-        the seeder's swarm instead (peers still get them from us once we have them).
+        Nobody else gets these pieces from the seeder. If the connection broke, ask once
+        more (the same seeder deals us the same run again; one that is down, its successor
+        deals the segment anew); if that fails too, or the bytes were wrong, take the
+        segment from the seeder's swarm (peers still get them from us once we have them).
         """
+        try:
+            await self._take_run(download, url, index, transfer, offer)
+            return
+        except Fallback as e:
+            failure: Exception = e
+        except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as e:
+            log.warning("blob %s: dealt run of segment %d cut (%s); asking again",
+                        download.digest, index, e or type(e).__name__)  # fmt: skip
+            failure = e
+            try:
+                assert self.session is not None
+                url, again = await source.torrent(index, self.session.port)
+            except Fallback as e2:
+                failure = e2
+            else:
+                try:
+                    await self._take_run(download, url, index, transfer, again)
+                    return
+                except (Fallback, aiohttp.ClientError, asyncio.IncompleteReadError,
+                        TimeoutError) as e2:  # fmt: skip
+                    failure = e2
+                finally:
+                    again.close()
+        log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",
+                    download.digest, failure or type(failure).__name__)  # fmt: skip
+        self.metrics.inc("seeder_segments_total", reason="piece_failed")
+        transfer.connect(source.peers)
+
+    async def _take_run(
+        self, download: BlobDownload, url: str, index: int, transfer: Transfer,
+        offer: SegmentOffer,
+    ) -> None:
+        """The dealt run of ``offer``, from its response (or in one request per run of
+        consecutive pieces), each piece checked and handed to libtorrent."""
         assert self.seeders is not None
         meta = transfer.meta
-        try:
-            if not all(0 <= p < meta.num_pieces for p in offer.dealt):
-                raise Fallback("seeder", f"dealt pieces {offer.dealt} not all in segment {index}")
-            for run in [offer.dealt] if offer.body is not None else runs_of(offer.dealt):
-                sizes = [end - start for start, end in map(meta.piece_range, run)]
-                if offer.body is not None:
-                    pieces = offer.inline_pieces(sizes)
-                else:
-                    pieces = self.seeders.pieces(url, download.digest, index, run[0], sizes)
-                async for piece, data in pieces:
-                    await transfer.add_piece(piece, data)
-                    self.metrics.inc("seeder_pieces_total")
-                for piece in run:  # libtorrent hashes each added piece (we need not)
-                    if not await transfer.verdict(piece, self.stall_timeout):
-                        raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
-        except (Fallback, SwarmError, aiohttp.ClientError, asyncio.IncompleteReadError,
-                TimeoutError) as e:
-            log.warning("blob %s: dealt piece failed (%s); joining the seeder's swarm",
-                        download.digest, e or type(e).__name__)  # fmt: skip
-            self.metrics.inc("seeder_segments_total", reason="piece_failed")
-            transfer.connect(seeder)
+        if not all(0 <= p < meta.num_pieces for p in offer.dealt):
+            raise Fallback("seeder", f"dealt pieces {offer.dealt} not all in segment {index}")
+        for run in [offer.dealt] if offer.body is not None else runs_of(offer.dealt):
+            sizes = [end - start for start, end in map(meta.piece_range, run)]
+            if offer.body is not None:
+                pieces = offer.inline_pieces(sizes)
+            else:
+                pieces = self.seeders.pieces(url, download.digest, index, run[0], sizes)
+            async for piece, data in pieces:
+                if piece in transfer.done:
+                    continue  # taken before the connection broke, or from a peer
+                await transfer.add_piece(piece, data)
+                self.metrics.inc("seeder_pieces_total")
+            for piece in run:  # libtorrent hashes each added piece (we need not)
+                try:
+                    verified = await transfer.verdict(piece, self.stall_timeout)
+                except (SwarmError, TimeoutError) as e:
+                    raise Fallback("seeder", f"piece {piece} of segment {index}: {e}") from e
+                if not verified:
+                    raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
 
     async def _seeder_if_stalled(
-        self, transfer: Transfer, seeder: list[tuple[str, int]], dealer: asyncio.Task[None] | None
+        self, transfer: Transfer, source: BlobSource, dealer: asyncio.Task[None] | None
     ) -> None:
         """Peers sent nothing for this segment for ``seeder_grace``: ask the seeder too.
 
@@ -222,7 +256,7 @@ class BlobPuller:
                 log.debug("segment %s: no progress from peers, asking the seeder",
                           transfer.meta.name)  # fmt: skip
                 self.metrics.inc("seeder_segments_total", reason="stalled")
-                transfer.connect(seeder)
+                transfer.connect(source.peers)
                 return
             received = now
 
@@ -303,10 +337,3 @@ class BlobPuller:
             return
         self.seeded.seed(download.digest, download.layout, download.metas)
 
-
-async def _resolve(host: str) -> str:
-    """An IP literal for libtorrent's connect_peer (seeder URLs may name a host)."""
-    with contextlib.suppress(ValueError):
-        return str(ipaddress.ip_address(host))
-    infos = await asyncio.get_running_loop().getaddrinfo(host, None)
-    return str(infos[0][4][0])

@@ -1,21 +1,30 @@
 """The agent's client of the seeders (``p2p_mirror.core.protocol``): blob info, segment
-offers (a torrent and the pieces dealt to this agent), and runs of dealt pieces."""
+offers (a torrent and the pieces dealt to this agent), and runs of dealt pieces.
+
+Each blob is asked of its owning seeder (``SeederSet``); ``BlobSource`` keeps all of a
+blob's requests on that seeder, and moves them to the next owner if it goes down."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from p2p_mirror.agent.seeder_set import SeederSet
 from p2p_mirror.core import protocol
 from p2p_mirror.core.oci import Digest
 from p2p_mirror.core.origin import forward_headers
 
 log = logging.getLogger(__name__)
 TORRENT_ATTEMPTS = 2  # a torrent request whose connection fails is sent again this often
+CONNECT_TIMEOUT = 5.0  # a seeder that does not accept within this is down: ask the next
 
 
 class Fallback(Exception):
@@ -24,6 +33,13 @@ class Fallback(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class SeederDown(Fallback):
+    """The seeder did not answer: refused, timed out, cut the connection, or a 5xx."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("seeder", detail)
 
 
 @dataclass
@@ -48,11 +64,11 @@ class SegmentOffer:
 
 
 class SeederClient:
-    """Asks seeders for a blob's segment torrents, trying each configured seeder in turn."""
+    """Asks a blob's owning seeder for its segment torrents (the next owner if it is down)."""
 
-    def __init__(self, urls: list[str], timeout: float) -> None:
-        self.urls = urls
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
+    def __init__(self, seeders: SeederSet | list[str], timeout: float) -> None:
+        self.seeders = seeders if isinstance(seeders, SeederSet) else SeederSet(seeders)
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -62,16 +78,29 @@ class SeederClient:
         return self._session
 
     async def close(self) -> None:
+        await self.seeders.close()
         if self._session is not None:
             await self._session.close()
 
-    async def blob_info(
+    def source(
         self, digest: Digest, registry: str, name: str, headers: Mapping[str, str]
+    ) -> BlobSource:
+        return BlobSource(self, digest, registry, name, headers)
+
+    async def blob_info(
+        self, digest: Digest, registry: str, name: str, headers: Mapping[str, str],
+        skip: frozenset[str] = frozenset(),
     ) -> tuple[str, protocol.BlobInfo]:
-        """(seeder URL, info) from the first seeder that knows or ingested the blob."""
+        """(seeder URL, info) from the blob's owning seeder, or the next owner while they
+        are down (refused, timed out, 5xx); ``skip``: seeders already given up for it.
+
+        Any other answer of a seeder is final: another one would only fetch the blob from
+        the origin once more and get the same answer."""
         errors = []
         send = forward_headers(headers)
-        for url in self.urls:
+        for url in await self.seeders.ranked(str(digest)):
+            if url in skip:
+                continue
             try:
                 async with self.session.get(
                     url + protocol.blob_info_path(digest),
@@ -79,11 +108,20 @@ class SeederClient:
                     headers=send,
                 ) as resp:
                     if resp.status == 200:
-                        return url, protocol.BlobInfo.from_json(await resp.json())
-                    errors.append(f"{url}: {resp.status} {(await resp.text())[:200]}")
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                        info = protocol.BlobInfo.from_json(await resp.json())
+                        self.seeders.mark_up(url)
+                        return url, info
+                    body = await resp.text()
+                    detail = f"{url}: {resp.status} {body[:200]}"
+                    if not _seeder_failed(resp.status, body):
+                        raise Fallback("seeder", "; ".join([*errors, detail]))
+                    errors.append(detail)
+            except (aiohttp.ClientError, TimeoutError) as e:
                 errors.append(f"{url}: {e or type(e).__name__}")
-        raise Fallback("seeder", "; ".join(errors))
+            except ValueError as e:
+                raise Fallback("seeder", "; ".join([*errors, f"{url}: {e}"])) from None
+            self.seeders.mark_down(url)
+        raise SeederDown("; ".join(errors) or "no seeder left to ask")
 
     async def torrent(self, url: str, digest: Digest, index: int, bt_port: int) -> SegmentOffer:
         """Segment ``index``'s torrent, and the pieces this agent takes from the seeder (their
@@ -113,6 +151,8 @@ class SeederClient:
                 if resp.status == 200:
                     return await _offer(resp)
                 async with resp:
+                    if resp.status != 202 and _seeder_failed(resp.status, await resp.text()):
+                        raise SeederDown(f"torrent {index}: {resp.status}")
                     if resp.status != 202:
                         raise Fallback("seeder", f"torrent {index}: {resp.status}")
                     now = protocol.parse_not_yet(await resp.json())
@@ -123,7 +163,7 @@ class SeederClient:
                 failures += 1
                 error = f"torrent {index}: {e or type(e).__name__}"
                 if failures >= TORRENT_ATTEMPTS:
-                    raise Fallback("seeder", error) from None
+                    raise SeederDown(error) from None
                 log.warning("blob %s: %s; asking again", digest, error)
                 continue
             except ValueError as e:
@@ -147,6 +187,78 @@ class SeederClient:
                 raise Fallback("seeder", f"pieces {first}+{len(sizes)} of {index}: {resp.status}")
             for piece, size in enumerate(sizes, start=first):
                 yield piece, await resp.content.readexactly(size)
+
+
+class BlobSource:
+    """The seeder one blob's requests go to: its owner while it answers, then the next one
+    in rendezvous order (which fetches the blob from the origin in turn). Segments are the
+    same torrents on every seeder, so a blob can change seeders half way."""
+
+    def __init__(self, client: SeederClient, digest: Digest, registry: str, name: str,
+                 headers: Mapping[str, str]) -> None:  # fmt: skip
+        self.client, self.digest = client, digest
+        self.registry, self.name, self.headers = registry, name, headers
+        self.url: str | None = None
+        self.info: protocol.BlobInfo | None = None
+        self.peers: list[tuple[str, int]] = []  # the current seeder's BitTorrent address
+        self._given_up: set[str] = set()
+        self._switch = asyncio.Lock()
+
+    async def open(self) -> tuple[str, protocol.BlobInfo]:
+        """(URL, info) of the seeder serving this blob now (asked for the blob if new)."""
+        async with self._switch:
+            if self.url is None or self.info is None:
+                url, info = await self.client.blob_info(
+                    self.digest, self.registry, self.name, self.headers,
+                    frozenset(self._given_up))  # fmt: skip
+                first = self.info
+                if first is not None and (info.size, info.segment_size) != (
+                        first.size, first.segment_size):  # fmt: skip
+                    raise Fallback("seeder", f"{url} disagrees on the blob's layout: {info}")
+                host = info.bt_host or urlsplit(url).hostname or ""
+                self.peers = [(await _resolve(host), info.bt_port)]
+                self.url, self.info = url, info
+            return self.url, self.info
+
+    async def failed(self, url: str) -> None:
+        """``url`` stopped answering for this blob: the next request goes to the next owner."""
+        self.client.seeders.mark_down(url)
+        async with self._switch:
+            self._given_up.add(url)
+            if self.url == url:
+                self.url = None
+
+    async def torrent(self, index: int, bt_port: int) -> tuple[str, SegmentOffer]:
+        """(seeder URL, offer) for segment ``index``, from the next seeder if one is down."""
+        while True:
+            url, _ = await self.open()  # Fallback once no seeder is left
+            try:
+                return url, await self.client.torrent(url, self.digest, index, bt_port)
+            except SeederDown as e:
+                log.warning("blob %s: seeder %s down (%s); asking the next one",
+                            self.digest, url, e)  # fmt: skip
+                await self.failed(url)
+
+
+def _seeder_failed(status: int, body: str) -> bool:
+    """A 5xx that is no answer of the seeder's own (its answers carry OCI errors): the
+    seeder crashed, or a proxy in front of it found it gone. A seeder that says the origin
+    failed is final: the next seeder would ask the same origin."""
+    if status < 500:
+        return False
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return True
+    return not (isinstance(data, dict) and isinstance(data.get("errors"), list))
+
+
+async def _resolve(host: str) -> str:
+    """An IP literal for libtorrent's connect_peer (seeder URLs may name a host)."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+    return str(infos[0][4][0])
 
 
 async def _offer(resp: aiohttp.ClientResponse) -> SegmentOffer:

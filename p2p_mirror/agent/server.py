@@ -19,8 +19,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from p2p_mirror.agent.blob_download import BlobDownload
+from p2p_mirror.agent.node_address import bt_listen_for
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
+from p2p_mirror.agent.seeder_set import SeederSet
 from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
@@ -72,12 +74,15 @@ class Agent:
         self.origin = Origin(cfg.origin_timeout, "agent")
         self.metrics = Metrics()
         self.session = (
-            TorrentSession(cfg.bt_listen, cfg.upload_rate_limit, cfg.download_rate_limit,
-                  tracker_peers=cfg.swarm_peers)
+            TorrentSession(bt_listen_for(cfg.bt_listen, cfg.announce_ip), cfg.upload_rate_limit,
+                           cfg.download_rate_limit, tracker_peers=cfg.swarm_peers,
+                           announce_ip=cfg.announce_ip)  # fmt: skip
             if cfg.seeder
             else None
         )
-        self.seeders = SeederClient(cfg.seeder, cfg.swarm_timeout) if cfg.seeder else None
+        self.seeders = (
+            SeederClient(SeederSet(cfg.seeder), cfg.swarm_timeout) if cfg.seeder else None
+        )
         self.seeded = SeededBlobs(self.store, self.session) if self.session is not None else None
         self.puller = BlobPuller(
             self.store,
@@ -363,6 +368,13 @@ class Agent:
         app.router.add_route("*", "/v2/{tail:.*}", self.handle)
         return app
 
+    def metrics_app(self) -> web.Application:
+        """What Prometheus scrapes on ``metrics_listen``: no registry API there."""
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", self.metrics.handler)
+        return app
+
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """A single ``bytes=a-b`` range as [start, end); None for no (or a multi-) range."""
@@ -399,8 +411,12 @@ async def _main(cfg: AgentConfig) -> None:
             raise SystemExit(f"agent: proxy on {cfg.proxy_listen}: {e}") from None
     runner = await serve(agent.app(), cfg.listen.host, cfg.listen.port, "agent", log,
                          cfg.drain_timeout)  # fmt: skip
+    runners = [runner]
+    if cfg.metrics_listen is not None:
+        runners.append(await serve(agent.metrics_app(), cfg.metrics_listen.host,
+                                   cfg.metrics_listen.port, "agent metrics", log, 1.0))  # fmt: skip
     if agent.session is not None:
-        log.info("agent BitTorrent on %s:%d", cfg.bt_listen.host, agent.session.port)
+        log.info("agent BitTorrent on %s:%d", agent.session.listen.host, agent.session.port)
     else:
         log.info("no seeder configured: blobs come from the origin (and the cache)")
     try:
@@ -409,7 +425,8 @@ async def _main(cfg: AgentConfig) -> None:
     finally:
         if proxy is not None:
             await proxy.close()
-        await runner.cleanup()
+        for each in runners:
+            await each.cleanup()
         await agent.close()
 
 

@@ -91,10 +91,17 @@ def seeder(config: Path | None, **flags: Any) -> None:
 @click.option("--agent", "url", default="http://127.0.0.1:5004", show_default=True,
               help="The agent (or seeder/tracker) base URL.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for answers.")
-def status(url: str, timeout: float) -> None:
-    """Show whether a role is healthy and what its counters say; exit 1 if it is not."""
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"),
+              show_default=True, help="Host root whose installer state is checked.")
+def status(url: str, timeout: float, root: Path) -> None:
+    """Show whether a role is healthy and what its counters say, and whether the node's
+    install failed; exit 1 if either is not well."""
+    from p2p_mirror.installer.failure import status_line
     from p2p_mirror.status import fetch_status
 
+    install_problem = status_line(root)
+    if install_problem is not None:
+        click.echo(install_problem, err=True)
     try:
         lines = fetch_status(url.rstrip("/"), timeout)
     except OSError as e:
@@ -102,6 +109,8 @@ def status(url: str, timeout: float) -> None:
         sys.exit(1)
     for line in lines:
         click.echo(line)
+    if install_problem is not None:
+        sys.exit(1)
 
 
 def _register_commands() -> None:

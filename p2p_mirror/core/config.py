@@ -181,6 +181,17 @@ def parse_seconds(value: Any) -> float:
     return seconds
 
 
+def parse_rate(value: Any) -> float:
+    """A positive number of events per second."""
+    try:
+        rate = float(value) if not isinstance(value, bool) else math.nan
+    except ValueError:
+        raise ValueError(f"expected a rate per second, got {value!r}") from None
+    if not math.isfinite(rate) or rate <= 0:
+        raise ValueError(f"must be a positive rate per second, got {value!r}")
+    return rate
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -257,9 +268,24 @@ def _required(parse: Callable[[Any], Any], doc: str) -> Any:
 @dataclass
 class TrackerConfig:
     listen: HostPort = _opt(HostPort("0.0.0.0", 6969), HostPort.parse, "announce/scrape address")
-    interval: float = _opt(30.0, parse_seconds, "announce interval told to peers")
-    peer_ttl: float = _opt(0.0, float, "forget a peer after this many seconds (0: 3 x interval)")
+    interval: float = _opt(30.0, parse_seconds, "announce interval told to leechers")
+    peer_ttl: float = _opt(0.0, float, "forget a leecher after this many seconds (0: 3 x interval)")
+    seed_interval: float = _opt(1800.0, parse_seconds, "announce interval told to seeds (left=0)")
+    seed_peer_ttl: float = _opt(
+        0.0, float, "forget a seed after this many seconds (0: 3 x seed_interval)"
+    )
     max_numwant: int = _opt(200, int, "most peers returned per announce")
+    max_torrents: int = _opt(100_000, parse_count, "most swarms held; announces for more refused")
+    max_peers_per_torrent: int = _opt(
+        20_000, parse_count, "most peers held in one swarm; new peers beyond it refused"
+    )
+    max_peers: int = _opt(2_000_000, parse_count, "most peers held over all swarms")
+    announce_rate: float = _opt(
+        200.0, parse_rate, "announces+scrapes per second allowed from one source address"
+    )
+    announce_burst: int = _opt(
+        3000, parse_count, "requests one source address may send at once before the rate applies"
+    )
     cluster_secret: Path | None = _opt(
         None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
     )
@@ -269,7 +295,9 @@ class TrackerConfig:
 @dataclass
 class SeederConfig:
     data_dir: Path = _required(parse_path, "blob store and torrent state")
-    tracker: list[str] = _required(parse_urls, "tracker announce URL(s)")
+    tracker: list[str] = _required(
+        parse_urls, "tracker announce URLs; each torrent names 2 of them (rendezvous hash)"
+    )
     listen: HostPort = _opt(HostPort("0.0.0.0", 5005), HostPort.parse, "HTTP metainfo API")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6882), HostPort.parse, "BitTorrent listen")
     registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
@@ -297,7 +325,10 @@ class SeederConfig:
 @dataclass
 class AgentConfig:
     data_dir: Path = _required(parse_path, "blob cache and torrent state")
-    seeder: list[str] = _opt(list, parse_urls, "seeder metainfo URL(s); empty: origin only")
+    seeder: list[str] = _opt(
+        list, parse_urls,
+        "seeder URLs (a host name stands for all its addresses); empty: origin only",
+    )
     listen: HostPort = _opt(HostPort("127.0.0.1", 5004), HostPort.parse, "registry mirror address")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6881), HostPort.parse, "BitTorrent listen")
     registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")

@@ -1,7 +1,8 @@
 """The seeder <-> agent HTTP protocol: paths, parameters, headers and encodings both sides use.
 
 - ``GET /v1/blobs/<digest>?registry=R&repo=NAME`` (with the client's credentials): the blob's
-  ``BlobInfo`` as JSON, once its size is known.
+  ``BlobInfo`` as JSON, once its size is known; ``bt_host`` (if present) is the address
+  its BitTorrent port is reached on (its ``announce_ip``), else the URL's host.
 - ``GET /v1/blobs/<digest>/torrents/<i>?bt_port=P&wait=S[&pieces=inline]``: segment ``i``'s
   torrent, with the agent's dealt run of pieces in ``PIECES_HEADER``; with ``pieces=inline``
   the run's bytes follow the torrent in the body (``TORRENT_LENGTH_HEADER`` says where the
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -109,15 +111,19 @@ class BlobInfo:
     segment_size: int
     segments: int
     bt_port: int
+    bt_host: str = ""  # the seeder's advertised address; empty: its URL's host
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "digest": self.digest,
             "size": self.size,
             "segment_size": self.segment_size,
             "segments": self.segments,
             "bt_port": self.bt_port,
         }
+        if self.bt_host:
+            data["bt_host"] = self.bt_host
+        return data
 
     @classmethod
     def from_json(cls, data: object) -> BlobInfo:
@@ -127,8 +133,11 @@ class BlobInfo:
             fields = {name: data[name] for name in ("size", "segment_size", "segments", "bt_port")}
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields.values()):
                 raise TypeError
-            return cls(digest=str(data.get("digest", "")), **fields)
-        except (KeyError, TypeError):
+            bt_host = data.get("bt_host", "")
+            if bt_host:
+                bt_host = str(ipaddress.ip_address(bt_host))
+            return cls(digest=str(data.get("digest", "")), bt_host=bt_host, **fields)
+        except (KeyError, TypeError, ValueError):
             raise ProtocolError(f"malformed blob info: {str(data)[:200]}") from None
 
 

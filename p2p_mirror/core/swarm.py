@@ -14,7 +14,7 @@ import logging
 import mmap
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +100,21 @@ def make_torrent(
         for piece, digest in enumerate(hashes):
             ct.set_hash(piece, digest)
     return lt.bencode(ct.generate())
+
+
+def set_trackers(torrent: bytes, trackers: Sequence[str]) -> bytes:
+    """``torrent`` announcing to ``trackers``, one tier each (libtorrent, with
+    ``announce_to_all_tiers``, announces to every tier). The announce list is outside the
+    info dict: the info-hash stays the same."""
+    data = lt.bdecode(torrent)
+    if not isinstance(data, dict) or b"info" not in data:
+        raise SwarmError("invalid torrent: no info dict")
+    data.pop(b"announce", None)
+    data.pop(b"announce-list", None)
+    if trackers:
+        data[b"announce"] = trackers[0].encode()
+        data[b"announce-list"] = [[url.encode()] for url in trackers]
+    return lt.bencode(data)
 
 
 @dataclass
@@ -263,6 +278,7 @@ class TorrentSession:
         download_rate_limit: int = 0,
         unchoke_slots: int = 64,
         tracker_peers: int = 200,
+        announce_ip: str | None = None,
     ) -> None:
         self.listen = listen
         self.session = lt.session(
@@ -319,6 +335,9 @@ class TorrentSession:
                 "user_agent": "p2p-mirror",
             }
         )
+        if announce_ip:
+            # Trackers record this (ip=), not the source address a NAT may have rewritten.
+            self.session.apply_settings({"announce_ip": announce_ip})
         if upload_rate_limit or download_rate_limit:
             self._limit_local_peers()
         self.transfers: dict[str, Transfer] = {}

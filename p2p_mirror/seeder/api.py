@@ -55,7 +55,7 @@ class SeederAPI:
         layout = job.layout
         assert layout is not None
         info = protocol.BlobInfo(str(digest), layout.size, layout.segment_size, layout.count,
-                                 self.session.port)  # fmt: skip
+                                 self.session.port, self.ingest.cfg.announce_ip or "")  # fmt: skip
         return web.json_response(info.to_json())
 
     async def handle_torrent(self, request: web.Request) -> web.StreamResponse:

@@ -27,6 +27,7 @@ from p2p_mirror.core.origin import Origin, OriginUnavailable, forward_headers
 from p2p_mirror.core.seeding import SeededBlobs, StoredTorrents
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import Metainfo, make_torrent
+from p2p_mirror.seeder import tracker_shard
 from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.link_queue import LinkQueue
 from p2p_mirror.seeder.segment_writer import WRITE_BATCH, SegmentWriter
@@ -338,7 +339,8 @@ class Ingest:
         assert layout is not None
         path = layout.segment_path(index)
         piece = piece_size_for(layout.segment_size, self.cfg.piece_size)
-        data = await asyncio.to_thread(make_torrent, path, self.cfg.tracker, piece, hashes)
+        made = await asyncio.to_thread(make_torrent, path, (), piece, hashes)
+        data = tracker_shard.shard(made, self.cfg.tracker)
         tmp = layout.torrent_path(index).with_suffix(".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, layout.torrent_path(index))

@@ -40,6 +40,7 @@ class Seeder:
             # Only designated and stalled agents connect, so every one of them gets a slot
             # (a choked one would wait for the next unchoke round).
             unchoke_slots=cfg.unchoke_slots,
+            announce_ip=cfg.announce_ip,
         )
         self.metrics = Metrics()
         self.seeded = SeededBlobs(self.store, self.session, announce=False)

@@ -16,6 +16,7 @@ V1_HASH_LEN = 20
 V2_HASH_LEN = 32
 PEER_ID_LEN = 20
 EVENTS = ("started", "completed", "stopped", "paused", "")
+MAX_SCRAPE_HASHES = 128
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -30,7 +31,7 @@ class Announce:
 
     info_hash: bytes  # swarm key: always 20 bytes (a 32-byte v2 hash is truncated, BEP 52)
     peer_id: bytes
-    ip: IPAddress
+    ip: IPAddress  # where the request came from, until an authenticated ip= replaces it
     port: int
     left: int
     uploaded: int
@@ -39,6 +40,8 @@ class Announce:
     numwant: int | None  # None: the tracker's default
     compact: bool
     no_peer_id: bool
+    claimed_ip: IPAddress | None = None  # the ip= parameter, trusted only if authenticated
+    token: str | None = None
 
     @property
     def seeder(self) -> bool:
@@ -56,8 +59,10 @@ def parse_query(raw_query: str) -> dict[str, list[bytes]]:
         if not part:
             continue
         name, _, value = part.partition("=")
-        key = unquote_to_bytes(name).decode("latin-1")
-        out.setdefault(key, []).append(unquote_to_bytes(value))
+        # most names and numbers carry no escape: skip the decoder for them (hot path)
+        key = unquote_to_bytes(name).decode("latin-1") if "%" in name else name
+        raw = unquote_to_bytes(value) if "%" in value else value.encode("latin-1", "replace")
+        out.setdefault(key, []).append(raw)
     return out
 
 
@@ -135,8 +140,9 @@ def parse_ip(text: str) -> IPAddress:
     return addr
 
 
-def parse_announce(raw_query: str, source_ip: str | None) -> Announce:
-    """Validate an announce; the peer's address is ``ip=`` if given, else the source IP."""
+def parse_announce(raw_query: str, source_ip: IPAddress | None) -> Announce:
+    """Validate an announce. Its address is the source address; ``ip=`` is parsed into
+    ``claimed_ip`` for the caller to honour only from an authenticated peer."""
     query = parse_query(raw_query)
     info_hash = check_info_hash(_single(query, "info_hash") or b"")
     peer_id = _single(query, "peer_id") or b""
@@ -153,16 +159,13 @@ def parse_announce(raw_query: str, source_ip: str | None) -> Announce:
         raise RequestError(f"invalid event {event[:32]!r}: expected started, completed or stopped")
     numwant = _int(query, "numwant", -1)
     ip_param = _single(query, "ip", required=False)
-    if ip_param is not None:
-        ip = parse_ip(_text(ip_param, "ip"))
-    elif source_ip:
-        ip = parse_ip(source_ip)
-    else:
-        raise RequestError("cannot tell the peer's address: pass ip=")
+    claimed = parse_ip(_text(ip_param, "ip")) if ip_param is not None else None
+    if source_ip is None and claimed is None:
+        raise RequestError("cannot tell the peer's address")
     return Announce(
         info_hash=swarm_key(info_hash),
         peer_id=peer_id,
-        ip=ip,
+        ip=source_ip or claimed,  # type: ignore[arg-type]  # one of them is set
         port=port,
         left=_non_negative(query, "left", None),
         uploaded=_non_negative(query, "uploaded", 0),
@@ -171,10 +174,30 @@ def parse_announce(raw_query: str, source_ip: str | None) -> Announce:
         numwant=None if numwant is None or numwant < 0 else numwant,
         compact=_flag(query, "compact", True),
         no_peer_id=_flag(query, "no_peer_id", False),
+        claimed_ip=claimed,
+        token=_token(query),
     )
 
 
-def parse_scrape(raw_query: str) -> list[bytes]:
-    """The requested info-hashes (each 20 or 32 bytes), in order, duplicates dropped."""
-    hashes = [check_info_hash(v) for v in parse_query(raw_query).get("info_hash", [])]
-    return list(dict.fromkeys(hashes))
+@dataclass(frozen=True)
+class Scrape:
+    info_hashes: list[bytes]  # each 20 or 32 bytes, in order, duplicates dropped
+    token: str | None
+
+
+def parse_scrape(raw_query: str) -> Scrape:
+    """The requested info-hashes; at least one (there is no full scrape), at most
+    ``MAX_SCRAPE_HASHES``."""
+    query = parse_query(raw_query)
+    values = query.get("info_hash", [])
+    if not values:
+        raise RequestError("scrape needs info_hash: this tracker lists no swarms")
+    if len(values) > MAX_SCRAPE_HASHES:
+        raise RequestError(f"too many info_hash: at most {MAX_SCRAPE_HASHES} per scrape")
+    hashes = [check_info_hash(v) for v in values]
+    return Scrape(list(dict.fromkeys(hashes)), _token(query))
+
+
+def _token(query: dict[str, list[bytes]]) -> str | None:
+    raw = _single(query, "token", required=False)
+    return None if raw is None else raw.decode("latin-1")

@@ -1,42 +1,59 @@
-"""The tracker's HTTP face: ``/announce``, ``/scrape``, ``/healthz``, ``/metrics`` (aiohttp).
+"""The tracker's HTTP face: ``/announce``, ``/scrape``, ``/healthz``, ``/metrics``.
 
-Malformed requests are answered ``200`` with a bencoded ``failure reason`` (what BitTorrent
-clients understand), never a 500. Bencoding is libtorrent's own ``lt.bencode``, fed bytes
-keys and bytes values only (it sorts keys itself and deprecates str input).
+Bad and refused requests are answered ``200`` with a bencoded ``failure reason`` (what
+BitTorrent clients understand and back off from), never a 5xx; only HTTP-level garbage gets a
+4xx. With a cluster secret, announces and scrapes must carry ``token=``; only then is ``ip=``
+believed. Without one no ``ip=`` is believed at all: the peer is where its packets come from.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
-import signal
-from collections.abc import AsyncIterator
+import random
+import resource
+import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import libtorrent as lt
-from aiohttp import web
 
+from p2p_mirror.core import service
+from p2p_mirror.core.clusterauth import TRACKER, ClusterAuth
 from p2p_mirror.core.config import ConfigError, HostPort, TrackerConfig
-from p2p_mirror.tracker.params import RequestError, parse_announce, parse_scrape
-from p2p_mirror.tracker.peers import AnnounceResult, Peer, Tracker
+from p2p_mirror.core.metrics import CONTENT_TYPE, Metrics
+from p2p_mirror.tracker.http import Connections, HttpProtocol, Response
+from p2p_mirror.tracker.params import IPAddress, RequestError, parse_announce, parse_scrape
+from p2p_mirror.tracker.peers import V4_LEN, V6_LEN, AnnounceResult, PeerTable
+from p2p_mirror.tracker.ratelimit import SourceRateLimit
+from p2p_mirror.tracker.sockets import Listener
 
 log = logging.getLogger("tracker")
 
 DEFAULT_NUMWANT = 50
-SCRAPE_ALL_LIMIT = 1000
-BENCODE_TYPE = "text/plain"
-
-TRACKER_KEY = web.AppKey("tracker", Tracker)
-STATS_KEY = web.AppKey("stats", dict)
-INTERVAL_KEY = web.AppKey("interval", float)
+IDLE_TIMEOUT = 120.0  # keep-alive connections with no request for this long are closed
+RETRY_RATE = 10  # BEP 31 "retry in" told to a source over its rate
+REFUSALS = {
+    "auth": "missing or wrong token",
+    "rate": "too many requests from this address",
+    "torrents": "tracker full: too many torrents",
+    "torrent_peers": "swarm full: too many peers in this torrent",
+    "peers": "tracker full: too many peers",
+}
 
 
 def check_config(cfg: TrackerConfig) -> None:
     """Reject values the generic config parsers let through; messages name the key."""
     if cfg.peer_ttl < 0:
         raise ConfigError("tracker config: peer_ttl: must not be negative (0: 3 x interval)")
+    if cfg.seed_peer_ttl < 0:
+        raise ConfigError(
+            "tracker config: seed_peer_ttl: must not be negative (0: 3 x seed_interval)"
+        )
     if cfg.max_numwant < 1:
         raise ConfigError("tracker config: max_numwant: must be at least 1")
 
@@ -45,197 +62,242 @@ def peer_ttl(cfg: TrackerConfig) -> float:
     return cfg.peer_ttl if cfg.peer_ttl > 0 else 3 * cfg.interval
 
 
+def seed_ttl(cfg: TrackerConfig) -> float:
+    return cfg.seed_peer_ttl if cfg.seed_peer_ttl > 0 else 3 * cfg.seed_interval
+
+
 def bencode(value: dict[bytes, Any]) -> bytes:
     return bytes(lt.bencode(value))
 
 
-def failure(reason: str) -> web.Response:
-    body = bencode({b"failure reason": reason.encode()})
-    return web.Response(body=body, content_type=BENCODE_TYPE)
+def failure(reason: str, retry_in: int | None = None) -> Response:
+    body: dict[bytes, Any] = {b"failure reason": reason.encode()}
+    if retry_in is not None:
+        body[b"retry in"] = retry_in  # BEP 31: libtorrent waits this long
+    return Response(200, bencode(body))
 
 
-def compact_peers(peers: list[Peer]) -> tuple[bytes, bytes]:
-    """BEP 23 ``peers`` (IPv4, 6 bytes each) and BEP 7 ``peers6`` (IPv6, 18 bytes each)."""
-    v4, v6 = bytearray(), bytearray()
-    for p in peers:
-        (v4 if p.ip.version == 4 else v6).extend(p.ip.packed + p.port.to_bytes(2, "big"))
-    return bytes(v4), bytes(v6)
+def compact_body(
+    result: AnnounceResult, interval: int, min_interval: int
+) -> bytes:
+    """The compact answer, bencoded by hand (keys in bencode's sorted order): it is most of
+    the tracker's traffic."""
+    out = b"d8:completei%de10:incompletei%de8:intervali%de12:min intervali%de5:peers%d:%s" % (
+        result.complete, result.incomplete, interval, min_interval, len(result.peers),
+        result.peers)  # fmt: skip
+    if result.peers6:
+        out += b"6:peers6%d:%s" % (len(result.peers6), result.peers6)
+    return out + b"e"
 
 
-def dict_peers(peers: list[Peer], no_peer_id: bool) -> list[dict[bytes, Any]]:
+def dict_peers(result: AnnounceResult) -> list[dict[bytes, Any]]:
+    """BEP 3's dict form. Peer ids are not kept, so entries hold ``ip`` and ``port`` only
+    (as with ``no_peer_id=1``); clients learn the id in the peer handshake."""
     out = []
-    for p in peers:
-        entry: dict[bytes, Any] = {b"ip": str(p.ip).encode(), b"port": p.port}
-        if not no_peer_id:
-            entry[b"peer id"] = p.peer_id
-        out.append(entry)
+    for blob, width in ((result.peers, V4_LEN), (result.peers6, V6_LEN)):
+        for i in range(0, len(blob), width):
+            ip, port = blob[i : i + width - 2], blob[i + width - 2 : i + width]
+            out.append({b"ip": str(ipaddress.ip_address(ip)).encode(),
+                        b"port": int.from_bytes(port, "big")})  # fmt: skip
     return out
 
 
-def announce_body(
-    result: AnnounceResult, interval: int, compact: bool, no_peer_id: bool
-) -> dict[bytes, Any]:
-    body: dict[bytes, Any] = {
-        b"interval": interval,
-        b"min interval": max(1, interval // 2),
-        b"complete": result.complete,
-        b"incomplete": result.incomplete,
-    }
-    if compact:
-        body[b"peers"], peers6 = compact_peers(result.peers)
-        if peers6:
-            body[b"peers6"] = peers6
-    else:
-        body[b"peers"] = dict_peers(result.peers, no_peer_id)
-    return body
+def tracker_metrics(table: PeerTable) -> Metrics:
+    """The tracker's counters and gauges, all named ``p2p_tracker_*``."""
+    metrics = Metrics(prefix="p2p_tracker")
+    metrics.describe("announces_total", "Valid announces answered.")
+    metrics.describe("scrapes_total", "Scrapes answered.")
+    metrics.describe("failures_total", "Requests answered with a failure reason.")
+    metrics.describe("expired_peers_total", "Peers dropped for missing announces.")
+    metrics.describe("refused_total", "Announces and scrapes refused, by cap or check.")
+    for name in ("announces_total", "scrapes_total", "failures_total", "expired_peers_total"):
+        metrics.inc(name, 0)
+    for reason in REFUSALS:
+        metrics.inc("refused_total", 0, reason=reason)
+    metrics.gauge("torrents", lambda: table.counts()[0], "Swarms with at least one live peer.")
+    metrics.gauge("peers", lambda: table.counts()[1], "Live peers by role.", role="seeder")
+    metrics.gauge("peers", lambda: table.counts()[2], "Live peers by role.", role="leecher")
+    return metrics
 
 
-def _raw_query(request: web.Request) -> str:
-    # Not request.query_string: yarl returns that percent-decoded, which corrupts raw bytes.
-    return request.rel_url.raw_query_string
+class TrackerService:
+    """The tracker's state and request handling, with no sockets (``handle`` is called by
+    the HTTP protocol, or directly by tests)."""
 
+    def __init__(
+        self,
+        cfg: TrackerConfig,
+        auth: ClusterAuth,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        check_config(cfg)
+        self.auth = auth
+        self.interval = max(1, round(cfg.interval))
+        self.seed_interval = max(1, round(cfg.seed_interval))
+        self.table = PeerTable(
+            peer_ttl=peer_ttl(cfg),
+            seed_ttl=seed_ttl(cfg),
+            default_numwant=min(DEFAULT_NUMWANT, cfg.max_numwant),
+            max_numwant=cfg.max_numwant,
+            max_torrents=cfg.max_torrents,
+            max_peers_per_torrent=cfg.max_peers_per_torrent,
+            max_peers=cfg.max_peers,
+            clock=clock,
+            rng=rng,
+        )
+        self.limiter = SourceRateLimit(cfg.announce_rate, cfg.announce_burst, clock=clock)
+        self.metrics = tracker_metrics(self.table)
 
-async def handle_announce(request: web.Request) -> web.Response:
-    app = request.app
-    stats = app[STATS_KEY]
-    try:
-        req = parse_announce(_raw_query(request), request.remote)
-        result = app[TRACKER_KEY].announce(req)
-    except RequestError as e:
-        stats["failures"] += 1
-        log.debug("bad announce from %s: %s", request.remote, e)
-        return failure(str(e))
-    except Exception:
-        stats["failures"] += 1
-        log.exception("announce from %s failed", request.remote)
-        return failure("internal tracker error")
-    stats["announces"] += 1
-    interval = max(1, round(app[INTERVAL_KEY]))
-    body = announce_body(result, interval, req.compact, req.no_peer_id)
-    return web.Response(body=bencode(body), content_type=BENCODE_TYPE)
+    def handle(self, path: bytes, raw_query: str, source: IPAddress | None) -> Response:
+        if path == b"/announce":
+            return self.announce(raw_query, source)
+        if path == b"/scrape":
+            return self.scrape(raw_query, source)
+        if path == b"/healthz":
+            return Response(200, b"ok\n")
+        if path == b"/metrics":
+            return Response(200, self.render_metrics().encode(), CONTENT_TYPE.encode())
+        return Response(404, b"not found\n")
 
+    def _refuse(self, reason: str, retry_in: int | None = None) -> Response:
+        self.metrics.inc("refused_total", reason=reason)
+        return failure(REFUSALS[reason], retry_in)
 
-async def handle_scrape(request: web.Request) -> web.Response:
-    app = request.app
-    stats = app[STATS_KEY]
-    try:
-        hashes = parse_scrape(_raw_query(request))
-        tracker = app[TRACKER_KEY]
-        entries = tracker.scrape(hashes) if hashes else tracker.scrape_all(SCRAPE_ALL_LIMIT)
-    except RequestError as e:
-        stats["failures"] += 1
-        return failure(str(e))
-    except Exception:
-        stats["failures"] += 1
-        log.exception("scrape from %s failed", request.remote)
-        return failure("internal tracker error")
-    stats["scrapes"] += 1
-    files = {
-        ih: {b"complete": e.complete, b"incomplete": e.incomplete, b"downloaded": e.downloaded}
-        for ih, e in entries.items()
-    }
-    return web.Response(body=bencode({b"files": files}), content_type=BENCODE_TYPE)
+    def _fail(self, error: RequestError, source: IPAddress | None) -> Response:
+        self.metrics.inc("failures_total")
+        log.debug("bad request from %s: %s", source, error)
+        return failure(str(error))
 
+    def announce(self, raw_query: str, source: IPAddress | None) -> Response:
+        if not self.limiter.allow(source):
+            return self._refuse("rate", RETRY_RATE)
+        try:
+            req = parse_announce(raw_query, source)
+        except RequestError as e:
+            return self._fail(e, source)
+        if not self.auth.accepts(TRACKER, req.token):
+            return self._refuse("auth")
+        if req.claimed_ip is not None and self.auth.enabled:
+            req = dataclasses.replace(req, ip=req.claimed_ip)
+        result = self.table.announce(req)
+        if result.refused:
+            return self._refuse(result.refused, self.interval)
+        self.metrics.inc("announces_total")
+        interval = self.seed_interval if req.seeder else self.interval
+        if req.compact:
+            return Response(200, compact_body(result, interval, max(1, interval // 2)))
+        return Response(200, bencode({
+            b"interval": interval, b"min interval": max(1, interval // 2),
+            b"complete": result.complete, b"incomplete": result.incomplete,
+            b"peers": dict_peers(result),
+        }))  # fmt: skip
 
-async def handle_healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
+    def scrape(self, raw_query: str, source: IPAddress | None) -> Response:
+        if not self.limiter.allow(source):
+            return self._refuse("rate", RETRY_RATE)
+        try:
+            req = parse_scrape(raw_query)
+        except RequestError as e:
+            return self._fail(e, source)
+        if not self.auth.accepts(TRACKER, req.token):
+            return self._refuse("auth")
+        self.metrics.inc("scrapes_total")
+        files = {
+            ih: {b"complete": e.complete, b"incomplete": e.incomplete, b"downloaded": e.downloaded}
+            for ih, e in self.table.scrape(req.info_hashes).items()
+        }
+        return Response(200, bencode({b"files": files}))
 
+    def housekeeping(self) -> None:
+        """Forget stale peers, empty swarms and idle rate buckets."""
+        dropped = self.table.expire()
+        self.limiter.forget_idle()
+        if dropped:
+            log.debug("expired %d peers", dropped)
 
-async def handle_metrics(request: web.Request) -> web.Response:
-    app = request.app
-    tracker = app[TRACKER_KEY]
-    tracker.expire()
-    torrents, seeders, leechers = tracker.counts()
-    stats = app[STATS_KEY]
-    lines = [
-        "# HELP p2p_tracker_torrents Swarms with at least one live peer.",
-        "# TYPE p2p_tracker_torrents gauge",
-        f"p2p_tracker_torrents {torrents}",
-        "# HELP p2p_tracker_peers Live peers by role.",
-        "# TYPE p2p_tracker_peers gauge",
-        f'p2p_tracker_peers{{role="seeder"}} {seeders}',
-        f'p2p_tracker_peers{{role="leecher"}} {leechers}',
-        "# HELP p2p_tracker_announces_total Valid announces answered.",
-        "# TYPE p2p_tracker_announces_total counter",
-        f"p2p_tracker_announces_total {stats['announces']}",
-        "# HELP p2p_tracker_scrapes_total Scrapes answered.",
-        "# TYPE p2p_tracker_scrapes_total counter",
-        f"p2p_tracker_scrapes_total {stats['scrapes']}",
-        "# HELP p2p_tracker_failures_total Requests answered with a failure reason.",
-        "# TYPE p2p_tracker_failures_total counter",
-        f"p2p_tracker_failures_total {stats['failures']}",
-        "# HELP p2p_tracker_expired_peers_total Peers dropped for missing announces.",
-        "# TYPE p2p_tracker_expired_peers_total counter",
-        f"p2p_tracker_expired_peers_total {tracker.expired_total}",
-    ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-
-async def _sweeper(app: web.Application) -> AsyncIterator[None]:
-    """Forget stale peers and empty swarms even when nobody announces to them any more."""
-    tracker = app[TRACKER_KEY]
-    period = max(0.5, min(tracker.peer_ttl / 2, 60.0))
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(period)
-            dropped = tracker.expire()
-            if dropped:
-                log.debug("expired %d peers", dropped)
-
-    task = asyncio.create_task(loop())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-def make_app(cfg: TrackerConfig) -> web.Application:
-    """The tracker application (state lives in the app; one app, one tracker)."""
-    check_config(cfg)
-    app = web.Application()
-    app[TRACKER_KEY] = Tracker(
-        peer_ttl=peer_ttl(cfg),
-        default_numwant=min(DEFAULT_NUMWANT, cfg.max_numwant),
-        max_numwant=cfg.max_numwant,
-    )
-    app[STATS_KEY] = {"announces": 0, "scrapes": 0, "failures": 0}
-    app[INTERVAL_KEY] = cfg.interval
-    app.cleanup_ctx.append(_sweeper)
-    app.router.add_get("/announce", handle_announce)
-    app.router.add_get("/scrape", handle_scrape)
-    app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/metrics", handle_metrics)
-    return app
+    def render_metrics(self) -> str:
+        self.table.expire()
+        # the peer table counts expiries itself (it has no metrics); bring the counter level
+        level = self.table.expired_total - self.metrics.value("expired_peers_total")
+        self.metrics.inc("expired_peers_total", level)
+        return self.metrics.render()
 
 
 def announce_url(listen: HostPort) -> str:
     return f"http://{listen}/announce"
 
 
-def _bound(runner: web.AppRunner, fallback: HostPort) -> HostPort:
-    """The address actually bound (port 0 in the config means "any free port")."""
-    for addr in runner.addresses:
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            host = str(ipaddress.ip_address(addr[0])) if addr[0] else fallback.host
-            return HostPort(host, int(addr[1]))
-    return fallback
+def connection_limit() -> int:
+    """Open connections allowed: what the file-descriptor limit leaves, at most 10,000."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(10_000, soft - 64))
+
+
+class RunningTracker:
+    """A listening tracker; ``close()`` stops it."""
+
+    def __init__(self, svc: TrackerService, listener: Listener, conns: Connections,
+                 listen: HostPort) -> None:  # fmt: skip
+        self.service = svc
+        self.listener = listener
+        self.connections = conns
+        self.listen = listen
+        sweep = max(0.5, min(svc.table.peer_ttl / 2, 60.0))
+        self._sweeper = asyncio.create_task(service.every(sweep, self._sweep, log))
+
+    def _sweep(self) -> None:
+        self.service.housekeeping()
+        self.connections.close_idle()
+
+    @property
+    def url(self) -> str:
+        return announce_url(self.listen)
+
+    async def close(self) -> None:
+        self._sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
+        self.listener.close()
+        self.connections.close_all()
+
+
+def listen_socket(listen: HostPort) -> socket.socket:
+    """A bound, listening TCP socket (an IPv6 wildcard also takes IPv4)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(service.LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def start(cfg: TrackerConfig, auth: ClusterAuth | None = None) -> RunningTracker:
+    """Listen on ``cfg.listen`` (port 0: any free port) and serve."""
+    svc = TrackerService(cfg, auth or ClusterAuth.from_file(cfg.cluster_secret, "tracker"))
+    conns = Connections(connection_limit(), IDLE_TIMEOUT)
+    listener = Listener(asyncio.get_running_loop(), listen_socket(cfg.listen),
+                        lambda: HttpProtocol(svc.handle, conns))  # fmt: skip
+    return RunningTracker(svc, listener, conns, HostPort(cfg.listen.host, listener.port))
 
 
 async def serve(cfg: TrackerConfig, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then close the listener and drain."""
-    app = make_app(cfg)
-    access_log = logging.getLogger("aiohttp.access") if cfg.log_level == "DEBUG" else None
-    runner = web.AppRunner(app, access_log=access_log, handle_signals=False)
-    await runner.setup()
+    """Serve until ``stop`` is set, then close the listener and every connection."""
+    running = await start(cfg)
+    log.info("tracker ready on %s", running.url)
     try:
-        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, reuse_address=True)
-        await site.start()
-        log.info("tracker ready on %s", announce_url(_bound(runner, cfg.listen)))
         await stop.wait()
         log.info("tracker stopping")
     finally:
-        await runner.cleanup()
+        await running.close()
 
 
 def run_tracker(cfg: TrackerConfig) -> None:
@@ -243,9 +305,8 @@ def run_tracker(cfg: TrackerConfig) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        waiter = asyncio.create_task(service.wait_for_signal())
+        waiter.add_done_callback(lambda _: stop.set())
         await serve(cfg, stop)
 
     asyncio.run(main())

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from support.fakes import FixedSource
 
 from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.pull import BlobPuller
@@ -111,7 +112,8 @@ async def deal(tmp_path: Path, agent: TorrentSession, seeder: TorrentSession, me
     offer = await client.torrent(url, DIGEST, 0, 6881) if inline else SegmentOffer(b"", pieces)
     assert (offer.body is not None) == inline
     try:
-        await puller._dealt_pieces(download, url, 0, transfer, offer, [("127.0.0.1", seeder.port)])
+        source = FixedSource([("127.0.0.1", seeder.port)])
+        await puller._dealt_pieces(download, source, url, 0, transfer, offer)  # type: ignore[arg-type]
     finally:
         offer.close()
         await client.close()
@@ -198,7 +200,7 @@ async def test_peers_are_given_their_grace_only_once_our_dealt_run_is_in(
     run_in = asyncio.Event()
     dealer = asyncio.create_task(run_in.wait())
     watcher = asyncio.create_task(
-        puller._seeder_if_stalled(transfer, [("127.0.0.1", seeder.port)], dealer)
+        puller._seeder_if_stalled(transfer, FixedSource([("127.0.0.1", seeder.port)]), dealer)  # type: ignore[arg-type]
     )
     await asyncio.sleep(1.0)  # five graces
     assert metrics.value("seeder_segments_total", reason="stalled") == 0

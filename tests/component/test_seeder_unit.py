@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from p2p_mirror.core.config import SeederConfig, load_config
+from p2p_mirror.core.metrics import sample_sum
 from p2p_mirror.core.oci import Digest
 from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER, parse_piece_list
 from p2p_mirror.seeder.ingest import BACKLOG_SEGMENTS, NEXT_REQUEST_LEAD_BYTES
@@ -352,7 +353,8 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
         # a run joins the queue a little after its segment is out: up to a segment more
         assert paused_at < (BACKLOG_SEGMENTS + 3) * segment < 8 * MiB
         metrics = await (await client.get("/metrics")).text()
-        assert f"p2p_mirror_dealt_backlog_bytes {seeder.dealer.send_queue.queued}\n" in metrics
+        backlog = sample_sum(metrics, "p2p_mirror_dealt_backlog_bytes")
+        assert backlog == seeder.dealer.send_queue.queued
         assert seeder.dealer.send_queue.queued > BACKLOG_SEGMENTS * segment
         release.set()
         blob = origin.blobs[digest]

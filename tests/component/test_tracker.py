@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import ipaddress
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import urllib.request
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes
 
+import aiohttp
 import libtorrent as lt
 import pytest
 import yarl
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from support import require_binaries
 
-from lab.procs import Proc, free_port
+from lab.procs import Proc, free_port, port_open
+from p2p_mirror.core.clusterauth import TRACKER, ClusterAuth
 from p2p_mirror.core.config import HostPort, TrackerConfig
+from p2p_mirror.core.metrics import parse_samples, sample_sum
 from p2p_mirror.tracker import server
 from p2p_mirror.tracker.params import Announce
-from p2p_mirror.tracker.peers import Tracker
-from p2p_mirror.tracker.server import TRACKER_KEY, make_app
+from p2p_mirror.tracker.peers import PeerTable
+from p2p_mirror.tracker.server import TrackerService
 
 IH = bytes(range(20))
 IH2 = hashlib.sha1(b"other").digest()
@@ -47,18 +53,27 @@ def query(**params: Any) -> str:
     return "&".join(parts)
 
 
-class Client:
-    """Announce/scrape over real HTTP to an in-process tracker app."""
+SECRET = b"s3cret-s3cret-s3cret"
 
-    def __init__(self, http: TestClient, app: web.Application) -> None:
+
+class Client:
+    """Announce/scrape over real HTTP to an in-process tracker; ``token`` is added to every
+    announce and scrape unless a call passes its own."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str, svc: TrackerService,
+                 token: str = "") -> None:  # fmt: skip
         self.http = http
-        self.app = app
+        self.base = base
+        self.svc = svc
+        self.token = token
 
     async def get(self, path: str, raw_query: str = "") -> dict[bytes, Any]:
-        url = yarl.URL(f"{path}?{raw_query}" if raw_query else path, encoded=True)
-        resp = await self.http.get(url)
-        assert resp.status == 200, await resp.text()
-        return lt.bdecode(await resp.read())
+        if self.token and path in ("/announce", "/scrape") and "token=" not in raw_query:
+            raw_query = "&".join(q for q in (raw_query, f"token={self.token}") if q)
+        url = yarl.URL(self.base + (f"{path}?{raw_query}" if raw_query else path), encoded=True)
+        async with self.http.get(url) as resp:
+            assert resp.status == 200, await resp.text()
+            return lt.bdecode(await resp.read())
 
     async def announce(
         self, info_hash: bytes = IH, n: int = 1, port: int | None = None, left: int = 100, **kw: Any
@@ -77,23 +92,27 @@ class Client:
         return body
 
     async def scrape(self, *hashes: bytes) -> dict[bytes, Any]:
-        return (await self.get("/scrape", query(info_hash=list(hashes)) if hashes else ""))[
-            b"files"
-        ]
+        body = await self.get("/scrape", query(info_hash=list(hashes)))
+        assert b"failure reason" not in body, body
+        return body[b"files"]
 
-    async def metric(self, name: str) -> float:
-        resp = await self.http.get("/metrics")
-        for line in (await resp.text()).splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"metric {name} missing")
+    async def metric(self, name: str, **labels: str) -> float:
+        async with self.http.get(self.base + "/metrics") as resp:
+            text = await resp.text()
+        assert [s for s in parse_samples(text) if s.name == name], f"metric {name} missing"
+        return sample_sum(text, name, **labels)
 
 
 @asynccontextmanager
-async def tracker_client(**cfg: Any) -> AsyncIterator[Client]:
-    app = make_app(TrackerConfig(**cfg))
-    async with TestClient(TestServer(app, host="127.0.0.1")) as http:
-        yield Client(http, app)
+async def tracker_client(secret: bytes | None = None, **cfg: Any) -> AsyncIterator[Client]:
+    auth = ClusterAuth(secret, "tracker")
+    running = await server.start(TrackerConfig(listen=HostPort("127.0.0.1", 0), **cfg), auth)
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Client(http, f"http://127.0.0.1:{running.listen.port}", running.service,
+                         auth.token(TRACKER))  # fmt: skip
+    finally:
+        await running.close()
 
 
 def compact4(blob: bytes) -> list[tuple[str, int]]:
@@ -119,9 +138,9 @@ async def test_compact_announce_returns_other_peers_not_self() -> None:
     async with tracker_client(interval=20.0) as c:
         first = await c.announce(n=1, left=0, event="started")
         assert first[b"peers"] == b""
-        assert first[b"interval"] == 20
-        assert 1 <= first[b"min interval"] <= 20
         body = await c.announce(n=2, event="started")
+        assert body[b"interval"] == 20
+        assert 1 <= body[b"min interval"] <= 20
         assert compact4(body[b"peers"]) == [("127.0.0.1", 10001)]
         assert (body[b"complete"], body[b"incomplete"]) == (1, 1)
         assert b"peers6" not in body
@@ -133,8 +152,9 @@ async def test_compact_announce_returns_other_peers_not_self() -> None:
 async def test_dict_form_with_and_without_peer_id() -> None:
     async with tracker_client() as c:
         await c.announce(n=1, left=0)
+        # peer ids are not kept (clients learn them in the handshake): never in the answer
         body = await c.announce(n=2, compact=0)
-        assert body[b"peers"] == [{b"ip": b"127.0.0.1", b"port": 10001, b"peer id": pid(1)}]
+        assert body[b"peers"] == [{b"ip": b"127.0.0.1", b"port": 10001}]
         body = await c.announce(n=2, compact=0, no_peer_id=1)
         assert body[b"peers"] == [{b"ip": b"127.0.0.1", b"port": 10001}]
 
@@ -195,7 +215,7 @@ async def test_restarted_client_on_same_endpoint_replaces_old_entry() -> None:
 
 
 async def test_peers_expire_after_ttl() -> None:
-    async with tracker_client(interval=1.0, peer_ttl=0.4) as c:
+    async with tracker_client(interval=1.0, peer_ttl=0.4, seed_peer_ttl=0.4) as c:
         await c.announce(n=1, left=0)
         await asyncio.sleep(0.15)
         assert compact4((await c.announce(n=2))[b"peers"]) == [("127.0.0.1", 10001)]
@@ -208,59 +228,96 @@ async def test_peers_expire_after_ttl() -> None:
         assert await c.metric("p2p_tracker_expired_peers_total") >= 2
 
 
+def ann_req(n: int, left: int = 1, numwant: int | None = None, event: str = "",
+            ip: str | None = None) -> Announce:  # fmt: skip
+    addr = ipaddress.ip_address(ip or f"10.0.{n // 250}.{n % 250 + 1}")
+    return Announce(IH, pid(n), addr, 6000 + n % 1000, left, 0, 0, event, numwant, True, False)
+
+
+def ports(result: Any) -> list[int]:
+    return [port for _, port in compact4(result.peers)]
+
+
 def test_expiry_with_fake_clock_and_default_ttl() -> None:
     now = [1000.0]
-    t = Tracker(peer_ttl=server.peer_ttl(TrackerConfig(interval=30.0)), clock=lambda: now[0])
-    assert t.peer_ttl == 90.0
-
-    def ann(n: int, left: int = 1) -> list[bytes]:
-        req = Announce(IH, pid(n), ipaddress.ip_address("10.0.0.1"), 6000 + n, left, 0, 0, "",
-                       None, True, False)  # fmt: skip
-        return [p.peer_id for p in t.announce(req).peers]
-
-    ann(1, left=0)
+    cfg = TrackerConfig(interval=30.0)
+    t = PeerTable(peer_ttl=server.peer_ttl(cfg), seed_ttl=server.seed_ttl(cfg),
+                  clock=lambda: now[0])  # fmt: skip
+    assert (t.peer_ttl, t.seed_ttl) == (90.0, 5400.0)
+    t.announce(ann_req(1))
     now[0] += 89.0
-    assert ann(2) == [pid(1)]
+    assert ports(t.announce(ann_req(2))) == [6001]
     now[0] += 2.0  # peer 1 silent for 91 s
-    assert ann(3) == [pid(2)]
+    assert ports(t.announce(ann_req(3))) == [6002]
     now[0] += 200.0
     assert t.expire() == 2
     assert t.counts() == (0, 0, 0) and t.swarms == {}
 
 
+def test_seeds_get_the_long_ttl_leechers_the_short_one() -> None:
+    now = [0.0]
+    t = PeerTable(peer_ttl=90.0, seed_ttl=5400.0, clock=lambda: now[0])
+    t.announce(ann_req(1, left=0))
+    t.announce(ann_req(2))
+    now[0] = 1000.0  # past a leecher's TTL, well within a seed's
+    assert t.expire() == 1 and t.counts() == (1, 1, 0)
+    now[0] = 5401.0
+    assert t.expire() == 1 and t.counts() == (0, 0, 0)
+
+
+async def test_seeds_are_told_the_long_interval_leechers_the_short_one() -> None:
+    async with tracker_client(interval=30.0, seed_interval=1800.0) as c:
+        seed = await c.announce(n=1, left=0)
+        leech = await c.announce(n=2, left=5)
+        assert (seed[b"interval"], leech[b"interval"]) == (1800, 30)
+        assert seed[b"min interval"] <= 1800 and leech[b"min interval"] <= 30
+        done = await c.announce(n=2, left=0, event="completed")  # a finished leecher is a seed
+        assert done[b"interval"] == 1800
+
+
 async def test_sweeper_forgets_silent_swarms_without_any_request() -> None:
     async with tracker_client(interval=1.0, peer_ttl=0.2) as c:
         await c.announce(n=1)
-        tracker = c.app[TRACKER_KEY]
-        assert tracker.counts() == (1, 0, 1)
+        table = c.svc.table
+        assert table.counts() == (1, 0, 1)
         await asyncio.sleep(1.2)  # no request in between: only the background sweep runs
-        assert tracker.swarms == {} and tracker.expired_total == 1
+        assert table.swarms == {} and table.expired_total == 1
 
 
 def test_large_swarm_sample_is_distinct_live_and_never_self() -> None:
     now = [0.0]
-    t = Tracker(peer_ttl=100.0, max_numwant=200, clock=lambda: now[0], rng=random.Random(7))
-
-    def req(n: int, left: int, numwant: int | None = None) -> Announce:
-        ip = ipaddress.ip_address(f"10.0.{n // 250}.{n % 250 + 1}")
-        return Announce(IH, pid(n), ip, 6881, left, 0, 0, "", numwant, True, False)
-
+    t = PeerTable(peer_ttl=100.0, max_numwant=200, clock=lambda: now[0], rng=random.Random(7))
     for n in range(300):
-        t.announce(req(n, left=0 if n < 30 else 1))
+        t.announce(ann_req(n, left=0 if n < 30 else 1))
     now[0] = 50.0
     for n in range(100, 300):  # peers 0-99 (all 30 seeders among them) go quiet
-        t.announce(req(n, left=1))
+        t.announce(ann_req(n, left=1))
     now[0] = 120.0  # 0-99 are now stale
+    live = {(f"10.0.{n // 250}.{n % 250 + 1}", 6000 + n) for n in range(100, 300)}
     for n in range(150, 300):
-        peers = t.announce(req(n, left=1, numwant=60)).peers
-        ids = [p.peer_id for p in peers]
-        assert len(ids) == 60 and len(set(ids)) == 60 and pid(n) not in ids
-        assert all(p.last_seen >= 20.0 for p in peers)
+        got = compact4(t.announce(ann_req(n, left=1, numwant=60)).peers)
+        me = (f"10.0.{n // 250}.{n % 250 + 1}", 6000 + n)
+        assert len(got) == 60 and len(set(got)) == 60 and me not in got
+        assert set(got) <= live
     assert t.counts()[1] == 0  # stale seeders met by the samples were dropped
 
 
-async def test_ip_param_ipv6_peers6_and_ipv4_mapped() -> None:
-    async with tracker_client() as c:
+def test_caps_refuse_new_swarms_and_peers_but_refresh_known_ones() -> None:
+    t = PeerTable(peer_ttl=100.0, max_torrents=2, max_peers_per_torrent=3, max_peers=5)
+    other = [hashlib.sha1(bytes([i])).digest() for i in range(3)]
+
+    def on(ih: bytes, n: int) -> str:
+        return t.announce(dataclasses.replace(ann_req(n), info_hash=ih)).refused
+
+    assert [on(other[0], n) for n in range(4)] == ["", "", "", "torrent_peers"]
+    assert on(other[0], 1) == ""  # a known peer is always refreshed
+    assert on(other[1], 10) == "" and on(other[2], 20) == "torrents"
+    assert on(other[1], 11) == "" and on(other[1], 12) == "peers"  # 5 peers in all
+    assert t.counts() == (2, 0, 5) and t.peers == 5
+
+
+async def test_ip_param_ipv6_peers6_and_ipv4_mapped_when_authenticated() -> None:
+    async with tracker_client(secret=SECRET) as c:
         await c.announce(n=1, left=0, ip="10.1.2.3")
         await c.announce(n=2, left=0, ip="2001:db8::7")
         await c.announce(n=3, left=0, ip="::ffff:10.9.9.9")
@@ -270,6 +327,62 @@ async def test_ip_param_ipv6_peers6_and_ipv4_mapped() -> None:
         body = await c.announce(n=4, compact=0, no_peer_id=1)
         ips = sorted(p[b"ip"] for p in body[b"peers"])
         assert ips == [b"10.1.2.3", b"10.9.9.9", b"2001:db8::7"]
+
+
+async def test_ip_param_is_ignored_without_a_cluster_secret() -> None:
+    async with tracker_client() as c:
+        await c.announce(n=1, left=0, ip="169.254.169.254", port=6881)
+        body = await c.announce(n=2)
+        assert compact4(body[b"peers"]) == [("127.0.0.1", 6881)]
+
+
+async def test_secret_refuses_missing_and_wrong_tokens_and_accepts_the_right_one() -> None:
+    async with tracker_client(secret=SECRET) as c:
+        wrong = ClusterAuth(b"another-secret-entirely", "agent").token(TRACKER)
+        right, c.token = c.token, ""  # send exactly what each case says
+        for token in ("", "token=", f"token={wrong}", f"token={right[:-1]}"):
+            params = "&".join(q for q in (query(**GOOD), token) if q)
+            body = await c.get("/announce", params)
+            assert b"token" in body[b"failure reason"], token
+            scrape = await c.get("/scrape", "&".join(q for q in (query(info_hash=IH), token) if q))
+            assert b"token" in scrape[b"failure reason"], token
+        # an unauthenticated ip= is not even considered: refused before it counts
+        assert c.svc.table.counts() == (0, 0, 0)
+        assert await c.metric("p2p_tracker_refused_total", reason="auth") == 8
+        c.token = right
+        await c.announce(n=1, left=0, ip="10.7.7.7")
+        assert compact4((await c.announce(n=2))[b"peers"]) == [("10.7.7.7", 10001)]
+        assert (await c.scrape(IH))[IH][b"complete"] == 1
+
+
+async def test_full_scrape_is_refused() -> None:
+    async with tracker_client() as c:
+        await c.announce(n=1)
+        body = await c.get("/scrape")
+        assert b"info_hash" in body[b"failure reason"] and b"files" not in body
+        body = await c.get("/scrape", "other=1")
+        assert b"failure reason" in body
+
+
+async def test_rate_limit_per_source_with_metric() -> None:
+    async with tracker_client(announce_rate=1.0, announce_burst=5) as c:
+        answers = [await c.get("/announce", query(**{**GOOD, "peer_id": pid(n)}))
+                   for n in range(8)]  # fmt: skip
+        refused = [a for a in answers if b"failure reason" in a]
+        assert len(refused) == 3 and all(a[b"retry in"] >= 1 for a in refused)
+        assert await c.metric("p2p_tracker_refused_total", reason="rate") == 3
+
+
+async def test_caps_are_refused_with_a_reason_and_counted() -> None:
+    async with tracker_client(max_torrents=1, max_peers_per_torrent=2) as c:
+        await c.announce(n=1)
+        await c.announce(n=2)
+        body = await c.get("/announce", query(**{**GOOD, "peer_id": pid(3), "port": 3}))
+        assert b"swarm full" in body[b"failure reason"]
+        body = await c.get("/announce", query(**{**GOOD, "info_hash": IH2}))
+        assert b"too many torrents" in body[b"failure reason"]
+        assert await c.metric("p2p_tracker_refused_total", reason="torrent_peers") == 1
+        assert await c.metric("p2p_tracker_refused_total", reason="torrents") == 1
 
 
 async def test_v2_hash_shares_swarm_with_its_truncation() -> None:
@@ -291,14 +404,14 @@ async def test_raw_bytes_in_info_hash_survive() -> None:
     async with tracker_client() as c:
         body = await c.get("/announce", f"info_hash={raw}&" + query(peer_id=pid(1), port=1, left=0))
         assert b"failure reason" not in body
-        assert list(await c.scrape()) == [nasty]
+        assert list(c.svc.table.swarms) == [nasty]
         assert (await c.scrape(nasty))[nasty][b"complete"] == 1
 
 
 # --- scrape ---------------------------------------------------------------------------------
 
 
-async def test_scrape_several_unknown_and_all_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_scrape_several_and_unknown() -> None:
     unknown = hashlib.sha1(b"nobody").digest()
     async with tracker_client() as c:
         await c.announce(info_hash=IH, n=1, left=0)
@@ -310,11 +423,9 @@ async def test_scrape_several_unknown_and_all_capped(monkeypatch: pytest.MonkeyP
             IH2: {b"complete": 0, b"incomplete": 1, b"downloaded": 0},
             unknown: {b"complete": 0, b"incomplete": 0, b"downloaded": 0},
         }
-        assert set(await c.scrape()) == {IH, IH2}
-        for i in range(5):
-            await c.announce(info_hash=hashlib.sha1(bytes([i])).digest(), n=1)
-        monkeypatch.setattr(server, "SCRAPE_ALL_LIMIT", 3)
-        assert len(await c.scrape()) == 3
+        many = [hashlib.sha1(bytes([i])).digest() for i in range(129)]
+        body = await c.get("/scrape", query(info_hash=many))
+        assert b"too many info_hash" in body[b"failure reason"]
 
 
 # --- malformed requests ---------------------------------------------------------------------
@@ -358,25 +469,25 @@ async def test_malformed_announces_get_failure_reason_not_500() -> None:
         assert b"info_hash" in scrape[b"failure reason"]
         assert await c.metric("p2p_tracker_failures_total") == len(BAD) + 1
         assert await c.metric("p2p_tracker_announces_total") == 0
-        assert (await c.scrape()) == {}  # nothing bad got in
+        assert c.svc.table.counts() == (0, 0, 0)  # nothing bad got in
         await c.announce(n=1)  # and the tracker still works
 
 
 async def test_healthz_and_metrics() -> None:
     async with tracker_client() as c:
-        resp = await c.http.get("/healthz")
-        assert resp.status == 200 and await resp.text() == "ok"
+        async with c.http.get(c.base + "/healthz") as resp:
+            assert resp.status == 200 and await resp.text() == "ok\n"
         await c.announce(info_hash=IH, n=1, left=0)
         await c.announce(info_hash=IH, n=2)
         await c.announce(info_hash=IH2, n=2)
-        await c.scrape()
-        resp = await c.http.get("/metrics")
-        text = await resp.text()
-        assert resp.content_type == "text/plain"
+        await c.scrape(IH)
+        async with c.http.get(c.base + "/metrics") as resp:
+            text = await resp.text()
+            assert resp.content_type == "text/plain"
         assert "# TYPE p2p_tracker_announces_total counter" in text
         assert await c.metric("p2p_tracker_torrents") == 2
-        assert 'p2p_tracker_peers{role="seeder"} 1' in text
-        assert 'p2p_tracker_peers{role="leecher"} 2' in text
+        assert await c.metric("p2p_tracker_peers", role="seeder") == 1
+        assert await c.metric("p2p_tracker_peers", role="leecher") == 2
         assert await c.metric("p2p_tracker_announces_total") == 3
         assert await c.metric("p2p_tracker_scrapes_total") == 1
         assert await c.metric("p2p_tracker_failures_total") == 0
@@ -427,69 +538,126 @@ async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
-async def test_libtorrent_swarm_finds_peers_through_tracker(tmp_path: Path, kind: str) -> None:
-    seen: list[bytes] = []  # raw info_hash values libtorrent announced
+@pytest.mark.parametrize(
+    ("kind", "secret"), [("v1", None), ("v2", None), ("hybrid", None), ("v1", SECRET)]
+)
+async def test_libtorrent_swarm_finds_peers_through_tracker(
+    tmp_path: Path, kind: str, secret: bytes | None
+) -> None:
+    from p2p_mirror.tracker.params import parse_query
 
-    @web.middleware
-    async def record(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
-        if request.path == "/announce":
-            from p2p_mirror.tracker.params import parse_query
+    auth = ClusterAuth(secret, "tracker")
+    cfg = TrackerConfig(listen=HostPort("127.0.0.1", 0), interval=1.0, peer_ttl=5.0,
+                        seed_interval=1.0, seed_peer_ttl=5.0)  # fmt: skip
+    running = await server.start(cfg, auth)
+    svc = running.service
+    queries: list[str] = []  # raw announce queries as libtorrent sent them
+    handle = svc.handle
 
-            seen.extend(parse_query(request.rel_url.raw_query_string).get("info_hash", []))
-        return await handler(request)
+    def record(path: bytes, raw_query: str, source: Any) -> Any:
+        if path == b"/announce":
+            queries.append(raw_query)
+        return handle(path, raw_query, source)
 
-    app = make_app(TrackerConfig(interval=1.0, peer_ttl=5.0))
-    app.middlewares.append(record)
-    port = free_port()
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    svc.handle = record  # type: ignore[method-assign]
+    announce = running.url + (f"?token={auth.token(TRACKER)}" if secret else "")
     seed_dir, leech_dir = tmp_path / "seed", tmp_path / "leech"
     seed_dir.mkdir()
     leech_dir.mkdir()
     data = random.randbytes(3 * 1024 * 1024 + 777)
     (seed_dir / "blob").write_bytes(data)
-    ti = make_torrent(seed_dir / "blob", f"http://127.0.0.1:{port}/announce", kind)
+    ti = make_torrent(seed_dir / "blob", announce, kind)
     hashes = ti.info_hashes()
     expected = set()
     if hashes.has_v1():
         expected.add(hashes.v1.to_bytes())
     if hashes.has_v2():
         expected.add(hashes.v2.to_bytes()[:20])
-    tracker = app[TRACKER_KEY]
+    table = svc.table
     seeder = lt_session(free_port())
     leecher = lt_session(free_port())
     try:
         add(seeder, ti, seed_dir)
         await until(
-            lambda: all(ih in tracker.swarms and tracker.swarms[ih].seeders for ih in expected),
+            lambda: all(ih in table.swarms and table.swarms[ih].seeders for ih in expected),
             20, "the seeder's announce",
         )  # fmt: skip
-        handle = add(leecher, lt.torrent_info(ti), leech_dir)
-        await until(lambda: handle.status().is_seeding, 60, "the leecher to finish")
+        handle_ = add(leecher, lt.torrent_info(ti), leech_dir)
+        await until(lambda: handle_.status().is_seeding, 60, "the leecher to finish")
         assert (leech_dir / "blob").read_bytes() == data
         # the leecher announces completed; both peers are then seeders in every swarm
         await until(
             lambda: all(
-                len(tracker.swarms[ih].seeders) == 2 and tracker.swarms[ih].downloaded == 1
+                table.swarms[ih].seeders == 2 and table.swarms[ih].downloaded == 1
                 for ih in expected
             ),
             20, "the completed announce",
         )  # fmt: skip
+        seen = [ih for q in queries for ih in parse_query(q).get("info_hash", [])]
         # what libtorrent 2.1 sends: 20-byte hashes only, v2 truncated (BEP 52)
         assert set(seen) == expected and all(len(ih) == 20 for ih in seen)
+        if secret:
+            # libtorrent appends "&info_hash=..." to a URL that already has a query
+            assert all(parse_query(q)["token"] == [auth.token(TRACKER).encode()]
+                       for q in queries)  # fmt: skip
+            assert svc.metrics.value("refused_total", reason="auth") == 0
         if kind == "v1":
-            # peers stay alive across several intervals: they re-announce before peer_ttl
+            # peers stay alive across several intervals: they re-announce before the TTL
             # (libtorrent's min_announce_interval, default 300 s, must be <= the interval)
             await asyncio.sleep(6)
-            assert all(len(tracker.swarms[ih].seeders) == 2 for ih in expected)
+            assert all(table.swarms[ih].seeders == 2 for ih in expected)
     finally:
         for ses in (leecher, seeder):
             for h in ses.get_torrents():
                 ses.remove_torrent(h)
         del seeder, leecher
-        await runner.cleanup()
+        await running.close()
+
+
+@pytest.mark.integration
+async def test_libtorrent_swarm_through_debian_opentracker(tmp_path: Path) -> None:
+    """Operators may run Debian's C opentracker in place of ours: a seeder and a leecher
+    session that only know it exchange a torrent (opentracker is whitelist-only here)."""
+    require_binaries("opentracker")
+    seed_dir, leech_dir = tmp_path / "seed", tmp_path / "leech"
+    seed_dir.mkdir()
+    leech_dir.mkdir()
+    data = random.randbytes(2 * 1024 * 1024 + 99)
+    (seed_dir / "blob").write_bytes(data)
+    port = free_port()
+    ti = make_torrent(seed_dir / "blob", f"http://127.0.0.1:{port}/announce", "v1")
+    # opentracker drops to user nobody, who cannot enter pytest's tmp_path (mode 0700)
+    readable = Path(tempfile.mkdtemp(prefix="opentracker-"))
+    readable.chmod(0o755)
+    whitelist = readable / "whitelist"
+    whitelist.write_text(ti.info_hashes().v1.to_bytes().hex() + "\n")
+    whitelist.chmod(0o644)
+    tracker = Proc(["opentracker", "-i", "127.0.0.1", "-p", str(port), "-P", str(free_port()),
+                    "-w", str(whitelist)], tmp_path / "opentracker.log")  # fmt: skip
+    seeder = lt_session(free_port())
+    leecher = lt_session(free_port())
+    try:
+        tracker.wait_ready(lambda: port_open("127.0.0.1", port), 20, "opentracker listening")
+        ih = ti.info_hashes().v1.to_bytes()
+
+        def seeds_known() -> int:
+            url = f"http://127.0.0.1:{port}/scrape?{query(info_hash=ih)}"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return lt.bdecode(r.read())[b"files"].get(ih, {}).get(b"complete", 0)
+
+        add(seeder, ti, seed_dir)
+        await until(lambda: seeds_known() == 1, 20, "the seeder's announce")
+        handle = add(leecher, lt.torrent_info(ti), leech_dir)
+        await until(lambda: handle.status().is_seeding, 60, "the leecher to finish")
+        assert (leech_dir / "blob").read_bytes() == data
+        await until(lambda: seeds_known() == 2, 20, "the leecher's completed announce")
+    finally:
+        for ses in (leecher, seeder):
+            for h in ses.get_torrents():
+                ses.remove_torrent(h)
+        del seeder, leecher
+        tracker.stop()
+        shutil.rmtree(readable)
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -506,16 +674,14 @@ def test_cli_serves_logs_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
     cfg.write_text(f"listen: 127.0.0.1:{port}\ninterval: 7\nmax-numwant: 5\n")
     proc = Proc(tracker_cmd("--config", str(cfg), "--peer-ttl", "30"), tmp_path / "t.log")
     try:
-        ready = f"tracker ready on http://127.0.0.1:{port}/announce"
+        ready = f"tracker ready on http://127.0.0.1:{port}"
         proc.wait_ready(lambda: ready in proc.log_text(), 20, "tracker ready line")
-        import urllib.request
-
-        q = query(info_hash=IH, peer_id=pid(1), port=6881, left=0)
+        q = query(info_hash=IH, peer_id=pid(1), port=6881, left=1)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/announce?{q}", timeout=5) as r:
             body = lt.bdecode(r.read())
         assert body[b"interval"] == 7 and body[b"peers"] == b""
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            assert r.read() == b"ok"
+            assert r.read() == b"ok\n"
         assert proc.log_text().count("tracker ready") == 1
     finally:
         code = proc.stop()

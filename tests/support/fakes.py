@@ -1,4 +1,5 @@
-"""Stand-ins for collaborators that tests fake: a scripted HTTP origin on loopback."""
+"""Stand-ins for collaborators that tests fake: a scripted HTTP origin on loopback, a blob's
+seeder that cannot be asked again."""
 
 from __future__ import annotations
 
@@ -21,3 +22,21 @@ def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+class FixedSource:
+    """A blob's seeder (``agent.seeder_client.BlobSource``) at ``peers`` that answers no
+    further torrent request: what a puller asks again fails."""
+
+    def __init__(self, peers: list[tuple[str, int]]) -> None:
+        self.peers = peers
+        self.asked = 0
+
+    async def failed(self, url: str) -> None:
+        pass
+
+    async def torrent(self, index: int, bt_port: int):
+        from p2p_mirror.agent.seeder_client import Fallback
+
+        self.asked += 1
+        raise Fallback("seeder", "this stand-in answers only once")

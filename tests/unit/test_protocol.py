@@ -71,6 +71,9 @@ def test_a_piece_count_is_positive(text: str | None, count: int | None) -> None:
 def test_blob_info_round_trips_through_json() -> None:
     info = BlobInfo(DIGEST, 5_000_000, 1_048_576, 5, 6881)
     assert BlobInfo.from_json(json.loads(json.dumps(info.to_json()))) == info
+    assert "bt_host" not in info.to_json()  # older agents see what they always saw
+    advertised = BlobInfo(DIGEST, 5_000_000, 1_048_576, 5, 6881, "2001:db8::7")
+    assert BlobInfo.from_json(json.loads(json.dumps(advertised.to_json()))) == advertised
 
 
 @pytest.mark.parametrize(
@@ -81,6 +84,7 @@ def test_blob_info_round_trips_through_json() -> None:
         {"size": 1, "segment_size": 1, "segments": 1},  # no bt_port
         {"size": "1", "segment_size": 1, "segments": 1, "bt_port": 1},
         {"size": True, "segment_size": 1, "segments": 1, "bt_port": 1},
+        {"size": 1, "segment_size": 1, "segments": 1, "bt_port": 1, "bt_host": "seeder-0"},
     ],
 )
 def test_malformed_blob_info_is_refused(data: object) -> None:
