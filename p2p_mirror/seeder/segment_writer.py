@@ -8,6 +8,7 @@ segment's torrent needs no second read of its file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import queue
@@ -36,6 +37,7 @@ class SegmentWriter:
         batches = max(1, min(WRITE_QUEUE, layout.segment_size // WRITE_BATCH - 1))
         self._queue: queue.Queue[list[bytes] | None] = queue.Queue(batches)
         self._done = self._loop.create_future()
+        self._abandoned = threading.Event()
         self._thread = threading.Thread(target=self._run, name="segment-writer", daemon=True)
         self._thread.start()
 
@@ -47,9 +49,14 @@ class SegmentWriter:
             await asyncio.to_thread(self._queue.put, batch)
 
     async def close(self) -> None:
-        """Wait until everything queued is written (or the writer failed)."""
-        await self.put(None)  # type: ignore[arg-type]
-        await asyncio.shield(self._done)
+        """Wait until everything queued is written (or the writer failed); if cancelled,
+        the thread stops at its next batch instead."""
+        try:
+            await self.put(None)  # type: ignore[arg-type]
+            await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self._abandoned.set()
+            raise
 
     def check(self) -> None:
         if self.error is not None:
@@ -58,12 +65,22 @@ class SegmentWriter:
     def _run(self) -> None:
         try:
             self._write_all()
+        except _Abandoned:
+            return
         except BaseException as e:  # noqa: BLE001 - reported to the event loop by check()
             self.error = e
-            while self._queue.get() is not None:  # let put() and close() go on
-                pass
-        finally:
+            with contextlib.suppress(_Abandoned):
+                while self._next() is not None:  # let put() and close() go on
+                    pass
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
             self._loop.call_soon_threadsafe(self._done.set_result, None)
+
+    def _next(self) -> list[bytes] | None:
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return self._queue.get(timeout=0.5)
+            if self._abandoned.is_set():
+                raise _Abandoned
 
     def _write_all(self) -> None:
         layout, size = self.layout, self.layout.size
@@ -71,7 +88,7 @@ class SegmentWriter:
         fd = os.open(layout.segment_path(0), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         piece, hashes = hashlib.sha1(), []
         try:
-            while (batch := self._queue.get()) is not None:
+            while (batch := self._next()) is not None:
                 for chunk in batch:
                     self.hasher.update(chunk)
                     view = memoryview(chunk)
@@ -101,7 +118,14 @@ class SegmentWriter:
             self._segment_done(index, hashes)
 
     def _segment_done(self, index: int, hashes: list[bytes]) -> None:
-        self._loop.call_soon_threadsafe(self.on_segment, index, hashes)
+        try:
+            self._loop.call_soon_threadsafe(self.on_segment, index, hashes)
+        except RuntimeError:  # the loop is gone (shutdown)
+            raise _Abandoned from None
+
+
+class _Abandoned(Exception):
+    """The ingest stopped waiting for this writer."""
 
 
 def _write(fd: int, data: memoryview) -> None:
