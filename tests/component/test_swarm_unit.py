@@ -144,8 +144,12 @@ async def test_a_short_read_is_retried_and_then_fails(tmp_path: Path) -> None:
     t._cache_flushed()
     assert await reading == data
     t.on_disk.clear()
+    assert await t.read_pieces(0, 2) == data  # a short run that matches its hashes...
+    assert t.handle.flushes == 1  # ...needs no flush
+    t.path.write_bytes(data[:piece] + b"\0" * piece)  # not written yet (or the wrong bytes)
     with pytest.raises(SwarmError, match="never reached the disk"):
         await t.read_pieces(0, 2, timeout=0.1)  # no flush completes
+    assert t.handle.flushes == 2
 
 
 async def test_the_verdict_on_an_added_piece_is_libtorrents_hash_check() -> None:
