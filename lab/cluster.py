@@ -36,6 +36,7 @@ from lab.images import ImageLayout, push_image
 from lab.netns import DEFAULT_MTU, Network, NodeSpec
 from lab.procs import LabError, Proc, ProcGroup, port_open
 from lab.registry import Registry
+from p2p_mirror.core.clusterauth import generate_secret
 from p2p_mirror.core.metrics import parse_samples
 from p2p_mirror.installer import hosts
 
@@ -285,10 +286,21 @@ class Cluster:
         self.cache.start()
         self.log(f"pull-through cache at {self.cache.url}")
 
+    @property
+    def cluster_secret(self) -> Path:
+        """The secret every role of this cluster shares (made on first use), as in production."""
+        path = self.workdir / "cluster-secret"
+        if not path.exists():
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            generate_secret(path)
+        return path
+
     def _start_tracker_and_seeder(self) -> None:
+        secret = ["--cluster-secret", str(self.cluster_secret)]
         for name in self.tracker_names:
             self.roles[name] = self.procs.start(
-                [*p2p_mirror_argv(), "tracker", "--listen", f"{self.ip(name)}:{TRACKER_PORT}"],
+                [*p2p_mirror_argv(), "tracker", "--listen", f"{self.ip(name)}:{TRACKER_PORT}",
+                 *secret],
                 self.workdir / name / "tracker.log",
                 netns=self.net.node(name).netns,
             )
@@ -304,6 +316,7 @@ class Cluster:
                     "--bt-listen", f"{sip}:{SEEDER_BT_PORT}",
                     "--announce-ip", sip,
                     "--registry", f"{REGISTRY_NAME}={self.origin_url}",
+                    *secret,
                     *self.seeder_args,
                 ],
                 self.workdir / name / "seeder.log",
@@ -397,6 +410,7 @@ class Cluster:
                 "--bt-listen", f"{node.ip}:{AGENT_BT_PORT}",
                 "--registry", f"{REGISTRY_NAME}={self.origin_url}",
                 *(["--announce-ip", node.ip] if self.nat_to_trackers else []),
+                "--cluster-secret", str(self.cluster_secret),
                 *self.agent_args,
             ],
             self.workdir / name / "agent.log",

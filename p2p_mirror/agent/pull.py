@@ -88,17 +88,20 @@ class BlobPuller:
                 await self._from_origin(download, hasher)
             if hasher.hexdigest() != download.digest.hex:
                 raise OCIError("DIGEST_INVALID", "blob bytes do not match the digest")
+            download.digest_matched()
             assert download.layout is not None
             await asyncio.to_thread(self.store.commit, download.layout)  # fsync, off the event loop
+            await asyncio.to_thread(self.store.add_source, download.layout, download.upstream.name)
             self._seed(download)
             download.finish()
             self.on_cached(download.digest)
             log.info("cached %s (%d bytes)", download.digest, download.size)
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting readers
-            error = e if isinstance(e, OCIError) else OCIError("UNAVAILABLE", str(e) or repr(e))
+            # Clients get a fixed message; hosts, ports and exception text go to the log only.
+            error = e if isinstance(e, OCIError) else OCIError("UNAVAILABLE", "download failed")
             if isinstance(e, OriginUnavailable):
-                error = OCIError("UNAVAILABLE", f"origin unavailable: {e}")
-            log.warning("blob %s failed: %s", download.digest, error)
+                error = OCIError("UNAVAILABLE", "origin registry unavailable")
+            log.warning("blob %s failed: %s", download.digest, e or repr(e))
             self.metrics.inc("blob_failures_total", code=error.code)
             if self.session is not None:
                 for transfer in download.transfers:
@@ -109,9 +112,7 @@ class BlobPuller:
 
     async def _from_swarm(self, download: BlobDownload, hasher) -> None:
         assert self.session is not None and self.seeders is not None
-        source = self.seeders.source(
-            download.digest, download.upstream.name, download.name, download.headers
-        )
+        source = self.seeders.source(download.digest, download.upstream.name, download.name)
         try:
             url, info = await asyncio.wait_for(source.open(), self.swarm_timeout)
         except TimeoutError:

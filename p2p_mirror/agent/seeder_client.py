@@ -11,7 +11,7 @@ import contextlib
 import ipaddress
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -19,8 +19,8 @@ import aiohttp
 
 from p2p_mirror.agent.seeder_set import SeederSet
 from p2p_mirror.core import protocol
+from p2p_mirror.core.clusterauth import TOKEN_HEADER
 from p2p_mirror.core.oci import Digest
-from p2p_mirror.core.origin import forward_headers
 
 log = logging.getLogger(__name__)
 TORRENT_ATTEMPTS = 2  # a torrent request whose connection fails is sent again this often
@@ -66,15 +66,18 @@ class SegmentOffer:
 class SeederClient:
     """Asks a blob's owning seeder for its segment torrents (the next owner if it is down)."""
 
-    def __init__(self, seeders: SeederSet | list[str], timeout: float) -> None:
+    def __init__(self, seeders: SeederSet | list[str], timeout: float, token: str = "") -> None:
         self.seeders = seeders if isinstance(seeders, SeederSet) else SeederSet(seeders)
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
+        self.token = token  # the cluster's seeder-API token, on every request
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            # Only the cluster token: a client's credentials never leave the node.
+            headers = {TOKEN_HEADER: self.token} if self.token else None
+            self._session = aiohttp.ClientSession(timeout=self.timeout, headers=headers)
         return self._session
 
     async def close(self) -> None:
@@ -82,22 +85,20 @@ class SeederClient:
         if self._session is not None:
             await self._session.close()
 
-    def source(
-        self, digest: Digest, registry: str, name: str, headers: Mapping[str, str]
-    ) -> BlobSource:
-        return BlobSource(self, digest, registry, name, headers)
+    def source(self, digest: Digest, registry: str, name: str) -> BlobSource:
+        return BlobSource(self, digest, registry, name)
 
     async def blob_info(
-        self, digest: Digest, registry: str, name: str, headers: Mapping[str, str],
-        skip: frozenset[str] = frozenset(),
+        self, digest: Digest, registry: str, name: str, skip: frozenset[str] = frozenset(),
     ) -> tuple[str, protocol.BlobInfo]:
         """(seeder URL, info) from the blob's owning seeder, or the next owner while they
         are down (refused, timed out, 5xx); ``skip``: seeders already given up for it.
 
         Any other answer of a seeder is final: another one would only fetch the blob from
-        the origin once more and get the same answer."""
+        the origin once more and get the same answer. ``Fallback("seeder_refused")``: the
+        origin refused the seeder's own credentials, and the agent fetches with its
+        client's."""
         errors = []
-        send = forward_headers(headers)
         for url in await self.seeders.ranked(str(digest)):
             if url in skip:
                 continue
@@ -105,7 +106,6 @@ class SeederClient:
                 async with self.session.get(
                     url + protocol.blob_info_path(digest),
                     params=protocol.blob_info_query(registry, name),
-                    headers=send,
                 ) as resp:
                     if resp.status == 200:
                         info = protocol.BlobInfo.from_json(await resp.json())
@@ -113,6 +113,8 @@ class SeederClient:
                         return url, info
                     body = await resp.text()
                     detail = f"{url}: {resp.status} {body[:200]}"
+                    if protocol.REFUSED_HEADER in resp.headers:
+                        raise Fallback("seeder_refused", "; ".join([*errors, detail]))
                     if not _seeder_failed(resp.status, body):
                         raise Fallback("seeder", "; ".join([*errors, detail]))
                     errors.append(detail)
@@ -194,10 +196,9 @@ class BlobSource:
     in rendezvous order (which fetches the blob from the origin in turn). Segments are the
     same torrents on every seeder, so a blob can change seeders half way."""
 
-    def __init__(self, client: SeederClient, digest: Digest, registry: str, name: str,
-                 headers: Mapping[str, str]) -> None:  # fmt: skip
+    def __init__(self, client: SeederClient, digest: Digest, registry: str, name: str) -> None:
         self.client, self.digest = client, digest
-        self.registry, self.name, self.headers = registry, name, headers
+        self.registry, self.name = registry, name
         self.url: str | None = None
         self.info: protocol.BlobInfo | None = None
         self.peers: list[tuple[str, int]] = []  # the current seeder's BitTorrent address
@@ -209,8 +210,7 @@ class BlobSource:
         async with self._switch:
             if self.url is None or self.info is None:
                 url, info = await self.client.blob_info(
-                    self.digest, self.registry, self.name, self.headers,
-                    frozenset(self._given_up))  # fmt: skip
+                    self.digest, self.registry, self.name, frozenset(self._given_up))
                 first = self.info
                 if first is not None and (info.size, info.segment_size) != (
                         first.size, first.segment_size):  # fmt: skip

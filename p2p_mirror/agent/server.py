@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDict
 
+from p2p_mirror.agent.access import after_other_registry, confirm_source
 from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.node_address import bt_listen_for
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
 from p2p_mirror.agent.seeder_set import SeederSet
+from p2p_mirror.core.clusterauth import SEEDER_API, ClusterAuth
 from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
@@ -80,9 +82,11 @@ class Agent:
             if cfg.seeder
             else None
         )
+        self.cluster = ClusterAuth.from_file(cfg.cluster_secret, "agent")
         self.seeders = (
-            SeederClient(SeederSet(cfg.seeder), cfg.swarm_timeout) if cfg.seeder else None
-        )
+            SeederClient(SeederSet(cfg.seeder), cfg.swarm_timeout, self.cluster.token(SEEDER_API))
+            if cfg.seeder else None
+        )  # fmt: skip
         self.seeded = SeededBlobs(self.store, self.session) if self.session is not None else None
         self.puller = BlobPuller(
             self.store,
@@ -172,7 +176,12 @@ class Agent:
             Digest.parse(ref)
         else:
             validate_reference(ref)
-        return Target(self.cfg.upstream(registry), name, kind, ref)
+        upstream = self.cfg.upstream(registry)
+        if upstream is None:
+            # Not accelerated: a 404 sends the runtime on to its fallback host, and an image
+            # name cannot make this agent connect anywhere (docs/security.md, rule 1).
+            raise OCIError("NAME_UNKNOWN", "registry not served by this mirror")
+        return Target(upstream, name, kind, ref)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         kind = "other"
@@ -276,8 +285,15 @@ class Agent:
             "Accept-Ranges": "bytes",
         }
         byte_range = parse_range(request.headers.get("Range"), access.size)
+        await after_other_registry(self.puller.active.get(digest), target.upstream)
         layout = self.store.layout(digest)
         if layout is not None:
+            await self._coalesced(
+                ("confirm", target.upstream.name, target.name, str(digest),
+                 hashlib.sha256(request.headers.get("Authorization", "").encode()).hexdigest()),
+                lambda: confirm_source(self.store, self.origin, layout, target.upstream,
+                                       target.name, digest, request.headers),
+            )  # fmt: skip
             self.store.touch(digest)
             return await self.serve_cached(request, layout, byte_range, headers)
         if request.method == "HEAD":
@@ -288,6 +304,9 @@ class Agent:
             return head
         download = self.puller.start(digest, access.size, target.upstream, target.name,
                                      request.headers)  # fmt: skip
+        if download.upstream.name != target.upstream.name:
+            # Never another registry's bytes (after_other_registry waited for that one to end).
+            raise OCIError("UNAVAILABLE", "blob busy, try again")
         return await self.stream(request, download, byte_range, headers)
 
     async def serve_cached(
@@ -314,7 +333,7 @@ class Agent:
             await download.wait_beyond(pos)
 
         return await self._send(request, download.layout, byte_range, headers, ready,
-                                lambda: download.available)  # fmt: skip
+                                lambda: download.releasable)  # fmt: skip
 
     async def _send(
         self, request: web.Request, layout: BlobLayout, byte_range, headers: dict[str, str],

@@ -53,12 +53,14 @@ def agent(config: Path | None, **flags: Any) -> None:
 
     Point containerd at it with hosts.toml (see `p2p-mirror install`). The upstream registry
     comes from containerd's ?ns= parameter, a /v2/<registry>/<repo> path prefix (skopeo,
-    podman), or --default-registry. If the seeder, tracker or swarm fail, blobs come from the
-    origin registry directly.
+    podman), or --default-registry; only registries configured with --registry are served
+    (others get 404, so the runtime uses its fallback host). If the seeder, tracker or swarm
+    fail, blobs come from the origin registry directly.
     """
     from p2p_mirror.agent.server import run_agent
 
     cfg = load_or_exit(AgentConfig, config, flags)
+    _check_secret_files(cfg.cluster_secret, None)
     setup_logging(cfg.log_level)
     run_agent(cfg)
 
@@ -83,8 +85,24 @@ def seeder(config: Path | None, **flags: Any) -> None:
     from p2p_mirror.seeder.server import run_seeder
 
     cfg = load_or_exit(SeederConfig, config, flags)
+    _check_secret_files(cfg.cluster_secret, cfg.registry_auth)
     setup_logging(cfg.log_level)
     run_seeder(cfg)
+
+
+def _check_secret_files(cluster_secret: Path | None, registry_auth: Path | None) -> None:
+    """A bad cluster secret or credentials file stops the role at once, with a message that
+    names the file and never its content."""
+    from p2p_mirror.core.clusterauth import ClusterSecretError, load_secret
+    from p2p_mirror.seeder.credentials import CredentialsError, load_docker_config
+
+    try:
+        if cluster_secret is not None:
+            load_secret(cluster_secret)
+        if registry_auth is not None:
+            load_docker_config(registry_auth)
+    except (ClusterSecretError, CredentialsError) as e:
+        raise click.UsageError(str(e)) from None
 
 
 @main.command()

@@ -36,7 +36,8 @@ registry_option = click.option(
     "registries",
     multiple=True,
     metavar="NAME=URL",
-    help="Map a registry name to its real endpoint (repeatable); unmapped names use https://NAME.",
+    help="Serve registry NAME from endpoint URL (repeatable): the allowlist; other names are "
+    "not served.",
 )
 
 

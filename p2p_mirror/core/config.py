@@ -300,7 +300,9 @@ class SeederConfig:
     )
     listen: HostPort = _opt(HostPort("0.0.0.0", 5005), HostPort.parse, "HTTP metainfo API")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6882), HostPort.parse, "BitTorrent listen")
-    registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
+    registries: dict[str, Upstream] = _opt(
+        dict, parse_registries, "registry name -> endpoint; the only ones fetched"
+    )
     segment_size: int = _opt(16 * MiB, parse_size, "largest blob segment (one torrent each)")
     piece_size: int = _opt(128 * 1024, parse_size, "largest torrent piece")
     unchoke_slots: int = _opt(64, int, "peer connections the seeder uploads to at once")
@@ -331,7 +333,9 @@ class AgentConfig:
     )
     listen: HostPort = _opt(HostPort("127.0.0.1", 5004), HostPort.parse, "registry mirror address")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6881), HostPort.parse, "BitTorrent listen")
-    registries: dict[str, Upstream] = _opt(dict, parse_registries, "registry name -> endpoint")
+    registries: dict[str, Upstream] = _opt(
+        dict, parse_registries, "registry name -> endpoint; the only ones served"
+    )
     default_registry: str = _opt(DOCKER_HUB, parse_registry_name, "upstream when no ns= given")
     cache_max_bytes: int = _opt(20 * GiB, parse_size, "evict LRU blobs above this (0: no cap)")
     min_free_disk: float = _opt(0.05, parse_fraction, "evict below this free-disk fraction")
@@ -363,12 +367,14 @@ class AgentConfig:
     )
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
-    def upstream(self, name: str) -> Upstream:
+    def upstream(self, name: str) -> Upstream | None:
         return upstream_for(self.registries, name)
 
 
-def upstream_for(registries: Mapping[str, Upstream], name: str) -> Upstream:
-    return registries.get(name) or Upstream.default_for(name)
+def upstream_for(registries: Mapping[str, Upstream], name: str) -> Upstream | None:
+    """The configured endpoint of ``name``, or None: only configured registries are served
+    (an allowlist; an image name must not pick the host a role connects to)."""
+    return registries.get(name)
 
 
 def load_config(cls: type, path: Path | str | None, overrides: Mapping[str, Any] | None = None):

@@ -55,9 +55,13 @@ Value formats:
 - fractions: `0.05` or `5%`;
 - `registries`: a mapping `name: url` or `name: {{url: ..., verify_tls: false}}`, or on the
   command line `--registry NAME=URL` (repeatable; flags are added to the file's mapping).
-  Today a registry name with no entry is reached at `https://NAME` (`docker.io` at
-  `https://registry-1.docker.io`); see [security.md](security.md) for the allowlist that
-  replaces this.
+  It is an allowlist: the agent serves, and the seeder fetches, only the registries named
+  here; any other name gets `404 NAME_UNKNOWN` and the runtime uses its fallback host
+  ([security.md](security.md), rule 1). `--registry NAME` alone stands for
+  `https://NAME` (`docker.io`: `https://registry-1.docker.io`).
+- `registry_auth` (seeder): a Docker `config.json`, e.g. a Kubernetes `dockerconfigjson`
+  Secret: `{{"auths": {{"registry.example.test": {{"auth": "<base64 user:password>"}}}}}}`
+  (or `username` and `password`); the seeder pulls with these, never with a client's.
 
 Rate limits apply to peers on the LAN too (libtorrent exempts them by default; the roles
 turn that off).

@@ -23,6 +23,13 @@ from tenacity import (
 from p2p_mirror import __version__
 from p2p_mirror.core.config import Upstream
 from p2p_mirror.core.oci import Digest, OCIError
+from p2p_mirror.core.redirects import (
+    MAX_REDIRECTS,
+    RedirectRefused,
+    check_target,
+    next_hop,
+    same_origin,
+)
 from p2p_mirror.core.tls import TLSError, client_context
 
 log = logging.getLogger(__name__)
@@ -109,16 +116,37 @@ class Origin:
         try:
             async for attempt in self._retrying():
                 with attempt:
-                    async with self.session.request(
-                        method, url, headers=headers, ssl=self._ssl(upstream)
-                    ) as resp:
+                    async with await self._send(method, upstream, url, headers) as resp:
                         body = await resp.read()
                         if resp.status >= 500:
                             raise _Retryable(f"{resp.status} from {url}")
                         return resp.status, _keep(resp.headers), body
-        except (aiohttp.ClientError, TimeoutError, _Retryable) as e:
+        except (aiohttp.ClientError, TimeoutError, _Retryable, RedirectRefused) as e:
             raise OriginUnavailable(f"{upstream.name}: {e}") from None
         raise AssertionError("unreachable")
+
+    async def _send(
+        self, method: str, upstream: Upstream, url: str, headers: CIMultiDict
+    ) -> aiohttp.ClientResponse:
+        """One request, following the origin's redirects only where ``check_target`` allows
+        (never down to http, never into internal addresses); the client's credentials go
+        only to the registry's own origin, not to the storage a blob redirects to."""
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = await self.session.request(
+                method, url, headers=headers, ssl=self._ssl(upstream), allow_redirects=False
+            )
+            target = next_hop(url, resp.status, resp.headers.get("Location"))
+            if target is None:
+                return resp
+            resp.release()
+            await check_target(target, upstream)
+            if not same_origin(upstream.url, target):
+                headers = CIMultiDict(headers)
+                headers.popall("Authorization", None)
+            if resp.status == 303 and method != "HEAD":
+                method = "GET"
+            url = target
+        raise RedirectRefused(f"{upstream.name}: more than {MAX_REDIRECTS} redirects")
 
     async def open_blob(
         self,
@@ -137,12 +165,12 @@ class Origin:
         try:
             async for attempt in self._retrying():
                 with attempt:
-                    resp = await self.session.get(url, headers=send, ssl=self._ssl(upstream))
+                    resp = await self._send("GET", upstream, url, send)
                     if resp.status >= 500:
                         resp.release()
                         raise _Retryable(f"{resp.status} from {url}")
                     return resp
-        except (aiohttp.ClientError, TimeoutError, _Retryable) as e:
+        except (aiohttp.ClientError, TimeoutError, _Retryable, RedirectRefused) as e:
             raise OriginUnavailable(f"{upstream.name}: {e}") from None
         raise AssertionError("unreachable")
 

@@ -1,8 +1,13 @@
 """The seeder <-> agent HTTP protocol: paths, parameters, headers and encodings both sides use.
 
-- ``GET /v1/blobs/<digest>?registry=R&repo=NAME`` (with the client's credentials): the blob's
-  ``BlobInfo`` as JSON, once its size is known; ``bt_host`` (if present) is the address
-  its BitTorrent port is reached on (its ``announce_ip``), else the URL's host.
+Every request carries the cluster token (``clusterauth.TOKEN_HEADER``); never a client's
+credentials: the seeder fetches with its own.
+
+- ``GET /v1/blobs/<digest>?registry=R&repo=NAME``: the blob's ``BlobInfo`` as JSON, once its
+  size is known and registry R (configured at the seeder) confirmed that NAME has it. R
+  refused the seeder's credentials: 401/403 with ``REFUSED_HEADER``. ``bt_host`` (if
+  present) is the address its BitTorrent port is reached on (its ``announce_ip``), else
+  the URL's host.
 - ``GET /v1/blobs/<digest>/torrents/<i>?bt_port=P&wait=S[&pieces=inline]``: segment ``i``'s
   torrent, with the agent's dealt run of pieces in ``PIECES_HEADER``; with ``pieces=inline``
   the run's bytes follow the torrent in the body (``TORRENT_LENGTH_HEADER`` says where the
@@ -22,6 +27,7 @@ from p2p_mirror.core.config import parse_count
 
 PIECES_HEADER = "X-P2P-Mirror-Pieces"  # the pieces this agent takes from the seeder itself
 TORRENT_LENGTH_HEADER = "X-P2P-Mirror-Torrent-Length"  # inline: the body's torrent, then pieces
+REFUSED_HEADER = "X-P2P-Mirror-Origin-Refused"  # the origin refused the seeder's credentials
 TORRENT_CONTENT_TYPE = "application/x-bittorrent"
 BYTES_CONTENT_TYPE = "application/octet-stream"
 

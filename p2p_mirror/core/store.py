@@ -7,6 +7,10 @@ exists; the marker is written atomically after the whole blob matched its digest
 the marker it is a download in progress (or a crash leftover, removed at start) and is never
 served from the cache. Private directories mean a failed download's late readers, or a
 retried download, can never see each other's bytes.
+
+Next to the marker, ``sources.json`` lists the registries the blob's bytes were verified
+from (docs/security.md, rule 2): a blob is served for another registry only once that one
+has shown it has the same bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import psutil
 from p2p_mirror.core.oci import Digest, OCIError
 
 MARKER = "verified"
+SOURCES = "sources.json"
+MAX_SOURCES = 64  # registries recorded per blob at most (the oldest are dropped)
 
 
 def segment_name(digest: Digest, index: int, count: int) -> str:
@@ -258,6 +264,34 @@ class BlobStore:
             total -= entry.size
             evicted.append(entry.digest)
         return evicted
+
+    def sources(self, layout: BlobLayout) -> frozenset[str]:
+        """The registries ``layout``'s bytes were verified from (none if unreadable)."""
+        try:
+            names = json.loads((layout.dir / SOURCES).read_text())
+        except (OSError, ValueError):
+            return frozenset()
+        if not isinstance(names, list):
+            return frozenset()
+        return frozenset(n for n in names if isinstance(n, str))
+
+    def add_source(self, layout: BlobLayout, registry: str) -> None:
+        """Record that ``registry`` served (or confirmed by its bytes) this blob; durable
+        (write, fsync, rename) before it is relied on."""
+        try:
+            names = json.loads((layout.dir / SOURCES).read_text())
+            names = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+        except (OSError, ValueError):
+            names = []
+        if registry in names:
+            return
+        names = [*names, registry][-MAX_SOURCES:]
+        tmp = layout.dir / f".{SOURCES}.{secrets.token_hex(4)}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(names))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, layout.dir / SOURCES)
 
     def _dirs(self) -> list[tuple[Digest, Path]]:
         out = []

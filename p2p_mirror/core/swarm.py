@@ -86,12 +86,14 @@ class Metainfo:
 def make_torrent(
     path: Path, trackers: Iterable[str], piece_size: int, hashes: list[bytes] | None = None
 ) -> bytes:
-    """A v1 torrent of one file; the info-hash depends only on name, size, piece size, bytes.
+    """A private v1 torrent of one file; the info-hash depends only on name, size, piece size,
+    bytes (not on the trackers, so a tracker token in their URLs changes nothing).
 
     ``hashes``: each piece's SHA-1 if the caller computed them already (else read the file).
     """
     entry = lt.create_file_entry(path.name, path.stat().st_size)
     ct = lt.create_torrent([entry], piece_size, lt.create_torrent.v1_only)
+    ct.set_priv(True)  # no DHT, PEX or LSD for it, whatever a peer's settings say
     for tier, url in enumerate(trackers):
         ct.add_tracker(url, tier)
     ct.set_creator("p2p-mirror")
@@ -355,8 +357,12 @@ class TorrentSession:
                 "announce_to_all_tiers": True,
                 "num_want": tracker_peers,
                 "user_agent": "p2p-mirror",
-            }
+            },
+            # No default plugins: ut_metadata would hand a torrent to anyone who knows its
+            # info-hash, ut_pex would tell peers about others (docs/security.md, rule 5).
+            0,
         )
+        self.session.add_extension("smart_ban")  # the one default worth keeping
         if announce_ip:
             # Trackers record this (ip=), not the source address a NAT may have rewritten.
             self.session.apply_settings({"announce_ip": announce_ip})

@@ -11,6 +11,7 @@ import contextlib
 from aiohttp import web
 
 from p2p_mirror.core import protocol
+from p2p_mirror.core.clusterauth import SEEDER_API, TOKEN_HEADER, ClusterAuth
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError, validate_name
 from p2p_mirror.core.origin import error_for_status
@@ -23,17 +24,25 @@ READ_PIECES = 32  # pieces per read of a dealt run (4 MiB of 128 KiB pieces)
 
 
 def oci_error_for(error: IngestError) -> OCIError:
-    """The answer an agent gets for a failed ingest."""
+    """The answer an agent gets for a failed ingest: a fixed message per reason, never the
+    origin's address or an exception's text (those go to the seeder's log)."""
     if error.reason == IngestError.ORIGIN_REFUSED and error.origin_status is not None:
         return error_for_status(error.origin_status, "blobs")
     if error.reason == IngestError.DIGEST_MISMATCH:
-        return OCIError("DIGEST_INVALID", error.message)
-    return OCIError("UNAVAILABLE", error.message)
+        return OCIError("DIGEST_INVALID", "origin bytes do not match the digest")
+    return OCIError("UNAVAILABLE", PUBLIC_MESSAGES.get(error.reason, "seeder error"))
+
+
+PUBLIC_MESSAGES = {
+    IngestError.ORIGIN_UNAVAILABLE: "origin registry unavailable",
+    IngestError.ORIGIN_INCOMPLETE: "origin sent an incomplete blob",
+}
 
 
 class SeederAPI:
     def __init__(self, ingest: Ingest, dealer: Dealer, session: TorrentSession,
-                 metrics: Metrics) -> None:  # fmt: skip
+                 metrics: Metrics, cluster: ClusterAuth | None = None) -> None:  # fmt: skip
+        self.cluster = cluster if cluster is not None else ClusterAuth(None, "seeder")
         self.ingest = ingest
         self.dealer = dealer
         self.session = session
@@ -44,14 +53,14 @@ class SeederAPI:
         try:
             digest = Digest.parse(request.match_info["digest"])
             name = validate_name(request.query.get(protocol.REPO_PARAM, ""))
-            registry = request.query.get(protocol.REGISTRY_PARAM, "")
-            if not registry:
-                raise OCIError("NAME_INVALID", "registry parameter required")
-            job = await self.ingest.ensure(digest, registry, name, request.headers)
+            upstream = self.ingest.upstream(request.query.get(protocol.REGISTRY_PARAM, ""))
+            job = await self.ingest.ensure(digest, upstream, name)
         except OCIError as e:
             return e.response()
         except IngestError as e:
-            return oci_error_for(e).response()
+            # Refused the seeder's own credentials: the agent fetches from the origin itself.
+            return oci_error_for(e).response(
+                {protocol.REFUSED_HEADER: "1"} if e.credentials_refused else None)  # fmt: skip
         layout = job.layout
         assert layout is not None
         info = protocol.BlobInfo(str(digest), layout.size, layout.segment_size, layout.count,
@@ -145,8 +154,18 @@ class SeederAPI:
         self.metrics.inc("piece_bytes_total", sent)
         return resp
 
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler) -> web.StreamResponse:
+        """Blob endpoints only for holders of the cluster secret (health and metrics stay
+        open: they carry no blob data)."""
+        if request.path.startswith("/v1/") and not self.cluster.accepts(
+            SEEDER_API, request.headers.get(TOKEN_HEADER)
+        ):
+            return OCIError("UNAUTHORIZED", "cluster token required").response()
+        return await handler(request)
+
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.authenticate])
         app.router.add_get(protocol.BLOB_INFO_ROUTE, self.handle_blob)
         app.router.add_get(protocol.TORRENT_ROUTE, self.handle_torrent)
         app.router.add_get(protocol.PIECES_ROUTE, self.handle_pieces)

@@ -16,18 +16,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from p2p_mirror.core.config import SeederConfig, Upstream, upstream_for
+from p2p_mirror.core.config import SeederConfig, Upstream, parse_registry_name, upstream_for
 from p2p_mirror.core.metrics import Metrics
-from p2p_mirror.core.oci import Digest
-from p2p_mirror.core.origin import Origin, OriginUnavailable, forward_headers
+from p2p_mirror.core.oci import Digest, OCIError
+from p2p_mirror.core.origin import Origin, OriginUnavailable
+from p2p_mirror.core.provenance import origin_has_bytes
 from p2p_mirror.core.seeding import SeededBlobs, StoredTorrents
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import Metainfo, make_torrent
 from p2p_mirror.seeder import tracker_shard
+from p2p_mirror.seeder.credentials import RegistryAuth
 from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.link_queue import LinkQueue
 from p2p_mirror.seeder.segment_writer import WRITE_BATCH, SegmentWriter
@@ -39,6 +42,8 @@ STUCK_STREAM_SECONDS = 5.0  # an origin body this long without a byte lets the n
 # request and TCP ramp-up overlap the current body's last bytes.
 NEXT_REQUEST_LEAD_BYTES = 512 * 1024
 BACKLOG_SEGMENTS = 2  # dealt runs waiting to be sent, in segments, before the origin waits
+CHECK_SECONDS = 60.0  # a registry's "yes, this repository has the blob" is trusted this long
+CHECKS_PER_JOB = 256  # (registry, repository) answers kept per job at most
 
 
 class IngestError(Exception):
@@ -57,6 +62,12 @@ class IngestError(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason, self.message, self.origin_status = reason, message, origin_status
 
+    @property
+    def credentials_refused(self) -> bool:
+        """The origin refused the seeder's own credentials (or their absence): an agent
+        should fetch the blob from the origin with its client's credentials."""
+        return self.reason == self.ORIGIN_REFUSED and self.origin_status in (401, 403)
+
 
 class IngestJob:
     """One blob being (or already) ingested; its torrents resolve as segments are published.
@@ -74,6 +85,10 @@ class IngestJob:
         self._waiting: dict[int, Counter[str]] = {}  # agents waiting for each segment
         self._runs: dict[int, dict[str, list[int]]] = {}  # each segment's dealt runs
         self._received = 0  # body bytes from the origin so far
+        # (registry, repository) -> when its origin last confirmed the blob to the seeder
+        self._confirmed: dict[tuple[str, str], float] = {}
+        self._sources: set[str] = set()  # registries whose bytes of this blob matched
+        self._checking: dict[tuple[str, str], asyncio.Future[None]] = {}  # checks under way
 
     @property
     def layout(self) -> BlobLayout | None:
@@ -112,8 +127,10 @@ class Ingest:
     """Runs the ingest jobs of one seeder."""
 
     def __init__(self, cfg: SeederConfig, store: BlobStore, origin: Origin, seeded: SeededBlobs,
-                 dealer: Dealer, metrics: Metrics) -> None:  # fmt: skip
+                 dealer: Dealer, metrics: Metrics,
+                 auth: RegistryAuth | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+        self.auth = auth if auth is not None else RegistryAuth({})
         self.store = store
         self.origin = origin
         self.seeded = seeded
@@ -139,6 +156,7 @@ class Ingest:
     def restore(self, stored: StoredTorrents) -> None:
         """A job for a blob stored (and seeded again) at start: every torrent published."""
         job = IngestJob(stored.digest, stored.layout)
+        job._sources = set(self.store.sources(stored.layout))
         loop = asyncio.get_running_loop()
         for index, (data, meta) in enumerate(zip(stored.torrents, stored.metas, strict=True)):
             job._metas[index] = meta
@@ -153,22 +171,86 @@ class Ingest:
             if job._task:
                 job._task.cancel()
 
-    async def ensure(self, digest: Digest, registry: str, name: str,
-                     headers: Mapping[str, str]) -> IngestJob:  # fmt: skip
-        """The job for ``digest``, started if needed; returns once its size is known.
+    def upstream(self, registry: str) -> Upstream:
+        """The configured endpoint of ``registry``: the seeder fetches from nowhere else.
 
-        Raises ``IngestError`` if it failed.
+        ``OCIError`` for a name outside the grammar or the configuration; the message does
+        not echo the name."""
+        try:
+            name = parse_registry_name(registry)
+        except ValueError:
+            raise OCIError("NAME_INVALID", "invalid registry parameter") from None
+        upstream = upstream_for(self.cfg.registries, name)
+        if upstream is None:
+            raise OCIError("NAME_UNKNOWN", "registry not configured on this seeder")
+        return upstream
+
+    async def ensure(self, digest: Digest, upstream: Upstream, name: str) -> IngestJob:
+        """The job for ``digest``, started if needed; returns once its size is known and
+        ``upstream`` confirmed that ``name`` has the blob (to the seeder's own credentials):
+        a job started for one registry is no answer for another.
+
+        Raises ``IngestError`` if it failed or the registry refused.
         """
         job = self._jobs.get(digest)
         if job is None or job.error is not None:
-            upstream = upstream_for(self.cfg.registries, registry)
             job = IngestJob(digest)
             self._jobs[digest] = job
-            job._task = asyncio.create_task(self._run(job, upstream, name, headers))
+            job._task = asyncio.create_task(self._run(job, upstream, name))
         await job._ready.wait()
         if job.error:
             raise job.error
+        key = (upstream.name, name)
+        if job._confirmed.get(key, 0.0) <= time.monotonic() - CHECK_SECONDS:
+            # Agents asking at once share one check (a body download, for a new registry).
+            check = job._checking.get(key)
+            if check is None:
+                check = asyncio.ensure_future(self._confirm(job, upstream, name))
+                job._checking[key] = check
+                check.add_done_callback(lambda _: job._checking.pop(key, None))
+            await asyncio.shield(check)
         return job
+
+    async def _confirm(self, job: IngestJob, upstream: Upstream, name: str) -> None:
+        """Ask ``upstream`` (HEAD, the seeder's credentials) whether ``name`` has the blob.
+        A registry the blob's bytes never came from must send them (checked against the
+        digest, then dropped): its HEAD proves nothing, a lying registry says yes to
+        anything."""
+        key = (upstream.name, name)
+        try:
+            status, head = await self._head(job.digest, upstream, name)
+        except OriginUnavailable as e:
+            log.warning("blob %s: check at %s/%s: %s", job.digest, upstream.name, name, e)
+            raise IngestError(IngestError.ORIGIN_UNAVAILABLE, str(e)) from None
+        if status != 200:
+            raise _refused(status)
+        assert job.layout is not None
+        if _content_length(head) != job.layout.size:
+            raise IngestError(IngestError.ORIGIN_INCOMPLETE, "origin disagrees on the size")
+        if upstream.name not in job._sources:
+            status = await origin_has_bytes(self.origin, upstream, name, job.digest,
+                                            job.layout.size, self.auth.headers(upstream, name))
+            if status != 200:
+                raise _refused(status) if status else IngestError(
+                    IngestError.ORIGIN_INCOMPLETE, "origin did not send the blob")  # fmt: skip
+            job._sources.add(upstream.name)
+            if not job.active:  # committed already; else the commit records every source
+                await asyncio.to_thread(self.store.add_source, job.layout, upstream.name)
+        if len(job._confirmed) >= CHECKS_PER_JOB:
+            job._confirmed.clear()
+        job._confirmed[key] = time.monotonic()
+
+    async def _head(self, digest: Digest, upstream: Upstream, name: str):
+        """(status, headers) of the origin's HEAD with the seeder's credentials, after the
+        registry's token dance if it asks for one."""
+        send = self.auth.headers(upstream, name)
+        status, head, _ = await self.origin.request("HEAD", upstream, name, "blobs", str(digest),
+                                                    send)  # fmt: skip
+        if status == 401 and await self.auth.answer(upstream, name, head.get("WWW-Authenticate")):
+            send = self.auth.headers(upstream, name)
+            status, head, _ = await self.origin.request("HEAD", upstream, name, "blobs",
+                                                        str(digest), send)  # fmt: skip
+        return status, head
 
     async def torrent_for(self, job: IngestJob, index: int, agent: str,
                           wait: float) -> tuple[bytes, list[int]]:  # fmt: skip
@@ -190,10 +272,9 @@ class Ingest:
         self.seeded.stop(digest)
         log.info("evicted %s", digest)
 
-    async def _run(self, job: IngestJob, upstream: Upstream, name: str,
-                   headers: Mapping[str, str]) -> None:  # fmt: skip
+    async def _run(self, job: IngestJob, upstream: Upstream, name: str) -> None:
         try:
-            await self._ingest(job, upstream, name, headers)
+            await self._ingest(job, upstream, name)
             self.metrics.inc("seed_jobs_total", result="ok")
         except IngestError as e:
             self.metrics.inc("seed_jobs_total", result=e.reason)
@@ -212,14 +293,13 @@ class Ingest:
             if job.layout is not None:
                 self.store.abandon(job.layout)
 
-    async def _ingest(self, job: IngestJob, upstream: Upstream, name: str,
-                      headers: Mapping[str, str]) -> None:  # fmt: skip
-        send = forward_headers(headers)
-        status, head, _ = await self.origin.request(
-            "HEAD", upstream, name, "blobs", str(job.digest), send
-        )
+    async def _ingest(self, job: IngestJob, upstream: Upstream, name: str) -> None:
+        status, head = await self._head(job.digest, upstream, name)
         if status != 200:
             raise _refused(status)
+        job._confirmed[(upstream.name, name)] = time.monotonic()
+        job._sources.add(upstream.name)
+        send = self.auth.headers(upstream, name)
         size = _content_length(head)
         if size is None:
             raise IngestError(IngestError.ORIGIN_INCOMPLETE, "origin sent no Content-Length")
@@ -245,6 +325,8 @@ class Ingest:
                                             backlog)  # fmt: skip
         await self._publish(job, layout.count - 1, hashes)  # the digest matched: peers may finish
         await asyncio.to_thread(self.store.commit, layout)  # fsync, off the event loop
+        for source in sorted(job._sources):
+            await asyncio.to_thread(self.store.add_source, layout, source)
         log.info("seeding %s (%d bytes, %d segments)", job.digest, layout.size, layout.count)
 
     async def _stream(

@@ -10,10 +10,13 @@ each segment's pieces out over the agents waiting for it (wiring and ``run_seede
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
+from p2p_mirror.core.clusterauth import TRACKER, TRACKER_PARAM, ClusterAuth
 from p2p_mirror.core.config import SeederConfig
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.origin import Origin
@@ -22,6 +25,7 @@ from p2p_mirror.core.service import background, every, serve, wait_for_signal
 from p2p_mirror.core.store import BlobStore
 from p2p_mirror.core.swarm import TorrentSession
 from p2p_mirror.seeder.api import SeederAPI
+from p2p_mirror.seeder.credentials import RegistryAuth
 from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.ingest import BACKLOG_SEGMENTS, Ingest
 
@@ -45,8 +49,14 @@ class Seeder:
         self.metrics = Metrics()
         self.seeded = SeededBlobs(self.store, self.session, announce=False)
         self.dealer = Dealer(cfg.piece_sends)
-        self.ingest = Ingest(cfg, self.store, self.origin, self.seeded, self.dealer, self.metrics)
-        self.api = SeederAPI(self.ingest, self.dealer, self.session, self.metrics)
+        self.cluster = ClusterAuth.from_file(cfg.cluster_secret, "seeder")
+        self.registry_auth = RegistryAuth.from_file(cfg.registry_auth)
+        # The torrents' announce URLs carry the tracker token: agents announce with it.
+        announce = [with_tracker_token(url, self.cluster.token(TRACKER)) for url in cfg.tracker]
+        self.ingest = Ingest(dataclasses.replace(cfg, tracker=announce), self.store,
+                             self.origin, self.seeded, self.dealer, self.metrics,
+                             self.registry_auth)  # fmt: skip
+        self.api = SeederAPI(self.ingest, self.dealer, self.session, self.metrics, self.cluster)
 
     async def start(self) -> None:
         self.store.recover()
@@ -69,6 +79,7 @@ class Seeder:
         self.ingest.close()
         await self.session.close()
         await self.origin.close()
+        await self.registry_auth.close()
 
     async def gc(self) -> None:
         self.store.gc(self.cfg.cache_max_bytes, self.cfg.min_free_disk, self.ingest.active(),
@@ -76,6 +87,16 @@ class Seeder:
 
     def app(self) -> web.Application:
         return self.api.app()
+
+
+def with_tracker_token(url: str, token: str) -> str:
+    """``url`` with ``token=`` (replacing any) in its query; unchanged for an empty token."""
+    if not token:
+        return url
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k != TRACKER_PARAM]  # fmt: skip
+    return urlunsplit(parts._replace(query=urlencode([*query, (TRACKER_PARAM, token)])))
 
 
 async def _main(cfg: SeederConfig) -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from support.fakes import aiohttp_servers
 
 from p2p_mirror.agent.seeder_client import Fallback, SeederClient
 from p2p_mirror.agent.seeder_set import SeederSet
@@ -50,20 +50,15 @@ class StandIn:
 
 @pytest.fixture
 async def serve() -> AsyncIterator:
-    servers: list[TestServer] = []
+    async with aiohttp_servers() as start_app:
 
-    async def start(stand_in: StandIn) -> str:
-        app = web.Application()
-        app.router.add_get("/v1/blobs/{digest}", stand_in.info)
-        app.router.add_get("/v1/blobs/{digest}/torrents/{index}", stand_in.torrent)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
+        async def start(stand_in: StandIn) -> str:
+            app = web.Application()
+            app.router.add_get("/v1/blobs/{digest}", stand_in.info)
+            app.router.add_get("/v1/blobs/{digest}/torrents/{index}", stand_in.torrent)
+            return await start_app(app)
 
-    yield start
-    for server in servers:
-        await server.close()
+        yield start
 
 
 def closed_port_url() -> str:
@@ -80,7 +75,7 @@ async def test_every_blob_goes_to_its_owner_and_only_there(serve) -> None:
     try:
         for digest in DIGESTS:
             owner = (await seeders.ranked(str(digest)))[0]
-            source = client.source(digest, "registry.test", "app", {})
+            source = client.source(digest, "registry.test", "app")
             url, info = await source.open()
             assert url == owner and info == INFO
             assert source.peers == [("198.18.0.9", 6882)]  # the seeder's advertised address
@@ -110,7 +105,7 @@ async def test_a_down_owner_passes_its_blobs_to_the_next_one(serve, down: str) -
         assert owned
         digest = owned[0]
         second = (await seeders.ranked(str(digest)))[1]
-        url, _ = await client.source(digest, "registry.test", "app", {}).open()
+        url, _ = await client.source(digest, "registry.test", "app").open()
         assert url == second
         # marked down: the next blob it owns goes straight to its successor
         assert (await seeders.ranked(str(owned[-1])))[-1] == dead_url
@@ -129,7 +124,7 @@ async def test_a_seeder_dying_half_way_hands_the_rest_of_the_blob_on(serve) -> N
         digest = DIGESTS[0]
         order = await seeders.ranked(str(digest))
         owner, successor = (first, second) if order[0] == urls[0] else (second, first)
-        source = client.source(digest, "registry.test", "app", {})
+        source = client.source(digest, "registry.test", "app")
         url, offer = await source.torrent(0, 6881)
         offer.close()
         assert url == order[0]
@@ -154,7 +149,7 @@ async def test_a_refusal_is_final_and_no_other_seeder_is_asked(serve, status: in
     try:
         digest = [d for d in DIGESTS if (await seeders.ranked(str(d)))[0] == urls[0]][0]
         with pytest.raises(Fallback, match=str(status)):
-            await client.source(digest, "registry.test", "app", {}).open()
+            await client.source(digest, "registry.test", "app").open()
         assert (await seeders.ranked(str(digest)))[0] == urls[0]  # not marked down
     finally:
         await client.close()

@@ -3,29 +3,19 @@ announces to both, so with either one stopped a new peer still finds the swarm."
 
 from __future__ import annotations
 
-import asyncio
+import ipaddress
 import random
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import libtorrent as lt
-from aiohttp import web
+from support import until
 
-from lab.procs import free_port
+from p2p_mirror.core.clusterauth import TRACKER, ClusterAuth
 from p2p_mirror.core.config import HostPort, TrackerConfig
 from p2p_mirror.core.swarm import Metainfo, TorrentSession, make_torrent
 from p2p_mirror.seeder import tracker_shard
-from p2p_mirror.tracker.server import TRACKER_KEY, make_app
-
-
-async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+from p2p_mirror.tracker import server
 
 
 def test_shards_are_two_distinct_trackers_spread_evenly_and_keep_the_info_hash(
@@ -51,16 +41,9 @@ def test_shards_are_two_distinct_trackers_spread_evenly_and_keep_the_info_hash(
 
 
 async def test_either_tracker_of_a_torrent_finds_its_swarm(tmp_path: Path) -> None:
-    runners, apps, urls = [], [], []
-    for _ in range(3):
-        app = make_app(TrackerConfig(interval=1.0, peer_ttl=30.0))
-        port = free_port()
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        apps.append(app)
-        urls.append(f"http://127.0.0.1:{port}/announce")
+    trackers = [await server.start(TrackerConfig(listen=HostPort("127.0.0.1", 0), interval=1.0,
+                                                 peer_ttl=30.0)) for _ in range(3)]  # fmt: skip
+    urls = [t.url for t in trackers]
     (tmp_path / "seed").mkdir()
     (tmp_path / "leech").mkdir()
     data = random.randbytes(512 * 1024 + 17)
@@ -69,7 +52,7 @@ async def test_either_tracker_of_a_torrent_finds_its_swarm(tmp_path: Path) -> No
         make_torrent(tmp_path / "seed" / "blob", (), 64 * 1024), urls))  # fmt: skip
     chosen = tracker_shard.trackers_for(meta.info_hash, urls)
     ih = bytes.fromhex(meta.info_hash)
-    swarms = [app[TRACKER_KEY].swarms for app in apps]
+    swarms = [t.service.table.swarms for t in trackers]
     seeder = TorrentSession(HostPort("127.0.0.1", 0))
     leecher = TorrentSession(HostPort("127.0.0.1", 0))
     try:
@@ -82,7 +65,7 @@ async def test_either_tracker_of_a_torrent_finds_its_swarm(tmp_path: Path) -> No
         other = next(u for u in urls if u not in chosen)
         assert ih not in swarms[urls.index(other)]
         # the shard is lost: a new peer still finds the seed through the standby
-        await runners[urls.index(chosen[0])].cleanup()
+        await trackers[urls.index(chosen[0])].close()
         transfer = leecher.add(meta, tmp_path / "leech", seed=False)
         for piece in range(meta.num_pieces):
             assert await transfer.wait_piece(piece, timeout=20)
@@ -90,29 +73,30 @@ async def test_either_tracker_of_a_torrent_finds_its_swarm(tmp_path: Path) -> No
     finally:
         await leecher.close()
         await seeder.close()
-        for runner in runners:
-            await runner.cleanup()
+        for t in trackers:
+            await t.close()
 
 
 async def test_the_tracker_records_the_announced_node_address(tmp_path: Path) -> None:
     """A session given ``announce_ip`` names it in its announces (``ip=``), so a tracker
-    behind a NAT records the node, not the address the NAT made of it."""
-    app = make_app(TrackerConfig(interval=1.0, peer_ttl=30.0))
-    port = free_port()
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    behind a NAT records the node, not the address the NAT made of it (the tracker believes
+    ``ip=`` only from an announce with the cluster's token)."""
+    auth = ClusterAuth(b"cluster secret of this test", "tracker")
+    tracker = await server.start(TrackerConfig(listen=HostPort("127.0.0.1", 0), interval=1.0,
+                                               peer_ttl=30.0), auth)  # fmt: skip
     (tmp_path / "blob").write_bytes(random.randbytes(100_000))
-    meta = Metainfo.parse(tracker_shard.shard(
-        make_torrent(tmp_path / "blob", (), 32 * 1024), [f"http://127.0.0.1:{port}/announce"]))
+    url = f"{tracker.url}?token={auth.token(TRACKER)}"
+    torrent = make_torrent(tmp_path / "blob", (), 32 * 1024)
+    meta = Metainfo.parse(tracker_shard.shard(torrent, [url]))
     session = TorrentSession(HostPort("127.0.0.1", 0), announce_ip="198.18.0.77")
-    swarms = app[TRACKER_KEY].swarms
+    swarms = tracker.service.table.swarms
     ih = bytes.fromhex(meta.info_hash)
     try:
         await session.start()
         session.add(meta, tmp_path, seed=True)
-        await until(lambda: ih in swarms and len(swarms[ih].seeders), 20, "the announce")
-        assert [str(p.ip) for p in swarms[ih].seeders.items] == ["198.18.0.77"]
+        await until(lambda: ih in swarms and swarms[ih].seeders, 20, "the announce")
+        assert [ipaddress.ip_address(a[:4]) for a in swarms[ih].seeds4.addresses()] == [
+            ipaddress.ip_address("198.18.0.77")]
     finally:
         await session.close()
-        await runner.cleanup()
+        await tracker.close()

@@ -381,7 +381,12 @@ def test_private_repository_needs_credentials_the_origin_accepts(
     private = registry_factory(users={"alice": "s3cret"})
     layout = build_image(tmp_path / "oci", [1 * MiB, 2 * MiB], seed=99)
     push_image(layout, private.hostport, "team/app", "v1", creds=("alice", "s3cret"))
-    with LocalStack(tmp_path / "stack", {REG: private.url}) as stack:
+    # The seeder pulls with its own credentials (the client's never leave the node).
+    seeder_auth = tmp_path / "seeder-auth.json"
+    seeder_auth.write_text(json.dumps(
+        {"auths": {REG: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
+    with LocalStack(tmp_path / "stack", {REG: private.url},
+                    seeder_args=("--registry-auth", str(seeder_auth))) as stack:
         agent: AgentProc = stack.add_agent("agent1")
         good = {
             "Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode(),

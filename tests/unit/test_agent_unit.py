@@ -73,6 +73,10 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         default_registry="docker.io",
         registries={
             "registry.example.test": Upstream("registry.example.test", "http://127.0.0.1:5999"),
+            "docker.io": Upstream.default_for("docker.io"),
+            "ghcr.io": Upstream.default_for("ghcr.io"),
+            **{n: Upstream(n, "http://127.0.0.1:5000") for n in ("localhost:5000", "localhost",
+                                                                 "127.0.0.1:5000")},
         },
     )
     agent = Agent(cfg)
@@ -146,6 +150,32 @@ async def test_configured_default_registry(tmp_path: Path) -> None:
     try:
         t = target(agent, "/v2/app/manifests/v1")
         assert (t.upstream.url, t.name) == ("http://h:1", "app")
+    finally:
+        await agent.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/team/app/manifests/v1?ns=evil.test",
+        f"/v2/evil.test/team/app/blobs/{DIGEST}",
+        f"/v2/127.0.0.1:8080/team/app/blobs/{DIGEST}",
+    ],
+)
+async def test_unconfigured_registry_is_refused(agent: Agent, path: str) -> None:
+    """Only configured registries are served: the runtime goes on to its fallback host."""
+    with pytest.raises(OCIError) as exc:
+        target(agent, path)
+    assert (exc.value.code, exc.value.status) == ("NAME_UNKNOWN", 404)
+    assert "evil" not in exc.value.message and "127.0.0.1" not in exc.value.message
+
+
+async def test_default_registry_is_refused_unless_configured(tmp_path: Path) -> None:
+    agent = Agent(AgentConfig(data_dir=tmp_path))
+    try:
+        with pytest.raises(OCIError) as exc:
+            target(agent, "/v2/library/alpine/manifests/latest")
+        assert exc.value.code == "NAME_UNKNOWN"
     finally:
         await agent.close()
 

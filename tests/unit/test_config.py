@@ -247,7 +247,7 @@ registries:
         "c.test": Upstream("c.test", "http://127.0.0.1:6003"),
     }
     assert cfg.upstream("a.test").url == "http://127.0.0.1:5001"
-    assert cfg.upstream("other.test").url == "https://other.test"
+    assert cfg.upstream("other.test") is None  # an allowlist: no https://NAME default
 
 
 def test_load_flags_only_and_defaults(tmp_path: Path) -> None:
@@ -362,4 +362,6 @@ def test_list_and_dict_defaults_are_fresh_empty_containers(tmp_path: Path) -> No
     assert a.seeder == [] and a.registries == {}
     assert not b.seeder and b.registries == {}
     assert a.seeder is not b.seeder
-    assert a.upstream("docker.io").url == DOCKER_HUB_ENDPOINT
+    assert a.upstream("docker.io") is None
+    hub = load_config(AgentConfig, None, {"data_dir": str(tmp_path), "registries": ["docker.io"]})
+    assert hub.upstream("docker.io").url == DOCKER_HUB_ENDPOINT

@@ -378,3 +378,23 @@ def test_saved_torrents_need_every_segment(tmp_path: Path) -> None:
     assert layout.saved_torrents() is None  # one missing: not re-seedable
     layout.torrent_path(layout.count - 1).write_bytes(b"last")
     assert layout.saved_torrents() == [b"t0", b"t1", b"last"]
+
+
+def test_sources_are_recorded_durably_and_survive_a_new_store(tmp_path: Path) -> None:
+    data = b"provenance" * 100
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    store = BlobStore(tmp_path)
+    layout = store.begin(digest, len(data), len(data))
+    layout.write(0, data)
+    store.commit(layout)
+    assert store.sources(layout) == frozenset()  # nothing recorded: confirm before serving
+    store.add_source(layout, "a.test")
+    store.add_source(layout, "b.test")
+    store.add_source(layout, "a.test")
+    again = BlobStore(tmp_path).layout(digest)
+    assert again is not None and BlobStore(tmp_path).sources(again) == {"a.test", "b.test"}
+    (layout.dir / store_mod.SOURCES).write_text("{not json")
+    assert store.sources(layout) == frozenset()
+    for i in range(store_mod.MAX_SOURCES + 5):
+        store.add_source(layout, f"r{i}.test")
+    assert len(store.sources(layout)) == store_mod.MAX_SOURCES
