@@ -33,7 +33,7 @@ from p2p_mirror.core.oci import Digest, OCIError
 from p2p_mirror.core.origin import Origin, OriginUnavailable, error_for_status, forward_headers
 from p2p_mirror.core.seeding import SeededBlobs
 from p2p_mirror.core.store import BlobLayout, BlobStore, segment_name
-from p2p_mirror.core.swarm import Metainfo, TorrentSession, Transfer
+from p2p_mirror.core.swarm import Metainfo, SwarmError, TorrentSession, Transfer
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 4 * MiB
@@ -227,7 +227,7 @@ class BlobPuller:
         transfer: Transfer, offer: SegmentOffer,
     ) -> None:
         """Take the pieces the seeder dealt us and hand each to libtorrent as it arrives,
-        which shares it at once.
+        which checks its hash and shares it at once.
 
         Nobody else gets these pieces from the seeder. If the connection broke, ask once
         more (the same seeder deals us the same run again; one that is down, its successor
@@ -281,10 +281,15 @@ class BlobPuller:
             async for piece, data in pieces:
                 if piece in transfer.done:
                     continue  # taken before the connection broke, or from a peer
-                if not meta.piece_ok(piece, data):
-                    raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
                 await transfer.add_piece(piece, data)
                 self.metrics.inc("seeder_pieces_total")
+            for piece in run:  # libtorrent hashes each added piece (we need not)
+                try:
+                    verified = await transfer.verdict(piece, self.stall_timeout)
+                except (SwarmError, TimeoutError) as e:
+                    raise Fallback("seeder", f"piece {piece} of segment {index}: {e}") from e
+                if not verified:
+                    raise Fallback("seeder", f"piece {piece} of segment {index} fails its hash")
 
     async def _seeder_if_stalled(
         self, transfer: Transfer, source: BlobSource, dealer: asyncio.Task[None] | None

@@ -55,7 +55,6 @@ from p2p_mirror.core.tls import TLSError
 log = logging.getLogger("p2p_mirror.agent")
 ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
-STREAM_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -379,43 +378,58 @@ class Agent:
         if layout.count == 1 and "Range" not in request.headers:
             # sendfile (aiohttp would parse a Range again, by other rules than parse_range)
             return web.FileResponse(layout.segment_path(0), headers=headers)
-        return await self._send(request, layout.size, byte_range, headers,
-                                lambda pos: None, layout.read)
+        return await self._send(request, layout, byte_range, headers, lambda pos: None,
+                                lambda: layout.size)  # fmt: skip
 
     async def stream(
         self, request: web.Request, download: BlobDownload, byte_range, headers
     ) -> web.StreamResponse:
         """Send bytes as the download produces them; abort (never finish) if it fails."""
         await download.wait_beyond(byte_range[0] if byte_range else 0)  # fails before any byte
+        assert download.layout is not None
 
         async def ready(pos: int) -> None:
             await download.wait_beyond(pos)
 
-        def read(pos: int, n: int) -> bytes:
-            assert download.layout is not None
-            return download.layout.read(pos, min(n, download.releasable - pos))
+        return await self._send(request, download.layout, byte_range, headers, ready,
+                                lambda: download.releasable)  # fmt: skip
 
-        return await self._send(request, download.size, byte_range, headers, ready, read)
-
-    async def _send(self, request, size, byte_range, headers, ready, read) -> web.StreamResponse:
-        start, end = byte_range or (0, size)
+    async def _send(
+        self, request: web.Request, layout: BlobLayout, byte_range, headers: dict[str, str],
+        ready: Callable[[int], Awaitable[None] | None], available: Callable[[], int],
+    ) -> web.StreamResponse:
+        """Send the blob's bytes from its segment files with sendfile (no copy through
+        Python): each call sends what is ``available`` (verified) of one segment."""
+        start, end = byte_range or (0, layout.size)
         resp = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
         resp.content_length = end - start
         if byte_range:
-            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        await resp.prepare(request)
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{layout.size}"
+        await resp.prepare(request)  # sends the headers at once
+        if request.method == "HEAD":
+            await resp.write_eof()
+            return resp
+        loop = asyncio.get_running_loop()
         pos = start
         try:
             while pos < end:
                 waiting = ready(pos)
                 if waiting is not None:
                     await waiting
-                data = await asyncio.to_thread(read, pos, min(STREAM_CHUNK, end - pos))
-                if not data:
+                index, inner = divmod(pos, layout.segment_size)
+                count = min(end, available(), (index + 1) * layout.segment_size) - pos
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client went away")
+                try:
+                    with open(layout.segment_path(index), "rb") as f:
+                        sent = await loop.sendfile(transport, f, inner, count) if count > 0 else 0
+                except FileNotFoundError:
+                    sent = 0
+                if not sent:
                     raise OCIError("UNAVAILABLE", "blob source ended early")
-                await resp.write(data)
-                pos += len(data)
-                self.metrics.inc("served_bytes_total", len(data))
+                pos += sent
+                self.metrics.inc("served_bytes_total", sent)
         except OCIError as e:
             # Headers are gone: cut the connection so the client never sees a complete blob.
             log.warning("aborting %s after %d bytes: %s", request.path, pos - start, e)

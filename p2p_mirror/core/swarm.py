@@ -11,6 +11,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import mmap
+import os
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,9 @@ import libtorrent as lt
 from p2p_mirror.core.config import HostPort, MiB
 
 log = logging.getLogger(__name__)
+# Runs up to this size are read and checked against their pieces' hashes before any flush;
+# larger ones wait for libtorrent's flush instead (a flush per trickled piece cost more).
+VERIFY_MAX = 512 * 1024
 # What libtorrent's bindings raise: RuntimeError (e.g. a handle of a removed torrent),
 # TypeError or ValueError (arguments it cannot convert).
 LIBTORRENT_ERRORS = (RuntimeError, TypeError, ValueError)
@@ -77,16 +83,27 @@ class Metainfo:
         return hashlib.sha1(data).digest() == self.piece_hashes[piece]
 
 
-def make_torrent(path: Path, trackers: Iterable[str], piece_size: int) -> bytes:
+def make_torrent(
+    path: Path, trackers: Iterable[str], piece_size: int, hashes: list[bytes] | None = None
+) -> bytes:
     """A private v1 torrent of one file; the info-hash depends only on name, size, piece size,
-    bytes (not on the trackers, so a tracker token in their URLs changes nothing)."""
+    bytes (not on the trackers, so a tracker token in their URLs changes nothing).
+
+    ``hashes``: each piece's SHA-1 if the caller computed them already (else read the file).
+    """
     entry = lt.create_file_entry(path.name, path.stat().st_size)
     ct = lt.create_torrent([entry], piece_size, lt.create_torrent.v1_only)
     ct.set_priv(True)  # no DHT, PEX or LSD for it, whatever a peer's settings say
     for tier, url in enumerate(trackers):
         ct.add_tracker(url, tier)
     ct.set_creator("p2p-mirror")
-    lt.set_piece_hashes(ct, str(path.parent))
+    if hashes is None:
+        lt.set_piece_hashes(ct, str(path.parent))
+    elif len(hashes) != ct.num_pieces():
+        raise SwarmError(f"{len(hashes)} piece hashes for {ct.num_pieces()} pieces of {path}")
+    else:
+        for piece, digest in enumerate(hashes):
+            ct.set_hash(piece, digest)
     return lt.bencode(ct.generate())
 
 
@@ -115,7 +132,12 @@ class Transfer:
     done: set[int] = field(default_factory=set)
     error: str | None = None
     checked: asyncio.Event = field(default_factory=asyncio.Event)  # libtorrent's own check done
+    failed: set[int] = field(default_factory=set)  # pieces that failed libtorrent's hash check
+    on_disk: set[int] = field(default_factory=set)  # finished before a completed flush
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # flush_cache requests in the order libtorrent completes them (each is a fence on the
+    # torrent's storage): the pieces finished when it was asked, and who waits for it
+    _flushes: deque[tuple[frozenset[int], asyncio.Future[None]]] = field(default_factory=deque)
 
     @property
     def path(self) -> Path:
@@ -149,6 +171,18 @@ class Transfer:
                 deadline = loop.time() + timeout  # some piece finished: still moving
         return True
 
+    async def verdict(self, piece: int, timeout: float) -> bool:
+        """True once libtorrent verified ``piece``, False once it failed its hash check (and
+        was discarded); TimeoutError if neither happened within ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while piece not in self.done:
+                if piece in self.failed:
+                    return False
+                if self.error:
+                    raise SwarmError(self.error)
+                await self._changed.wait()
+        return True
+
     def payload_received(self) -> int:
         """Payload bytes downloaded from peers so far (0 if libtorrent cannot say)."""
         with contextlib.suppress(*LIBTORRENT_ERRORS):
@@ -156,7 +190,8 @@ class Transfer:
         return 0
 
     async def add_piece(self, piece: int, data: bytes, timeout: float = 10.0) -> None:
-        """Hand libtorrent a piece fetched some other way; it checks the hash, then shares it.
+        """Hand libtorrent a piece fetched some other way; it checks the hash, then shares it
+        (``verdict`` says how that check went).
 
         Not before libtorrent has checked the new torrent's files: a piece added during that
         check is silently lost (2 of 30 fresh torrents, pieces added at once), and nobody
@@ -171,34 +206,39 @@ class Transfer:
             with contextlib.suppress(*LIBTORRENT_ERRORS):
                 self.handle.connect_peer((host, port))
 
-    async def read_pieces(self, first: int, stop: int, timeout: float = 5.0) -> bytes:
-        """The bytes of finished pieces ``first`` to ``stop - 1``, each checked against its
-        hash, in one read (one thread hand-off per run, not per piece).
+    async def read_pieces(self, first: int, stop: int, timeout: float = 5.0) -> memoryview:
+        """The bytes of finished pieces ``first`` to ``stop - 1``, mapped from the file (one
+        thread hand-off per run, not per piece; no copy).
 
         libtorrent reports a piece finished once hashed, possibly before its blocks reached
-        the file, so re-read (asking for a flush) until the file holds the verified bytes.
+        the file: read only after a flush asked for once the pieces had finished has
+        completed (a fence behind every write queued before it), so the file holds the bytes
+        libtorrent verified, and re-read (after another flush) while the read comes up short.
+        A short run is first read and checked against its pieces' hashes, which is cheaper.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        delay = 0.005
+        start, end = self.meta.piece_range(first)[0], self.meta.piece_range(stop - 1)[1]
+        if end - start <= VERIFY_MAX and not self.on_disk.issuperset(range(first, stop)):
+            # a short run (pieces trickling in from peers): hashing it costs less than a flush
+            data = await asyncio.to_thread(self._read_verified, first, stop, start, end)
+            if data is not None:
+                return memoryview(data)
         while True:
-            data = await asyncio.to_thread(self._read_verified, first, stop)
+            await self._flushed(first, stop, deadline)
+            data = await asyncio.to_thread(map_range, self.path, start, end)
             if data is not None:
                 return data
+            self.on_disk.difference_update(range(first, stop))  # the next read needs a flush
             if loop.time() > deadline:
-                raise SwarmError(f"pieces {first}-{stop - 1} of {self.meta.name} never reached "
-                                 "the disk")  # fmt: skip
-            with contextlib.suppress(*LIBTORRENT_ERRORS):
-                self.handle.flush_cache()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
+                raise self._never_on_disk(first, stop)
+            await asyncio.sleep(0.005)
 
-    def _read_verified(self, first: int, stop: int) -> bytes | None:
-        """The pieces' bytes from the file if they all match their hashes yet (blocking)."""
-        start, end = self.meta.piece_range(first)[0], self.meta.piece_range(stop - 1)[1]
+    def _read_verified(self, first: int, stop: int, start: int, end: int) -> bytes | None:
+        """The pieces' bytes from the file if all of them match their hashes (blocking)."""
         try:
             data = read_range(self.path, start, end)
-        except FileNotFoundError:  # not even created yet: the blocks are still in memory
+        except FileNotFoundError:
             return None
         view = memoryview(data)
         for piece in range(first, stop):
@@ -206,6 +246,41 @@ class Transfer:
             if not self.meta.piece_ok(piece, view[lo - start : hi - start]):
                 return None
         return data
+
+    async def _flushed(self, first: int, stop: int, deadline: float) -> None:
+        """Return once pieces ``first`` to ``stop - 1`` are known to be in the file."""
+        wanted = range(first, stop)
+        while not self.on_disk.issuperset(wanted):
+            if self.error:
+                raise SwarmError(self.error)
+            if not self.done.issuperset(wanted):
+                raise SwarmError(f"pieces {first}-{stop - 1} of {self.meta.name} not finished")
+            pending = next((f for snap, f in self._flushes if snap.issuperset(wanted)), None)
+            if pending is None:
+                pending = asyncio.get_running_loop().create_future()
+                self._flushes.append((frozenset(self.done), pending))
+                try:
+                    self.handle.flush_cache()
+                except LIBTORRENT_ERRORS as e:
+                    self._flushes.pop()
+                    raise SwarmError(f"cannot flush {self.meta.name}: {e}") from None
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                # shield: another reader may wait for the same flush
+                await asyncio.wait_for(asyncio.shield(pending), max(remaining, 0))
+            except TimeoutError:
+                raise self._never_on_disk(first, stop) from None
+
+    def _cache_flushed(self) -> None:
+        """libtorrent completed the oldest flush request still waiting (or all, on removal)."""
+        if self._flushes:
+            snapshot, waiter = self._flushes.popleft()
+            self.on_disk |= snapshot
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _never_on_disk(self, first: int, stop: int) -> SwarmError:
+        return SwarmError(f"pieces {first}-{stop - 1} of {self.meta.name} never reached the disk")
 
     def peer_summary(self) -> str:
         """``ip:port down/up`` per connected peer, for the logs."""
@@ -377,6 +452,7 @@ class TorrentSession:
         transfer = Transfer(meta, handle, save_dir)
         if seed:
             transfer.done = set(range(meta.num_pieces))
+            transfer.on_disk = set(transfer.done)
         self.transfers[meta.info_hash] = transfer
         transfer.connect(peers)
         return transfer
@@ -389,6 +465,10 @@ class TorrentSession:
             self.session.remove_torrent(transfer.handle)
         transfer.error = transfer.error or "removed"
         transfer._notify()
+        for _, waiter in transfer._flushes:  # no alert will come: wake readers to see the error
+            if not waiter.done():
+                waiter.set_result(None)
+        transfer._flushes.clear()
 
     def totals(self) -> SessionTotals:
         """Payload bytes over all torrents in the session."""
@@ -413,7 +493,6 @@ class TorrentSession:
         if isinstance(alert, lt.hash_failed_alert):
             self.hash_failures += 1
             log.warning("piece %d failed its hash check (corrupt or lying peer)", alert.piece_index)
-            return
         handle = getattr(alert, "handle", None)
         if handle is None:
             return
@@ -427,12 +506,36 @@ class TorrentSession:
         if isinstance(alert, lt.piece_finished_alert):
             transfer.done.add(alert.piece_index)
             transfer._notify()
+        elif isinstance(alert, lt.hash_failed_alert):
+            transfer.failed.add(alert.piece_index)
+            transfer._notify()
+        elif isinstance(alert, lt.cache_flushed_alert):
+            transfer._cache_flushed()
         elif isinstance(alert, lt.torrent_checked_alert):
             transfer.checked.set()
         elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)):
             transfer.error = alert.message()
             log.error("torrent %s: %s", transfer.meta.name, transfer.error)
             transfer._notify()
+
+
+def map_range(path: Path, start: int, end: int) -> memoryview | None:
+    """Bytes [start, end) of a file, mapped read-only and paged in at once (blocking); None
+    if the file is not there or shorter. ``start`` must be a multiple of the page size (a
+    piece's offset is). Segment files are never truncated, which a mapping would not survive.
+    """
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < end:
+                return None
+            if end == start:
+                return memoryview(b"")
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapped = mmap.mmap(f.fileno(), end - start, flags=flags, prot=mmap.PROT_READ,
+                               offset=start)  # fmt: skip
+    except FileNotFoundError:
+        return None
+    return memoryview(mapped)
 
 
 def read_range(path: Path, start: int, end: int) -> bytes:

@@ -35,6 +35,7 @@ from p2p_mirror.seeder import tracker_shard
 from p2p_mirror.seeder.credentials import RegistryAuth
 from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.link_queue import LinkQueue
+from p2p_mirror.seeder.segment_writer import WRITE_BATCH, SegmentWriter
 from p2p_mirror.seeder.sizing import piece_size_for, segment_size_for
 
 log = logging.getLogger("p2p_mirror.seeder")
@@ -351,7 +352,7 @@ class Ingest:
         # nothing: it does not wait behind the large bodies (runtimes need the config early).
         if size <= self.cfg.piece_size:
             job._streaming = True
-            await self._stream(job, layout, upstream, name, send, lambda: None, None)
+            hashes = await self._stream(job, layout, upstream, name, send, lambda: None, None)
         else:
             send_queue = self.dealer.send_queue
 
@@ -361,8 +362,9 @@ class Ingest:
             async with self.origin_queue.slot(moved, f"blob {job.digest}") as let_next_start:
                 job._streaming = True
                 backlog = BACKLOG_SEGMENTS * layout.segment_size
-                await self._stream(job, layout, upstream, name, send, let_next_start, backlog)
-        await self._publish(job, layout.count - 1)  # the digest matched: peers may finish
+                hashes = await self._stream(job, layout, upstream, name, send, let_next_start,
+                                            backlog)  # fmt: skip
+        await self._publish(job, layout.count - 1, hashes)  # the digest matched: peers may finish
         await asyncio.to_thread(self.store.commit, layout)  # fsync, off the event loop
         for source in sorted(job._sources):
             await asyncio.to_thread(self.store.add_source, layout, source)
@@ -371,14 +373,16 @@ class Ingest:
     async def _stream(
         self, job: IngestJob, layout: BlobLayout, upstream: Upstream, name: str, send,
         nearly_done: Callable[[], None], backlog: int | None,
-    ) -> None:
+    ) -> list[bytes]:
         """Write the blob into its segment files, publishing each one as it completes;
         ``nearly_done()`` once the last ``NEXT_REQUEST_LEAD_BYTES`` are on their way.
 
         Reading pauses while the dealt runs not yet sent add up to more than ``backlog``
         bytes (if given): agents that take their runs more slowly than the origin sends
         would otherwise wait in a queue that only grows, time out and download those
-        segments again, from the seeder's swarm or the origin."""
+        segments again, from the seeder's swarm or the origin.
+
+        Returns the last segment's piece hashes, to publish once the digest matched."""
         resp = await self.origin.open_blob(upstream, name, job.digest, send)
         send_queue = self.dealer.send_queue
         try:
@@ -388,34 +392,60 @@ class Ingest:
                 raise IngestError(IngestError.ORIGIN_INCOMPLETE,
                                   "origin's GET and HEAD disagree on the size")  # fmt: skip
             hasher = job.digest.hasher()
+            piece = piece_size_for(layout.segment_size, self.cfg.piece_size)
+            publishing: list[asyncio.Task[None]] = []
+            last: list[list[bytes]] = []  # the last segment waits for the digest
+
+            published = asyncio.Event()  # set as each segment is published
+
+            def on_segment(index: int, hashes: list[bytes]) -> None:
+                if index < layout.count - 1:
+                    task = asyncio.create_task(self._publish(job, index, hashes))
+                    task.add_done_callback(lambda _: published.set())
+                    publishing.append(task)
+                else:
+                    last.append(hashes)
+
+            writer = SegmentWriter(layout, hasher, piece, on_segment)
             offset = 0
-            index = 0
-            seg = open(layout.segment_path(0), "wb")  # noqa: SIM115 - closed per segment below
+            batch: list[bytes] = []
+            batched = 0
             try:
                 async for chunk in resp.content.iter_any():
                     if offset + len(chunk) > layout.size:
                         raise IngestError(IngestError.DIGEST_MISMATCH,
                                           "origin sent more bytes than announced")  # fmt: skip
-                    hasher.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        room = layout.segment_len(index) - (offset - index * layout.segment_size)
-                        seg.write(view[:room])
-                        offset += min(room, len(view))
-                        view = view[room:]
-                        if offset == (index + 1) * layout.segment_size and offset < layout.size:
-                            seg.close()
-                            await self._publish(job, index)
-                            index += 1
-                            seg = open(layout.segment_path(index), "wb")  # noqa: SIM115
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    offset += len(chunk)
+                    # a batch that completes a segment goes at once: its torrent is due
+                    segment = offset // layout.segment_size
+                    if (batched >= WRITE_BATCH or offset == layout.size
+                            or segment > (offset - batched) // layout.segment_size):  # fmt: skip
+                        await writer.put(batch)
+                        batch, batched = [], 0
+                    # a segment's bytes are written in the thread; read the next one only once
+                    # it is published, so that the backlog below sees its dealt runs
+                    while (segment > sum(t.done() for t in publishing)
+                           and offset < layout.size and not writer.error):  # fmt: skip
+                        published.clear()
+                        await published.wait()
                     job._received = offset
                     self.metrics.inc("origin_bytes_total", len(chunk))
                     if layout.size - offset <= NEXT_REQUEST_LEAD_BYTES:
                         nearly_done()
                     if backlog is not None and send_queue.queued > backlog:
+                        if batch:  # what came so far may complete a segment: publish it
+                            await writer.put(batch)
+                            batch, batched = [], 0
                         await send_queue.backlog_below(backlog)
             finally:
-                seg.close()
+                await writer.close()
+                done = await asyncio.gather(*publishing, return_exceptions=True)
+            writer.check()
+            for result in done:
+                if isinstance(result, BaseException):
+                    raise result
         finally:
             resp.release()
         if offset != layout.size:
@@ -423,14 +453,16 @@ class Ingest:
                               f"origin sent {offset} of {layout.size} bytes")  # fmt: skip
         if hasher.hexdigest() != job.digest.hex:
             raise IngestError(IngestError.DIGEST_MISMATCH, "origin bytes do not match the digest")
+        return last[0]
 
-    async def _publish(self, job: IngestJob, index: int) -> None:
-        """Make segment ``index``'s torrent, seed it, and deal it to the waiting agents."""
+    async def _publish(self, job: IngestJob, index: int, hashes: list[bytes]) -> None:
+        """Make segment ``index``'s torrent (of its pieces' ``hashes``), seed it, and deal it
+        to the waiting agents."""
         layout = job.layout
         assert layout is not None
         path = layout.segment_path(index)
         piece = piece_size_for(layout.segment_size, self.cfg.piece_size)
-        made = await asyncio.to_thread(make_torrent, path, (), piece)
+        made = await asyncio.to_thread(make_torrent, path, (), piece, hashes)
         data = tracker_shard.shard(made, self.cfg.tracker)
         tmp = layout.torrent_path(index).with_suffix(".tmp")
         tmp.write_bytes(data)

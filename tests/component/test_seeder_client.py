@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from support.fakes import aiohttp_servers
 
 from p2p_mirror.agent.seeder_client import Fallback, SeederClient
 from p2p_mirror.core import protocol
@@ -78,19 +78,14 @@ class SilentSeeder:
 
 @pytest.fixture
 async def serve() -> AsyncIterator:
-    servers: list[TestServer] = []
+    async with aiohttp_servers() as start_app:
 
-    async def start(seeder: QueueingSeeder | InlineSeeder | SilentSeeder) -> str:
-        app = web.Application()
-        app.router.add_get("/v1/blobs/{digest}/torrents/{index}", seeder.handle)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
+        async def start(seeder: QueueingSeeder | InlineSeeder | SilentSeeder) -> str:
+            app = web.Application()
+            app.router.add_get("/v1/blobs/{digest}/torrents/{index}", seeder.handle)
+            return await start_app(app)
 
-    yield start
-    for server in servers:
-        await server.close()
+        yield start
 
 
 async def test_a_queued_segment_is_waited_for_while_the_seeder_advances(serve) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from support.roles import running_seeder
 
-from p2p_mirror.core.config import SeederConfig, load_config
 from p2p_mirror.core.metrics import sample_sum
 from p2p_mirror.core.oci import Digest
 from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER, parse_piece_list
@@ -89,20 +89,9 @@ async def held() -> AsyncIterator[tuple[HeldOrigin, TestServer]]:
 async def seeder_of(tmp_path: Path, origin_server: TestServer) -> AsyncIterator[
     tuple[Seeder, TestClient]
 ]:
-    """A real seeder (libtorrent on loopback, never announcing) in front of ``origin_server``."""
-    cfg = load_config(SeederConfig, None, {
-        "data_dir": str(tmp_path), "tracker": ["http://127.0.0.1:9/announce"],
-        "bt_listen": "127.0.0.1:0", "registries": {REG: str(origin_server.make_url(""))},
-    })  # fmt: skip
-    seeder = Seeder(cfg)
-    await seeder.start()
-    client = TestClient(TestServer(seeder.app(), host="127.0.0.1"))
-    await client.start_server()
-    try:
-        yield seeder, client
-    finally:
-        await client.close()
-        await seeder.close()
+    """A real seeder in front of ``origin_server``."""
+    async with running_seeder(tmp_path, {REG: str(origin_server.make_url(""))}) as running:
+        yield running
 
 
 async def ask(client: TestClient, digest: str) -> dict:

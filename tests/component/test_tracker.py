@@ -11,9 +11,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import aiohttp
 import libtorrent as lt
 import pytest
 import yarl
-from support import require_binaries
+from support import require_binaries, until
 
 from lab.procs import Proc, free_port, port_open
 from p2p_mirror.core.clusterauth import TRACKER, ClusterAuth
@@ -527,14 +526,6 @@ def add(ses: lt.session, ti: lt.torrent_info, save_path: Path) -> lt.torrent_han
     atp.save_path = str(save_path)
     atp.flags &= ~(lt.torrent_flags.paused | lt.torrent_flags.auto_managed)
     return ses.add_torrent(atp)
-
-
-async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.integration

@@ -3,29 +3,19 @@ announces to both, so with either one stopped a new peer still finds the swarm."
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import random
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import libtorrent as lt
+from support import until
 
 from p2p_mirror.core.clusterauth import TRACKER, ClusterAuth
 from p2p_mirror.core.config import HostPort, TrackerConfig
 from p2p_mirror.core.swarm import Metainfo, TorrentSession, make_torrent
 from p2p_mirror.seeder import tracker_shard
 from p2p_mirror.tracker import server
-
-
-async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_shards_are_two_distinct_trackers_spread_evenly_and_keep_the_info_hash(

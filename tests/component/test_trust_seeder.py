@@ -19,12 +19,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from support.fakes import http_server
+from support.roles import running_seeder
 from test_seeder_unit import REG, HeldOrigin, seeder_of, served
 
 from p2p_mirror.core import protocol, redirects
 from p2p_mirror.core.clusterauth import SEEDER_API, TOKEN_HEADER, ClusterAuth
-from p2p_mirror.core.config import SeederConfig, load_config
-from p2p_mirror.seeder.server import Seeder
 
 BLOB = os.urandom(200_000)
 DIGEST = f"sha256:{hashlib.sha256(BLOB).hexdigest()}"
@@ -168,19 +167,9 @@ async def bearer_registry() -> AsyncIterator[BearerRegistry]:
 async def seeder_with(tmp_path: Path, registry_url: str, **extra: object) -> AsyncIterator[
     TestClient
 ]:
-    cfg = load_config(SeederConfig, None, {
-        "data_dir": str(tmp_path / "seeder"), "tracker": ["http://127.0.0.1:9/announce"],
-        "bt_listen": "127.0.0.1:0", "registries": {REG: registry_url}, **extra,
-    })  # fmt: skip
-    seeder = Seeder(cfg)
-    await seeder.start()
-    client = TestClient(TestServer(seeder.app(), host="127.0.0.1"))
-    await client.start_server()
-    try:
+    registries = extra.pop("registries", {REG: registry_url})
+    async with running_seeder(tmp_path / "seeder", registries, **extra) as (_, client):  # type: ignore[arg-type]
         yield client
-    finally:
-        await client.close()
-        await seeder.close()
 
 
 def docker_config(tmp_path: Path, auth: str) -> Path:

@@ -13,9 +13,7 @@ grpcio-tools' protoc; containerd 1.6 and 2.x both serve ``runtime.v1``.
 from __future__ import annotations
 
 import importlib
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +21,7 @@ from types import ModuleType
 import pytest
 from click.testing import CliRunner
 from support import SUPPORT, require_binaries, require_root
-from support.installer import node_config
+from support.installer import running_node
 
 from lab.containerd import Containerd
 from lab.images import PushedImage
@@ -31,7 +29,6 @@ from lab.procs import free_port
 from lab.registry import Registry
 from lab.stack import LocalStack
 from p2p_mirror.cli.install import install, uninstall
-from p2p_mirror.installer.backup import under
 
 pytestmark = pytest.mark.integration
 
@@ -132,21 +129,10 @@ def cri_node(tmp_path: Path) -> Iterator[tuple[Path, HostContainerd]]:
     require_binaries("containerd", "ctr")
     if not Path("/etc/containerd").is_dir():
         pytest.skip("needs /etc/containerd as a mount point (apt-get install containerd)")
-    root = tmp_path / "host"
-    config = under(root, "/etc/containerd/config.toml")
-    config.parent.mkdir(parents=True)
-    sockdir = Path(tempfile.mkdtemp(prefix="crictd-", dir="/tmp"))
-    workdir = tmp_path / "ctd"
-    workdir.mkdir()
-    text = node_config(workdir, sockdir / "c.sock")
-    ctd = HostContainerd(config.parent, workdir, config_toml=text, config_path=config,
-                         namespace=CRI_NAMESPACE)
-    ctd.start()
-    try:
-        yield root, ctd
-    finally:
-        ctd.stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
+    with running_node(tmp_path, lambda workdir, config, text: HostContainerd(
+            config.parent, workdir, config_toml=text, config_path=config,
+            namespace=CRI_NAMESPACE)) as node:  # fmt: skip
+        yield node
 
 
 def test_cri_pull_image_goes_through_the_agent_with_the_installed_config(

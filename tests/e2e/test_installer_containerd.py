@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from support import SUPPORT, require_binaries, require_root, snapshot
-from support.installer import STATE, node_config
+from support.installer import STATE, node_config, running_node
 
 from lab.containerd import Containerd
 from lab.images import PushedImage
@@ -42,20 +42,9 @@ def node(tmp_path: Path) -> Iterator[tuple[Path, Containerd]]:
     """A host root whose /etc/containerd/config.toml is the config of a running containerd."""
     require_root()
     require_binaries("containerd", "ctr")
-    root = tmp_path / "host"
-    sockdir = Path(tempfile.mkdtemp(prefix="ictd-", dir="/tmp"))
-    workdir = tmp_path / "ctd"
-    workdir.mkdir()
-    config = under(root, "/etc/containerd/config.toml")
-    config.parent.mkdir(parents=True)
-    text = node_config(workdir, sockdir / "c.sock")
-    ctd = Containerd(workdir, config_toml=text, config_path=config)
-    ctd.start()
-    try:
-        yield root, ctd
-    finally:
-        ctd.stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
+    with running_node(tmp_path, lambda workdir, config, text: Containerd(
+            workdir, config_toml=text, config_path=config)) as node:  # fmt: skip
+        yield node
 
 
 def cli(cmd, root: Path, ctd: Containerd, *args: str | Path, restart: list[str] | None = None):

@@ -19,6 +19,7 @@ from lab.cluster import TRACKER_PORT, Cluster
 from lab.images import build_image
 from lab.stack import metric_sum
 from p2p_mirror.agent.seeder_set import member_key
+from p2p_mirror.core.clusterauth import TRACKER, ClusterAuth, load_secret
 from p2p_mirror.core.rendezvous import rank
 from p2p_mirror.core.swarm import Metainfo
 
@@ -112,15 +113,16 @@ def test_losing_a_seeder_and_a_tracker_mid_pull_costs_no_pull(
     assert egress <= 1.5 * layout.total_size, (egress / layout.total_size)
 
 
-def announce_peers(tracker_ip: str, info_hash: str) -> list[str]:
-    """The peer addresses the tracker gives a new leecher of ``info_hash`` (dict form);
-    the probe then leaves the swarm."""
+def announce_peers(tracker_ip: str, info_hash: str, secret: Path) -> list[str]:
+    """The peer addresses the tracker gives a new leecher of ``info_hash`` (dict form),
+    announcing with the cluster's token; the probe then leaves the swarm."""
+    token = ClusterAuth(load_secret(secret), "probe").token(TRACKER)
     peers = []
     for event in ("started", "stopped"):
         query = urllib.parse.urlencode({
             "info_hash": bytes.fromhex(info_hash), "peer_id": b"-XX0000-probe0000000",
             "port": 1, "uploaded": 0, "downloaded": 0, "left": 1, "compact": 0,
-            "numwant": 50, "event": event,
+            "numwant": 50, "event": event, "token": token,
         })  # fmt: skip
         url = f"http://{tracker_ip}:{TRACKER_PORT}/announce?{query}"
         with urllib.request.urlopen(url, timeout=10) as resp:
@@ -144,7 +146,7 @@ def test_nodes_behind_a_nat_find_each_other_by_their_announced_addresses(
         results = cluster.pull_all(ref, expected_digest=layout.manifest_digest, timeout=120)
         torrent = next((tmp_path / "cluster" / "node1" / "agent").rglob("*.torrent"))
         info_hash = Metainfo.parse(torrent.read_bytes()).info_hash
-        peers = announce_peers(cluster.ip("tracker"), info_hash)
+        peers = announce_peers(cluster.ip("tracker"), info_hash, cluster.cluster_secret)
         nat_rule = cluster.net.run("nat", ["iptables", "-t", "nat", "-L", "POSTROUTING",
                                            "-v", "-x", "-n"]).stdout  # fmt: skip
         swarm_bytes = {n: metric_sum(cluster.agent_metrics(n), "swarm_download_bytes")

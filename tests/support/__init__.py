@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,12 @@ def snapshot(root: Path, skip: str | None = None) -> dict[str, tuple[str, bytes 
         mode = p.stat().st_mode & 0o7777
         out[rel] = ("dir", None, mode) if p.is_dir() else ("file", p.read_bytes(), mode)
     return out
+
+
+async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (on the event loop) until ``check()`` holds; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)

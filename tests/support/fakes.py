@@ -7,12 +7,32 @@ import asyncio
 import contextlib
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_servers() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    """Serve aiohttp apps (stand-in seeders, origins) on loopback ports until the block ends:
+    the block gets a function that starts one and returns its base URL."""
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application) -> str:
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            await server.close()
 
 
 @contextlib.contextmanager

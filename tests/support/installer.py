@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from click.testing import CliRunner, Result
 
-from lab.containerd import pick_snapshotter, render_config
+from lab.containerd import Containerd, pick_snapshotter, render_config
 from p2p_mirror.installer.backup import STATE_DIR, under
 from support import SUPPORT
 
@@ -103,3 +107,24 @@ def node_config(workdir: Path, socket: Path) -> str:
     return "# node config: keep this comment\n" + text.replace(
         "[metrics]", "# metrics stay off on this node\n[metrics]"
     )
+
+
+@contextlib.contextmanager
+def running_node(
+    tmp_path: Path, make: Callable[[Path, Path, str], Containerd]
+) -> Iterator[tuple[Path, Containerd]]:
+    """A host root under ``tmp_path`` whose /etc/containerd/config.toml is the config of a
+    running containerd; ``make(workdir, config_path, config_text)`` builds the daemon."""
+    root = tmp_path / "host"
+    config = under(root, "/etc/containerd/config.toml")
+    config.parent.mkdir(parents=True)
+    sockdir = Path(tempfile.mkdtemp(prefix="nodectd-", dir="/tmp"))  # short socket paths
+    workdir = tmp_path / "ctd"
+    workdir.mkdir()
+    ctd = make(workdir, config, node_config(workdir, sockdir / "c.sock"))
+    ctd.start()
+    try:
+        yield root, ctd
+    finally:
+        ctd.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from aiohttp.test_utils import make_mocked_request
 from p2p_mirror.agent.server import Agent, parse_range
 from p2p_mirror.core.config import DOCKER_HUB_ENDPOINT, AgentConfig, Upstream
 from p2p_mirror.core.oci import OCIError
-from p2p_mirror.core.swarm import Metainfo, make_torrent
+from p2p_mirror.core.swarm import Metainfo, SwarmError, make_torrent
 
 HEX = hashlib.sha256(b"layer").hexdigest()
 DIGEST = f"sha256:{HEX}"
@@ -312,3 +313,16 @@ def test_make_torrent_info_hash_depends_on_piece_size_bytes_and_name(tmp_path: P
 def test_other_units_and_multi_ranges_get_the_whole_blob(header: str) -> None:
     """RFC 9110: a server may ignore a Range it does not support and answer 200."""
     assert parse_range(header, 100) is None
+
+
+def test_a_torrent_from_known_piece_hashes_is_the_one_read_from_the_file(tmp_path: Path) -> None:
+    """The seeder hashes pieces as it writes them; the torrent must not differ from one that
+    libtorrent makes by reading the file (agents compare info-hashes)."""
+    data = os.urandom(5 * 16384 + 100)
+    path = tmp_path / "segment"
+    path.write_bytes(data)
+    hashes = [hashlib.sha1(data[i : i + 16384]).digest() for i in range(0, len(data), 16384)]
+    trackers = ["http://127.0.0.1:6969/announce"]
+    assert make_torrent(path, trackers, 16384, hashes) == make_torrent(path, trackers, 16384)
+    with pytest.raises(SwarmError):
+        make_torrent(path, trackers, 16384, hashes[:-1])
