@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from p2p_mirror.core.durable import fsync_path
 from p2p_mirror.installer.base import InstallError
 from p2p_mirror.installer.paths import under, under_nofollow
 
@@ -55,15 +56,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, i
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 def symlink(path: Path, target: str) -> None:
@@ -73,7 +66,7 @@ def symlink(path: Path, target: str) -> None:
         tmp.unlink()
     os.symlink(target, tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 @dataclass
