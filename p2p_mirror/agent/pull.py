@@ -59,6 +59,7 @@ class BlobPuller:
     seeded: SeededBlobs | None = None  # made from ``session`` if not given
     active: dict[Digest, BlobDownload] = field(default_factory=dict)
     swarm_min_rate: int = 0  # bytes/s each segment must keep up from the start (0: none)
+    origin_min_rate: int = 0  # bytes/s the origin's part must keep up from its start (0: none)
     # holds disk space for a new download (``BlobStore.reserve``); raises ``NoSpace``
     reserve: Callable[[int], Reservation] | None = None
 
@@ -364,11 +365,22 @@ class BlobPuller:
         layout = download.layout
         # A removed torrent may still flush blocks into its files: write to new inodes.
         await asyncio.to_thread(layout.detach_from, download.available)
+        # However patient each read is, the whole rest of the blob is due by an absolute
+        # deadline: a body trickling a byte at a time never stalls, yet must end.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = transfer_deadline(started, self.stall_timeout,
+                                     download.size - download.available, self.origin_min_rate)
         for attempt in range(1, ORIGIN_BODY_ATTEMPTS + 1):
             try:
-                await self._origin_body(download, hasher, layout)
+                await self._origin_body(download, hasher, layout, deadline)
                 break
             except (aiohttp.ClientError, TimeoutError) as e:
+                if loop.time() >= deadline:
+                    self.metrics.inc("origin_deadlines_total")
+                    raise OCIError("UNAVAILABLE", f"origin body not in by its deadline "
+                                   f"({deadline - started:.0f}s) at "
+                                   f"{download.available}/{download.size}") from None
                 # a cut or stalled body: ask again from where it stopped (Range)
                 if attempt == ORIGIN_BODY_ATTEMPTS:
                     raise OCIError("UNAVAILABLE", f"origin body failed {attempt} times at "
@@ -382,21 +394,26 @@ class BlobPuller:
         if download.size == 0:
             await asyncio.to_thread(layout.write, 0, b"")
 
-    async def _origin_body(self, download: BlobDownload, hasher, layout: BlobLayout) -> None:
+    async def _origin_body(
+        self, download: BlobDownload, hasher, layout: BlobLayout, deadline: float
+    ) -> None:
         """One origin GET from ``download.available`` on; a read that waits longer than
-        ``stall_timeout`` for its next byte raises TimeoutError (only the read is cut, never
-        the write and hash, so the next attempt continues in step)."""
+        ``stall_timeout`` for its next byte, or past ``deadline``, raises TimeoutError (only
+        the request and the read are cut, never the write and hash, so the next attempt
+        continues in step)."""
         offset = download.available
-        resp = await self.origin.open_blob(
-            download.upstream, download.name, download.digest,
-            forward_headers(download.headers), offset,
-        )
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
+            resp = await self.origin.open_blob(
+                download.upstream, download.name, download.digest,
+                forward_headers(download.headers), offset,
+            )
         try:
             if resp.status not in (200, 206):
                 raise error_for_status(resp.status, "blobs")
             skip = offset if resp.status == 200 else 0
             while True:
-                async with asyncio.timeout(self.stall_timeout):
+                async with asyncio.timeout_at(min(loop.time() + self.stall_timeout, deadline)):
                     chunk = await resp.content.read(READ_CHUNK)
                 if not chunk:
                     break

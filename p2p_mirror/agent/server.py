@@ -107,6 +107,7 @@ class Agent:
             on_cached=lambda digest: self.gc(),
             seeded=self.seeded,
             swarm_min_rate=cfg.swarm_min_rate,
+            origin_min_rate=cfg.origin_min_rate,
             reserve=self.reserve,
         )
         self.access: dict[tuple[str, ...], Access] = {}
@@ -125,6 +126,8 @@ class Agent:
             ("orphaned_downloads_total", "Downloads cancelled because every reader had left"),
             ("origin_resumes_total", "Origin bodies cut or stalled and asked again from their "
              "offset"),
+            ("origin_deadlines_total", "Downloads failed because the origin's part was not in "
+             "by its deadline (origin_min_rate)"),
         ):
             self.metrics.describe(name, text)
 

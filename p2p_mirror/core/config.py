@@ -357,6 +357,11 @@ class AgentConfig:
         256 * 1024, parse_size, "each segment must arrive by swarm_timeout + its end offset at "
         "this rate (bytes/s), else the rest comes from the origin (0: no deadline)",
     )
+    origin_min_rate: int = _opt(
+        64 * 1024, parse_size, "the origin's part of a blob must arrive by stall_timeout + its "
+        "bytes at this rate (bytes/s), else the download fails and the runtime retries from its "
+        "next host (0: no deadline)",
+    )
     max_blob_size: int = _opt(64 * GiB, parse_size, "refuse blobs larger than this (0: no cap)")
     # Kubernetes kills a pod 30 s after SIGTERM by default (deploy/daemonset sets 30): drain
     # well inside that, so the swarm still says goodbye to the tracker and its peers.

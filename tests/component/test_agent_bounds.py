@@ -1,5 +1,6 @@
-"""The agent's bounds in process, against an origin stand-in that holds its body: a download
-nobody reads any more is cancelled, and its disk reservation and files go with it."""
+"""The agent's bounds in process, against origin stand-ins that hold or trickle their body: a
+download nobody reads any more is cancelled, and its disk reservation and files go with it;
+one whose origin body is slower than ``origin_min_rate`` fails by its deadline."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from support.fakes import FaultRelay, StaticOrigin, aiohttp_servers
 
 from p2p_mirror.agent import pull
 from p2p_mirror.agent.server import Agent
 from p2p_mirror.core.config import AgentConfig, load_config
+from p2p_mirror.core.oci import Digest
 
 REG = "reg.test"
 BLOB = os.urandom(1024 * 1024)
@@ -69,3 +72,44 @@ async def test_a_download_whose_reader_left_is_cancelled(
         await server.close()
         await agent.close()
         await origin.close()
+
+
+async def test_a_trickling_origin_body_fails_by_its_deadline(tmp_path: Path) -> None:
+    """The origin sends a 16 KiB chunk every second: never a stall, but 1 MiB would take a
+    minute. With origin_min_rate 1 MiB/s the download fails at stall_timeout + 1 s: the
+    reader's response is cut (never a complete 200), nothing enters the cache, and the next
+    request (the origin no longer trickling) completes."""
+    async with aiohttp_servers() as serve:
+        static = StaticOrigin([BLOB])
+        relay = FaultRelay(await serve(static.app()), fault="slow", rate=16 * 1024).start()
+        cfg = load_config(AgentConfig, None, {
+            "data_dir": str(tmp_path / "data"), "registries": {REG: relay.url},
+            "stall_timeout": 2, "origin_min_rate": "1MiB",
+        })  # fmt: skip
+        agent = Agent(cfg)
+        await agent.start()
+        server = TestServer(agent.app(), host="127.0.0.1")
+        await server.start_server()
+        loop = asyncio.get_running_loop()
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = server.make_url(f"/v2/library/demo/blobs/{DIGEST}?ns={REG}")
+                started = loop.time()
+                async with session.get(url) as resp:
+                    assert resp.status == 200  # headers go at the first byte
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await resp.read()
+                took = loop.time() - started
+                assert 2.5 < took < 10, took
+                assert agent.metrics.value("origin_deadlines_total") == 1
+                assert agent.metrics.value("blob_failures_total", code="UNAVAILABLE") == 1
+                assert not agent.puller.active and len(agent.store.ledger) == 0
+                assert agent.store.layout(Digest.parse(DIGEST)) is None
+                assert not list((tmp_path / "data" / "blobs").rglob(f"{DIGEST[7:]}*"))
+                async with session.get(url) as resp:  # the relay trickles the first GET only
+                    assert resp.status == 200 and await resp.read() == BLOB
+            assert relay.faults == 1
+        finally:
+            await server.close()
+            await agent.close()
+            relay.stop()
