@@ -16,11 +16,13 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -498,3 +500,90 @@ def test_floods_of_requests_and_announces(rig_factory, table: list[Row]) -> None
     rig.row(table, "flood: 1500 requests each at agent, seeder, tracker (32 at once)",
             [result], injected=f"{len(requests)} requests", peak_rss=rss.peak,
             note="statuses " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
+
+
+def bt_ports(pid: int, http_ports: set[int]) -> list[int]:
+    """The TCP ports the process (and its children) listens on besides ``http_ports``: its
+    BitTorrent port (``bt_listen`` 127.0.0.1:0 picks one)."""
+    proc = psutil.Process(pid)
+    ports = {c.laddr.port for p in (proc, *proc.children(recursive=True))
+             for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}  # fmt: skip
+    return sorted(ports - http_ports)
+
+
+def bt_handshake(info_hash: bytes, peer_id: bytes) -> bytes:
+    return b"\x13BitTorrent protocol" + bytes(8) + info_hash + peer_id
+
+
+def bt_flood(ports: list[int], seconds: float, at_once: int) -> Counter[str]:
+    """``at_once`` connections at a time to ``ports`` for ``seconds``: each sends random
+    garbage, a handshake for an unknown info-hash, or such a handshake followed by a message
+    claiming 4 GiB, then waits up to 1 s for an answer. Counts connections by kind."""
+    stop = time.monotonic() + seconds
+
+    def worker(seed: int) -> Counter[str]:
+        rng, counts = random.Random(seed), Counter[str]()
+        while time.monotonic() < stop:
+            kind = rng.choice(("garbage", "handshake", "handshake + 4 GiB message"))
+            try:
+                with socket.create_connection(("127.0.0.1", rng.choice(ports)), timeout=2) as s:
+                    if kind == "garbage":
+                        s.sendall(rng.randbytes(rng.randrange(1, 64 * 1024)))
+                    else:
+                        s.sendall(bt_handshake(rng.randbytes(20), rng.randbytes(20)))
+                        if kind != "handshake":
+                            s.sendall(b"\xff\xff\xff\xff\x05" + rng.randbytes(16 * 1024))
+                    s.settimeout(1)
+                    s.recv(4096)
+                counts[kind] += 1
+            except TimeoutError:
+                counts[kind] += 1  # connected, sent, no answer: still a connection of the flood
+            except OSError:
+                counts["refused or reset"] += 1
+        return counts
+
+    with ThreadPoolExecutor(at_once) as pool:
+        return sum(pool.map(worker, range(at_once)), Counter())
+
+
+def test_floods_of_bittorrent_connections(rig_factory, table: list[Row]) -> None:
+    """For 20 s, 48 connections at a time at the agent's and the seeder's BitTorrent ports,
+    sending garbage or handshakes for unknown info-hashes: a pull through that agent during
+    the flood and one through a second agent after it (its peers: the flooded two, from which
+    it must get bytes) complete, nothing crashes, and each role's memory stays bounded."""
+    rig = rig_factory()
+    stack = rig.stack
+    assert stack.seeder is not None
+    agent = rig.stack.add_agent("agent1", **FAST_FALLBACK)
+    targets = {
+        "agent": bt_ports(agent.proc.pid, {agent.port, agent.proxy_port}),
+        "seeder": bt_ports(stack.seeder.pid, {stack.seeder_port}),
+    }
+    assert all(len(ports) == 1 for ports in targets.values()), targets
+    pids = {"agent": agent.proc.pid, "seeder": stack.seeder.pid}
+    with RssSampler(pids) as rss, ThreadPoolExecutor(1) as pool:
+        flood = pool.submit(bt_flood, [p for ports in targets.values() for p in ports], 20, 48)
+        time.sleep(2)
+        start = time.monotonic()
+        during = pull(agent, rig.image)
+        took = time.monotonic() - start
+        flooding = not flood.done()
+        connections = flood.result()
+    assert during.completed, during.errors
+    assert sum(v for k, v in connections.items() if k != "refused or reset") >= 1000, connections
+    wait_for(lambda: agent.proc.alive() and stack.seeder.alive(), 5, "roles alive")
+    after_agent = rig.stack.add_agent("agent2", **FAST_FALLBACK)
+    after = pull(after_agent, rig.image)
+    assert after.completed, after.errors
+    assert rss.peak["agent"] < 300 * MiB and rss.peak["seeder"] < 300 * MiB, rss.peak
+    # the flooded BitTorrent ports still serve peers: the second agent's bytes came that way
+    swarm = {a.name: a.blob_sources().get("swarm", 0) for a in (agent, after_agent)}
+    assert swarm["agent2"] > 0, after_agent.blob_sources()
+    total = sum(connections.values())
+    rig.row(table, "flood: BitTorrent ports of agent and seeder (48 connections at once, 20 s)",
+            [during, after], injected=f"{total} connections", peak_rss=rss.peak,
+            note=", ".join(f"{k}: {v}" for k, v in sorted(connections.items()))
+            + f"; pull during the flood took {took:.1f}s"
+            + ("" if flooding else " (outlasted it)")
+            + f", {swarm['agent1'] / MiB:.1f} MiB from the swarm; pull after it: "
+            f"{swarm['agent2'] / MiB:.1f} MiB from the swarm")
