@@ -360,7 +360,8 @@ class Agent:
             self.metrics.inc("uncached_blobs_total")
             return await stream_uncached(request, self.origin, target.upstream, target.name,
                                          digest, access.size, byte_range, headers,
-                                         self.metrics)  # fmt: skip
+                                         self.metrics, self.cfg.stall_timeout,
+                                         self.cfg.origin_min_rate)  # fmt: skip
         if download.upstream.name != target.upstream.name:
             # Never another registry's bytes (after_other_registry waited for that one to end).
             raise OCIError("UNAVAILABLE", "blob busy, try again")

@@ -113,3 +113,41 @@ async def test_a_trickling_origin_body_fails_by_its_deadline(tmp_path: Path) -> 
             await server.close()
             await agent.close()
             relay.stop()
+
+
+async def test_a_trickling_origin_body_streamed_uncached_is_cut_by_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """With no room in the cache the blob streams from the origin uncached: the same
+    deadline cuts a trickling body there (never a complete 200), and nothing is written."""
+    async with aiohttp_servers() as serve:
+        relay = FaultRelay(await serve(StaticOrigin([BLOB]).app()), fault="slow",
+                           rate=16 * 1024).start()  # fmt: skip
+        cfg = load_config(AgentConfig, None, {
+            "data_dir": str(tmp_path / "data"), "registries": {REG: relay.url},
+            "stall_timeout": 2, "origin_min_rate": "1MiB", "cache_max_bytes": "256KiB",
+        })  # fmt: skip
+        agent = Agent(cfg)
+        await agent.start()
+        server = TestServer(agent.app(), host="127.0.0.1")
+        await server.start_server()
+        loop = asyncio.get_running_loop()
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = server.make_url(f"/v2/library/demo/blobs/{DIGEST}?ns={REG}")
+                started = loop.time()
+                async with session.get(url) as resp:
+                    assert resp.status == 200
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await resp.read()
+                took = loop.time() - started
+                assert 2.5 < took < 10, took
+                assert agent.metrics.value("uncached_blobs_total") == 1
+                assert agent.metrics.value("origin_deadlines_total") == 1
+                assert not list((tmp_path / "data" / "blobs").rglob(f"{DIGEST[7:]}*"))
+                async with session.get(url) as resp:  # the relay trickles the first GET only
+                    assert resp.status == 200 and await resp.read() == BLOB
+        finally:
+            await server.close()
+            await agent.close()
+            relay.stop()
