@@ -44,10 +44,12 @@ from lab.netns import (
     cleanup_stale,
     exit_on_signals,
 )
+from lab.procs import CpuTime
 from lab.registry import Registry
 from p2p_mirror.core.config import parse_size
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench" / "results"
 REPO, TAG = "bench/image", "v1"
@@ -77,11 +79,17 @@ class RunResult:
     node_upload_bytes: int = 0
     node_seconds: list[float] = field(default_factory=list)
     cpu_busy: float = 0.0
+    agent_cpu_s: list[float] = field(default_factory=list)  # each node's agent, this pull
     all_done_runs: list[float] = field(default_factory=list)  # every try of a repeated run
 
     @property
     def egress_ratio(self) -> float:
         return self.origin_egress_bytes / self.image_bytes
+
+    @property
+    def agent_cpu_per_gib(self) -> list[float]:
+        """Each node's agent CPU-seconds per GiB it delivered (the image, to its containerd)."""
+        return [s * GiB / self.image_bytes for s in self.agent_cpu_s]
 
     @property
     def lb_ratio(self) -> float:
@@ -182,6 +190,7 @@ def run_one(
         ref = c.ref(REPO, TAG)
         mark = c.origin_mark()
         cpu0 = cpu_times()
+        agents = CpuTime(c.agent_pids())
         results: list[NodeResult] = c.pull_all(
             ref,
             expected_digest=layout.manifest_digest,
@@ -190,6 +199,7 @@ def run_one(
             timeout=timeout,
         )
         cpu1 = cpu_times()
+        agent_cpu = agents.used()
         egress = c.origin_egress(mark)
         if sys.stderr.isatty():
             sys.stderr.write("\n")
@@ -219,15 +229,26 @@ def run_one(
         node_upload_bytes=sum(r.tx_bytes for r in results),
         node_seconds=secs,
         cpu_busy=(cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1]),
+        agent_cpu_s=[agent_cpu[n] for n in sorted(agent_cpu, key=c.node_names.index)],
     )
     print(
         f"{label}: all done {res.all_done_s:6.2f}s p50 {res.p50_s:6.2f}s "
         f"egress {res.egress_ratio:5.2f}x image, {res.lb_ratio:5.2f}x lower bound, "
         f"CPU {100 * res.cpu_busy:3.0f}% busy"
+        + (f", agent {cpu_per_gib_cell(res)} CPU-s/GiB per node" if res.agent_cpu_s else "")
         + ("" if res.ok else f"  FAILED: {error}"),
         flush=True,
     )
     return res
+
+
+def cpu_per_gib_cell(r: RunResult) -> str:
+    """Agents' CPU-s per GiB delivered: the median node, with the range over the nodes."""
+    per = r.agent_cpu_per_gib
+    if not per:
+        return "-"
+    mid = f"{percentile(per, 50):.2f}"
+    return mid if len(per) == 1 else f"{mid} ({min(per):.2f}-{max(per):.2f})"
 
 
 def fmt_size(n: int) -> str:
@@ -257,7 +278,10 @@ def write_markdown(path: Path, runs: list[RunResult], command: str, meta: dict[s
         "that came from the swarm (seeder included); *node upload*: bytes all pulling nodes",
         "sent on their links (what they served each other, plus request overhead), divided by",
         "the image size; *CPU busy*: share of the machine's CPU time in use during the pull",
-        "(all processes; near 100% the run is CPU-bound, not link-bound). *CPU-bound* in",
+        "(all processes; near 100% the run is CPU-bound, not link-bound). *agent CPU-s/GiB*:",
+        "each node's agent process (user + system, psutil, from the pull's start to its end)",
+        "divided by the image bytes it delivered; the median node (the range over the nodes).",
+        "*CPU-bound* in",
         f"the status: at least {100 * CPU_BOUND:.0f}% busy, so that row measured this machine's",
         "cores, which run every node of the lab, rather than the links. With `--repeat K`,",
         "each row is the median of K fresh runs (all done, with the range of the K in",
@@ -270,8 +294,8 @@ def write_markdown(path: Path, runs: list[RunResult], command: str, meta: dict[s
             "",
             "| mode | N | all done (s) | p50 (s) | p99 (s) | origin egress / image | "
             "lower bound (s) | all done / lower bound | from peers | node upload / image "
-            "| CPU busy | status |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| CPU busy | agent CPU-s/GiB per node | status |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in sorted((r for r in runs if r.image_bytes == size),
                         key=lambda r: (MODES.index(r.mode), r.nodes)):  # fmt: skip
@@ -286,7 +310,8 @@ def write_markdown(path: Path, runs: list[RunResult], command: str, meta: dict[s
             lines.append(
                 f"| {r.mode} | {r.nodes} | {done} | {r.p50_s:.2f} | {r.p99_s:.2f} | "
                 f"{r.egress_ratio:.2f} | {r.lower_bound_s:.2f} | {r.lb_ratio:.2f} | {peers} | "
-                f"{r.node_upload_bytes / r.image_bytes:.2f} | {100 * r.cpu_busy:.0f}% | {status} |"
+                f"{r.node_upload_bytes / r.image_bytes:.2f} | {100 * r.cpu_busy:.0f}% | "
+                f"{cpu_per_gib_cell(r)} | {status} |"
             )
         lines.append("")
     path.write_text("\n".join(lines))

@@ -38,6 +38,7 @@ from pathlib import Path
 import psutil
 
 from lab.images import build_image, push_image
+from lab.procs import CpuTime
 from lab.registry import Registry
 from lab.stack import LocalStack
 from p2p_mirror.core.config import parse_size
@@ -115,22 +116,6 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-class CpuTime:
-    """CPU seconds (user + system) that named processes used since construction."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.start = {name: self._cpu(p) for name, p in self.procs.items()}
-
-    @staticmethod
-    def _cpu(proc: psutil.Process) -> float:
-        times = proc.cpu_times()
-        return times.user + times.system
-
-    def used(self) -> dict[str, float]:
-        return {n: self._cpu(p) - self.start[n] for n, p in self.procs.items()}
 
 
 class Recorders:

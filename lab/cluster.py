@@ -450,6 +450,11 @@ class Cluster:
                            timeout=10, check=False)  # fmt: skip
         return out.stdout if out.returncode == 0 else ""
 
+    def agent_pids(self) -> dict[str, int]:
+        """Each node's agent process (p2p mode; nsenter execs it, so the PID is the agent)."""
+        return {name: parts.agent.pid for name, parts in self.parts.items()
+                if parts.agent is not None}  # fmt: skip
+
     def blob_sources(self, name: str) -> dict[str, int]:
         return parse_blob_sources(self.agent_metrics(name)) if self.mode == "p2p" else {}
 

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
+
 
 class LabError(RuntimeError):
     """A lab process did not start or a readiness check timed out."""
@@ -143,3 +145,26 @@ class ProcGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CpuTime:
+    """CPU seconds (user + system) that named processes used since construction."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.start = {name: self._cpu(p) for name, p in self.procs.items()}
+
+    @staticmethod
+    def _cpu(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
+    def used(self) -> dict[str, float]:
+        """Seconds each process used so far (NaN for one that has exited: a failed run)."""
+        out = {}
+        for name, proc in self.procs.items():
+            try:
+                out[name] = self._cpu(proc) - self.start[name]
+            except psutil.NoSuchProcess:
+                out[name] = float("nan")
+        return out

@@ -279,11 +279,11 @@ class BlobPuller:
                 pieces = offer.inline_pieces(sizes)
             else:
                 pieces = self.seeders.pieces(url, download.digest, index, run[0], sizes)
-            async for piece, data in pieces:
-                if piece in transfer.done:
-                    continue  # taken before the connection broke, or from a peer
-                await transfer.add_piece(piece, data)
-                self.metrics.inc("seeder_pieces_total")
+            async for batch in pieces:
+                # not those taken before the connection broke, or from a peer
+                fresh = [(piece, data) for piece, data in batch if piece not in transfer.done]
+                await transfer.add_pieces(fresh)
+                self.metrics.inc("seeder_pieces_total", len(fresh))
             for piece in run:  # libtorrent hashes each added piece (we need not)
                 try:
                     verified = await transfer.verdict(piece, self.stall_timeout)

@@ -56,11 +56,10 @@ class SegmentOffer:
         if self.body is not None:
             self.body.close()
 
-    async def inline_pieces(self, sizes: list[int]) -> AsyncIterator[tuple[int, bytes]]:
-        """(piece, bytes) of the dealt run as it arrives after the torrent."""
+    def inline_pieces(self, sizes: list[int]) -> AsyncIterator[list[tuple[int, bytes]]]:
+        """Batches of (piece, bytes) of the dealt run as it arrives after the torrent."""
         assert self.body is not None
-        for piece, size in zip(self.dealt, sizes, strict=True):
-            yield piece, await self.body.content.readexactly(size)
+        return read_pieces(self.body.content, self.dealt, sizes)
 
 
 class SeederClient:
@@ -178,17 +177,18 @@ class SeederClient:
 
     async def pieces(
         self, url: str, digest: Digest, index: int, first: int, sizes: list[int]
-    ) -> AsyncIterator[tuple[int, bytes]]:
-        """(piece, bytes) of a run of consecutive pieces the seeder dealt to this agent, one
-        piece at a time as they arrive (``sizes``: each piece's length)."""
+    ) -> AsyncIterator[list[tuple[int, bytes]]]:
+        """Batches of (piece, bytes) of a run of consecutive pieces the seeder dealt to this
+        agent, as they arrive (``sizes``: each piece's length)."""
         async with self.session.get(
             url + protocol.pieces_path(digest, index, first),
             params=protocol.pieces_query(len(sizes)),
         ) as resp:
             if resp.status != 200:
                 raise Fallback("seeder", f"pieces {first}+{len(sizes)} of {index}: {resp.status}")
-            for piece, size in enumerate(sizes, start=first):
-                yield piece, await resp.content.readexactly(size)
+            pieces = list(range(first, first + len(sizes)))
+            async for batch in read_pieces(resp.content, pieces, sizes):
+                yield batch
 
 
 class BlobSource:
@@ -276,6 +276,53 @@ async def _offer(resp: aiohttp.ClientResponse) -> SegmentOffer:
     except BaseException:  # a cut body: a seeder failure
         resp.close()
         raise
+
+
+async def read_pieces(
+    content: aiohttp.StreamReader, pieces: list[int], sizes: list[int]
+) -> AsyncIterator[list[tuple[int, bytes]]]:
+    """Every whole piece of a run received so far, a batch per chunk the connection
+    delivered (so a piece is not held back waiting for the next ones). Each piece costs
+    one copy (none when it is a chunk as received), as with ``readexactly``, but no await
+    of its own. A body that ends early raises ``asyncio.IncompleteReadError`` after the
+    whole pieces before the cut."""
+    parts: list[memoryview] = []  # received, not yet in a piece (less than the next piece)
+    have = i = 0
+    while i < len(pieces):
+        chunk, _ = await content.readchunk()
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"".join(parts), sizes[i])
+        parts.append(memoryview(chunk))
+        have += len(chunk)
+        batch = []
+        while i < len(pieces) and have >= sizes[i]:
+            batch.append((pieces[i], _take(parts, sizes[i])))
+            have -= sizes[i]
+            i += 1
+        if batch:
+            yield batch
+
+
+def _take(parts: list[memoryview], size: int) -> bytes:
+    """The first ``size`` bytes of ``parts`` (which hold at least that), removed from it."""
+    first = parts[0]
+    if len(first) == size and isinstance(first.obj, bytes) and len(first.obj) == size:
+        parts.pop(0)
+        return first.obj  # a whole chunk: no copy
+    if len(first) >= size:
+        parts[0] = first[size:]
+        return bytes(first[:size])
+    taken, need = [], size
+    while need:
+        part = parts[0]
+        if len(part) <= need:
+            taken.append(parts.pop(0))
+            need -= len(part)
+        else:
+            taken.append(part[:need])
+            parts[0] = part[need:]
+            need = 0
+    return b"".join(taken)
 
 
 def runs_of(pieces: list[int]) -> list[list[int]]:

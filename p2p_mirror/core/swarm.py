@@ -190,16 +190,24 @@ class Transfer:
         return 0
 
     async def add_piece(self, piece: int, data: bytes, timeout: float = 10.0) -> None:
-        """Hand libtorrent a piece fetched some other way; it checks the hash, then shares it
-        (``verdict`` says how that check went).
+        """Hand libtorrent a piece fetched some other way (``add_pieces``)."""
+        await self.add_pieces([(piece, data)], timeout)
+
+    async def add_pieces(self, pieces: list[tuple[int, bytes]], timeout: float = 10.0) -> None:
+        """Hand libtorrent (piece, bytes) fetched some other way; it checks each hash, then
+        shares the piece (``verdict`` says how that check went). The binding takes ``bytes``
+        only (not a ``memoryview``) and copies them.
 
         Not before libtorrent has checked the new torrent's files: a piece added during that
         check is silently lost (2 of 30 fresh torrents, pieces added at once), and nobody
         else has a piece the seeder dealt only to us. TimeoutError if the check never ends.
         """
-        async with asyncio.timeout(timeout):
-            await self.checked.wait()
-        self.handle.add_piece(piece, data, 0)
+        if not self.checked.is_set():
+            async with asyncio.timeout(timeout):
+                await self.checked.wait()
+        add = self.handle.add_piece
+        for piece, data in pieces:
+            add(piece, data, 0)
 
     def connect(self, peers: Iterable[tuple[str, int]]) -> None:
         for host, port in peers:
