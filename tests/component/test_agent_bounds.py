@@ -5,8 +5,10 @@ one whose origin body is slower than ``origin_min_rate`` fails by its deadline."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from support.fakes import FaultRelay, StaticOrigin, aiohttp_servers
+from yarl import URL
 
 from p2p_mirror.agent import pull
 from p2p_mirror.agent.server import Agent
@@ -74,45 +77,60 @@ async def test_a_download_whose_reader_left_is_cancelled(
         await origin.close()
 
 
-async def test_a_trickling_origin_body_fails_by_its_deadline(tmp_path: Path) -> None:
-    """The origin sends a 16 KiB chunk every second: never a stall, but 1 MiB would take a
-    minute. With origin_min_rate 1 MiB/s the download fails at stall_timeout + 1 s: the
-    reader's response is cut (never a complete 200), nothing enters the cache, and the next
-    request (the origin no longer trickling) completes."""
+@contextlib.asynccontextmanager
+async def behind_a_trickling_origin(
+    tmp_path: Path, **settings: object
+) -> AsyncIterator[tuple[Agent, FaultRelay, aiohttp.ClientSession, URL]]:
+    """An agent whose origin sends its first GET at 16 KiB/s, with a client session and the
+    blob's URL at the agent."""
     async with aiohttp_servers() as serve:
-        static = StaticOrigin([BLOB])
-        relay = FaultRelay(await serve(static.app()), fault="slow", rate=16 * 1024).start()
+        relay = FaultRelay(await serve(StaticOrigin([BLOB]).app()), fault="slow",
+                           rate=16 * 1024).start()  # fmt: skip
         cfg = load_config(AgentConfig, None, {
             "data_dir": str(tmp_path / "data"), "registries": {REG: relay.url},
-            "stall_timeout": 2, "origin_min_rate": "1MiB",
+            "stall_timeout": 2, "origin_min_rate": "1MiB", **settings,
         })  # fmt: skip
         agent = Agent(cfg)
         await agent.start()
         server = TestServer(agent.app(), host="127.0.0.1")
         await server.start_server()
-        loop = asyncio.get_running_loop()
         try:
             async with aiohttp.ClientSession() as session:
-                url = server.make_url(f"/v2/library/demo/blobs/{DIGEST}?ns={REG}")
-                started = loop.time()
-                async with session.get(url) as resp:
-                    assert resp.status == 200  # headers go at the first byte
-                    with pytest.raises(aiohttp.ClientPayloadError):
-                        await resp.read()
-                took = loop.time() - started
-                assert 2.5 < took < 10, took
-                assert agent.metrics.value("origin_deadlines_total") == 1
-                assert agent.metrics.value("blob_failures_total", code="UNAVAILABLE") == 1
-                assert not agent.puller.active and len(agent.store.ledger) == 0
-                assert agent.store.layout(Digest.parse(DIGEST)) is None
-                assert not list((tmp_path / "data" / "blobs").rglob(f"{DIGEST[7:]}*"))
-                async with session.get(url) as resp:  # the relay trickles the first GET only
-                    assert resp.status == 200 and await resp.read() == BLOB
-            assert relay.faults == 1
+                yield agent, relay, session, server.make_url(
+                    f"/v2/library/demo/blobs/{DIGEST}?ns={REG}")
         finally:
             await server.close()
             await agent.close()
             relay.stop()
+
+
+async def cut_after(session: aiohttp.ClientSession, url: URL) -> float:
+    """Seconds until the agent cut the response (headers go at the first byte)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with session.get(url) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    return loop.time() - started
+
+
+async def test_a_trickling_origin_body_fails_by_its_deadline(tmp_path: Path) -> None:
+    """The origin sends a 16 KiB chunk every second: never a stall, but 1 MiB would take a
+    minute. The download fails once ``stall_timeout`` + size / ``origin_min_rate`` is past, the
+    reader's response is cut (never a complete 200), nothing enters the cache, and the next
+    request (the origin no longer trickling) completes."""
+    async with behind_a_trickling_origin(tmp_path) as (agent, relay, session, url):
+        took = await cut_after(session, url)
+        assert 2.5 < took < 10, took
+        assert agent.metrics.value("origin_deadlines_total") == 1
+        assert agent.metrics.value("blob_failures_total", code="UNAVAILABLE") == 1
+        assert not agent.puller.active and len(agent.store.ledger) == 0
+        assert agent.store.layout(Digest.parse(DIGEST)) is None
+        assert not list((tmp_path / "data" / "blobs").rglob(f"{DIGEST[7:]}*"))
+        async with session.get(url) as resp:  # the relay trickles the first GET only
+            assert resp.status == 200 and await resp.read() == BLOB
+        assert relay.faults == 1
 
 
 async def test_a_trickling_origin_body_streamed_uncached_is_cut_by_its_deadline(
@@ -120,34 +138,12 @@ async def test_a_trickling_origin_body_streamed_uncached_is_cut_by_its_deadline(
 ) -> None:
     """With no room in the cache the blob streams from the origin uncached: the same
     deadline cuts a trickling body there (never a complete 200), and nothing is written."""
-    async with aiohttp_servers() as serve:
-        relay = FaultRelay(await serve(StaticOrigin([BLOB]).app()), fault="slow",
-                           rate=16 * 1024).start()  # fmt: skip
-        cfg = load_config(AgentConfig, None, {
-            "data_dir": str(tmp_path / "data"), "registries": {REG: relay.url},
-            "stall_timeout": 2, "origin_min_rate": "1MiB", "cache_max_bytes": "256KiB",
-        })  # fmt: skip
-        agent = Agent(cfg)
-        await agent.start()
-        server = TestServer(agent.app(), host="127.0.0.1")
-        await server.start_server()
-        loop = asyncio.get_running_loop()
-        try:
-            async with aiohttp.ClientSession() as session:
-                url = server.make_url(f"/v2/library/demo/blobs/{DIGEST}?ns={REG}")
-                started = loop.time()
-                async with session.get(url) as resp:
-                    assert resp.status == 200
-                    with pytest.raises(aiohttp.ClientPayloadError):
-                        await resp.read()
-                took = loop.time() - started
-                assert 2.5 < took < 10, took
-                assert agent.metrics.value("uncached_blobs_total") == 1
-                assert agent.metrics.value("origin_deadlines_total") == 1
-                assert not list((tmp_path / "data" / "blobs").rglob(f"{DIGEST[7:]}*"))
-                async with session.get(url) as resp:  # the relay trickles the first GET only
-                    assert resp.status == 200 and await resp.read() == BLOB
-        finally:
-            await server.close()
-            await agent.close()
-            relay.stop()
+    async with behind_a_trickling_origin(tmp_path, cache_max_bytes="256KiB") as (
+            agent, _, session, url):  # fmt: skip
+        took = await cut_after(session, url)
+        assert 2.5 < took < 10, took
+        assert agent.metrics.value("uncached_blobs_total") == 1
+        assert agent.metrics.value("origin_deadlines_total") == 1
+        assert not list((tmp_path / "data" / "blobs").rglob(f"{DIGEST[7:]}*"))
+        async with session.get(url) as resp:  # the relay trickles the first GET only
+            assert resp.status == 200 and await resp.read() == BLOB
