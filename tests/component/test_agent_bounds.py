@@ -46,17 +46,9 @@ async def test_a_download_whose_reader_left_is_cancelled(
     app.router.add_route("*", "/v2/library/demo/blobs/{digest}", blob)
     origin = TestServer(app, host="127.0.0.1")
     await origin.start_server()
-    cfg = load_config(AgentConfig, None, {
-        "data_dir": str(tmp_path / "data"), "registries": {REG: str(origin.make_url(""))},
-        "stall_timeout": 60,
-    })  # fmt: skip
-    agent = Agent(cfg)
-    await agent.start()
-    server = TestServer(agent.app(), host="127.0.0.1")
-    await server.start_server()
     try:
-        async with aiohttp.ClientSession() as session:
-            url = server.make_url(f"/v2/library/demo/blobs/{DIGEST}?ns={REG}")
+        async with running_agent(tmp_path, str(origin.make_url("")), stall_timeout=60) as (
+                agent, session, url):  # fmt: skip
             async with session.get(url) as resp:
                 assert resp.status == 200
                 assert await resp.content.readexactly(65536) == BLOB[:65536]
@@ -66,15 +58,35 @@ async def test_a_download_whose_reader_left_is_cancelled(
                 await asyncio.sleep(0.1)
                 if not agent.puller.active:
                     break
-        assert not agent.puller.active
-        assert len(agent.store.ledger) == 0
-        assert agent.metrics.value("orphaned_downloads_total") == 1
-        assert not list((tmp_path / "data" / "blobs").rglob(f"{DIGEST[7:]}*"))
+            assert not agent.puller.active
+            assert len(agent.store.ledger) == 0
+            assert agent.metrics.value("orphaned_downloads_total") == 1
+            assert not list((tmp_path / "data" / "blobs").rglob(f"{DIGEST[7:]}*"))
+            release.set()
     finally:
         release.set()
+        await origin.close()
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    tmp_path: Path, origin_url: str, **settings: object
+) -> AsyncIterator[tuple[Agent, aiohttp.ClientSession, URL]]:
+    """A real agent in process for the registry ``REG`` at ``origin_url``, a client session,
+    and the test blob's URL at the agent."""
+    cfg = load_config(AgentConfig, None, {
+        "data_dir": str(tmp_path / "data"), "registries": {REG: origin_url}, **settings,
+    })  # fmt: skip
+    agent = Agent(cfg)
+    await agent.start()
+    server = TestServer(agent.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield agent, session, server.make_url(f"/v2/library/demo/blobs/{DIGEST}?ns={REG}")
+    finally:
         await server.close()
         await agent.close()
-        await origin.close()
 
 
 @contextlib.asynccontextmanager
@@ -86,21 +98,12 @@ async def behind_a_trickling_origin(
     async with aiohttp_servers() as serve:
         relay = FaultRelay(await serve(StaticOrigin([BLOB]).app()), fault="slow",
                            rate=16 * 1024).start()  # fmt: skip
-        cfg = load_config(AgentConfig, None, {
-            "data_dir": str(tmp_path / "data"), "registries": {REG: relay.url},
-            "stall_timeout": 2, "origin_min_rate": "1MiB", **settings,
-        })  # fmt: skip
-        agent = Agent(cfg)
-        await agent.start()
-        server = TestServer(agent.app(), host="127.0.0.1")
-        await server.start_server()
         try:
-            async with aiohttp.ClientSession() as session:
-                yield agent, relay, session, server.make_url(
-                    f"/v2/library/demo/blobs/{DIGEST}?ns={REG}")
+            async with running_agent(tmp_path, relay.url, stall_timeout=2,
+                                     origin_min_rate="1MiB", **settings) as (
+                    agent, session, url):  # fmt: skip
+                yield agent, relay, session, url
         finally:
-            await server.close()
-            await agent.close()
             relay.stop()
 
 
