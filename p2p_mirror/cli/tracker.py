@@ -7,17 +7,18 @@ from typing import Any
 
 import click
 
-from p2p_mirror.cli.common import cluster_secret_option, load_or_exit, setup_logging
+from p2p_mirror.cli.common import (
+    cluster_secret_option,
+    config_option,
+    load_or_exit,
+    log_level_option,
+    setup_logging,
+)
 from p2p_mirror.core.config import ConfigError, TrackerConfig
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    type=click.Path(path_type=Path),
-    help="YAML file with the keys below (listen, interval, seed_interval, ...); "
-    "flags override it.",
-)
+@config_option
 @click.option("--listen", metavar="HOST:PORT", help="Announce/scrape address [0.0.0.0:6969].")
 @click.option(
     "--interval", metavar="SECONDS", help="Re-announce interval told to leechers [30]."
@@ -47,7 +48,7 @@ from p2p_mirror.core.config import ConfigError, TrackerConfig
     "--announce-burst", metavar="N", help="Requests one address may send at once [3000]."
 )
 @cluster_secret_option
-@click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error [info].")
+@log_level_option
 def tracker(config: Path | None, **flags: Any) -> None:
     """Run the BitTorrent HTTP tracker the seeders and agents announce to.
 

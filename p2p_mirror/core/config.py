@@ -265,6 +265,10 @@ def _required(parse: Callable[[Any], Any], doc: str) -> Any:
     return field(metadata={"parse": parse, "doc": doc, "required": True}, default=None)
 
 
+def _cluster_secret() -> Any:
+    return _opt(None, parse_path, "file with the cluster secret (none: an open cluster, lab only)")
+
+
 @dataclass
 class TrackerConfig:
     listen: HostPort = _opt(HostPort("0.0.0.0", 6969), HostPort.parse, "announce/scrape address")
@@ -286,9 +290,7 @@ class TrackerConfig:
     announce_burst: int = _opt(
         3000, parse_count, "requests one source address may send at once before the rate applies"
     )
-    cluster_secret: Path | None = _opt(
-        None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
-    )
+    cluster_secret: Path | None = _cluster_secret()
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
 
@@ -323,9 +325,7 @@ class SeederConfig:
         None, parse_path, "Docker config.json with the seeder's own registry credentials"
     )
     announce_ip: str | None = _opt(None, parse_ip, "address peers reach this seeder on")
-    cluster_secret: Path | None = _opt(
-        None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
-    )
+    cluster_secret: Path | None = _cluster_secret()
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
 
@@ -377,9 +377,7 @@ class AgentConfig:
     metrics_listen: HostPort | None = _opt(
         None, parse_optional_hostport, "extra /metrics and /healthz address for Prometheus"
     )
-    cluster_secret: Path | None = _opt(
-        None, parse_path, "file with the cluster secret (none: an open cluster, lab only)"
-    )
+    cluster_secret: Path | None = _cluster_secret()
     log_level: str = _opt("INFO", parse_log_level, "log level")
 
     def upstream(self, name: str) -> Upstream | None:
