@@ -16,20 +16,25 @@ Run as root from the repository root::
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
 import tempfile
 import time
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import click
 
+from bench.cpu_profile import role_tables
+from bench.stream import Recorders
 from lab.cluster import (
     MODES,
     Cluster,
@@ -178,8 +183,11 @@ def run_one(
     rate_mbit: float,
     timeout: float,
     mtu: int = DEFAULT_MTU,
+    profile: Path | None = None,
+    tools: tuple[str, ...] = (),
 ) -> RunResult:
-    """One fresh cluster, one simultaneous pull on every node."""
+    """One fresh cluster, one simultaneous pull on every node; with ``profile``, ``tools``
+    record each agent for the pull alone (``profile_tables`` turns them into tables)."""
     size = layout.total_size
     label = f"{mode:6s} N={nodes:<2d} {size / MiB:6.1f}MiB"
     t0 = time.monotonic()
@@ -189,17 +197,24 @@ def run_one(
         setup = time.monotonic() - t0
         ref = c.ref(REPO, TAG)
         mark = c.origin_mark()
-        cpu0 = cpu_times()
-        agents = CpuTime(c.agent_pids())
-        results: list[NodeResult] = c.pull_all(
-            ref,
-            expected_digest=layout.manifest_digest,
-            expected_bytes=size,
-            progress=_progress_printer(label),  # type: ignore[arg-type]
-            timeout=timeout,
-        )
-        cpu1 = cpu_times()
-        agent_cpu = agents.used()
+        tag = f"n{nodes}-{size // MiB}mib-{int(time.time())}"
+        pids = {f"{n}-agent": pid for n, pid in c.agent_pids().items()}
+        with Recorders(profile, tag, pids, tools):
+            announces = _announces(c) if profile else 0
+            switches = {n: _switches(pid) for n, pid in c.agent_pids().items()}
+            cpu0 = cpu_times()
+            agents = CpuTime(c.agent_pids())
+            results: list[NodeResult] = c.pull_all(
+                ref,
+                expected_digest=layout.manifest_digest,
+                expected_bytes=size,
+                progress=_progress_printer(label),  # type: ignore[arg-type]
+                timeout=timeout,
+            )
+            cpu1 = cpu_times()
+            agent_cpu = agents.used()
+            announces = _announces(c) - announces if profile else 0
+            switches = {n: _switches(pid) - switches[n] for n, pid in c.agent_pids().items()}
         egress = c.origin_egress(mark)
         if sys.stderr.isatty():
             sys.stderr.write("\n")
@@ -210,6 +225,14 @@ def run_one(
             for name, tail in c.logs():
                 if tail.strip():
                     print(f"--- {name}\n{tail}", file=sys.stderr)
+    if profile is not None:  # the agents log their events when they stop
+        for name in c.node_names:
+            log = workdir / name / "agent.log"
+            if log.exists():
+                shutil.copy(log, profile / f"{tag}-{name}-agent.log")
+        (profile / f"{tag}-tracker-announces.txt").write_text(f"{announces}\n")
+        for name, n in switches.items():
+            (profile / f"{tag}-{name}-agent.switches").write_text(f"{n}\n")
     secs = [r.seconds for r in results]
     res = RunResult(
         mode=mode,
@@ -240,6 +263,29 @@ def run_one(
         flush=True,
     )
     return res
+
+
+def _switches(pid: int) -> int:
+    """Context switches (voluntary and not) of every thread of a process so far."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # a thread that just ended
+            continue
+        total += sum(int(line.split()[1]) for line in text.splitlines()
+                     if line.endswith("ctxt_switches", 0, line.find(":")))  # fmt: skip
+    return total
+
+
+def _announces(c: Cluster) -> int:
+    """Announces the cluster's trackers have answered so far."""
+    total = 0
+    for name in c.tracker_names:
+        for line in c.role_metrics(name).splitlines():
+            if line.startswith("p2p_tracker_announces_total "):
+                total += int(float(line.split()[1]))
+    return total
 
 
 def cpu_per_gib_cell(r: RunResult) -> str:
@@ -368,13 +414,19 @@ def _csv(kind: type, text: str) -> list:
               help="Scratch space [a temp dir under /var/tmp].")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @click.option("--keep-workdir", is_flag=True, help="Keep logs and data for inspection.")
+@click.option("--profile", type=click.Path(path_type=Path), default=None,
+              help="Record every agent during the pull alone (--profile-tools) into this dir "
+              "and write its tables to DIR/profile.md.")  # fmt: skip
+@click.option("--profile-tools", default="perf,py-spy-nonblocking", show_default=True,
+              help="perf (every thread, native and kernel), py-spy-nonblocking (Python "
+              "stacks, without stopping the agent).")  # fmt: skip
 @click.option("--merge", is_flag=True,
               help="Keep the rows of the report already in --out that this run does not "
               "measure (same links only); the report lists both commands.")  # fmt: skip
 def main(
     nodes: str, sizes: str, modes: str, rate_mbit: float, mtu: int, layers: int, seed: int,
     timeout: float, repeat: int, workdir: Path | None, out: Path, keep_workdir: bool,
-    merge: bool,
+    merge: bool, profile: Path | None, profile_tools: str,
 ) -> None:  # fmt: skip
     """Run direct / cache / p2p side by side for each N and image size; write the report."""
     if os.geteuid() != 0:
@@ -392,6 +444,8 @@ def main(
     scratch = workdir or Path(tempfile.mkdtemp(prefix="p2pm-bench-", dir="/var/tmp"))
     scratch.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
     runs: list[RunResult] = []
     started = time.monotonic()
     try:
@@ -403,15 +457,53 @@ def main(
             for n in node_counts:
                 for mode in mode_list:
                     tries = [run_one(scratch / "run", mode, n, layout, storage, rate_mbit,
-                                     timeout, mtu) for _ in range(repeat)]  # fmt: skip
+                                     timeout, mtu, profile, tuple(profile_tools.split(",")))
+                             for _ in range(repeat)]  # fmt: skip
                     runs.append(median_run(tries))
                     _write_all(out, runs, command, rate_mbit, mtu, started, earlier)
     finally:
         if runs:
             _write_all(out, runs, command, rate_mbit, mtu, started, earlier)
             print(f"wrote {out}/distribute.md, .png, .json", flush=True)
+        if profile is not None and runs:
+            (profile / "profile.md").write_text(profile_tables(profile))
+            print(f"wrote {profile}/profile.md", flush=True)
         if not keep_workdir and workdir is None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def profile_tables(directory: Path) -> str:
+    """Where the agents' CPU went during the pulls (``bench.cpu_profile``'s tables over every
+    agent recorded), and what each agent did per pull (from the lines it logs at exit)."""
+    lines = role_tables(directory, "*-agent")
+    events: dict[str, Counter] = defaultdict(Counter)
+    agents = 0
+    for log in sorted(directory.glob("*-agent.log")):
+        agents += 1
+        for line in log.read_text().splitlines():
+            m = re.search(r"swarm events: (\d+) torrents added, (\d+) alert pops, alerts (\{.*\})",
+                          line)  # fmt: skip
+            if m:
+                events["torrents added"][""] += int(m.group(1))
+                events["alert pops (pop_alerts calls)"][""] += int(m.group(2))
+                for kind, n in ast.literal_eval(m.group(3)).items():
+                    events["alerts"][kind] += n
+            m = re.search(r"seeder requests: (\{.*\})", line)
+            if m:
+                for kind, n in ast.literal_eval(m.group(1)).items():
+                    events["seeder requests"][kind] += n
+    for f in directory.glob("*-tracker-announces.txt"):
+        events["tracker announces (all trackers)"][""] += int(f.read_text())
+    for f in directory.glob("*-agent.switches"):
+        events["context switches (all threads)"][""] += int(f.read_text())
+    if agents:
+        lines += [f"**Events per agent per pull** (mean of {agents} agents)", "",
+                  "| count | what |", "|---:|---|"]  # fmt: skip
+        for what, counts in events.items():
+            for kind, n in counts.most_common():
+                lines.append(f"| {n / agents:.1f} | {what}{': ' + kind if kind else ''} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def links(rate: float, mtu: int) -> str:

@@ -137,10 +137,14 @@ class Recorders:
                     ["perf", "record", "-q", "-F", "499", "-p", str(pid), "-o",
                      f"{base}.perf.data"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
-            if "py-spy" in self.tools and shutil.which("py-spy"):
+            spy = [t for t in self.tools if t.startswith("py-spy")]
+            if spy and shutil.which("py-spy"):
+                # "py-spy-nonblocking": Python stacks only, without stopping the process
+                how = ["--nonblocking", "--rate", "100"] if spy[0] == "py-spy-nonblocking" \
+                    else ["--native", "--rate", "50"]
                 self.procs.append(subprocess.Popen(
-                    ["py-spy", "record", "--native", "--threads", "--rate", "50",
-                     "--format", "raw", "-o", f"{base}.pyspy.txt", "-p", str(pid)],
+                    ["py-spy", "record", *how, "--threads", "--format", "raw",
+                     "-o", f"{base}.pyspy.txt", "-p", str(pid)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         time.sleep(1.0)  # both attach before the first byte moves
         return self

@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -70,6 +71,7 @@ class SeederClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
         self.token = token  # the cluster's seeder-API token, on every request
         self._session: aiohttp.ClientSession | None = None
+        self.requests: Counter[str] = Counter()  # sent, by kind; logged at close
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -80,6 +82,7 @@ class SeederClient:
         return self._session
 
     async def close(self) -> None:
+        log.info("seeder requests: %s", dict(self.requests.most_common()))
         await self.seeders.close()
         if self._session is not None:
             await self._session.close()
@@ -101,6 +104,7 @@ class SeederClient:
         for url in await self.seeders.ranked(str(digest)):
             if url in skip:
                 continue
+            self.requests["blob_info"] += 1
             try:
                 async with self.session.get(
                     url + protocol.blob_info_path(digest),
@@ -138,6 +142,7 @@ class SeederClient:
         progress, since = None, loop.time()
         failures = 0
         while True:
+            self.requests["torrent"] += 1
             try:
                 resp = await self.session.get(
                     url + protocol.torrent_path(digest, index),
@@ -180,6 +185,7 @@ class SeederClient:
     ) -> AsyncIterator[list[tuple[int, bytes]]]:
         """Batches of (piece, bytes) of a run of consecutive pieces the seeder dealt to this
         agent, as they arrive (``sizes``: each piece's length)."""
+        self.requests["pieces"] += 1
         async with self.session.get(
             url + protocol.pieces_path(digest, index, first),
             params=protocol.pieces_query(len(sizes)),

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import mmap
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,6 +378,10 @@ class TorrentSession:
             self._limit_local_peers()
         self.transfers: dict[str, Transfer] = {}
         self.hash_failures = 0
+        # events of this session, logged at close (what a pull costs per event)
+        self.alert_counts: Counter[str] = Counter()
+        self.alert_pops = 0
+        self.torrents_added = 0
         self._wake = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self._closing = False
@@ -419,6 +423,8 @@ class TorrentSession:
         for transfer in list(self.transfers.values()):
             self.remove(transfer)
         self.session.pause()
+        log.info("swarm events: %d torrents added, %d alert pops, alerts %s",
+                 self.torrents_added, self.alert_pops, dict(self.alert_counts.most_common()))
 
     def get(self, info_hash: str) -> Transfer | None:
         return self.transfers.get(info_hash)
@@ -457,6 +463,7 @@ class TorrentSession:
             flags |= lt.torrent_flags.override_trackers
         atp.flags = flags
         handle = self.session.add_torrent(atp)
+        self.torrents_added += 1
         transfer = Transfer(meta, handle, save_dir)
         if seed:
             transfer.done = set(range(meta.num_pieces))
@@ -494,7 +501,11 @@ class TorrentSession:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5)
             self._wake.clear()
-            for alert in self.session.pop_alerts():
+            alerts = self.session.pop_alerts()
+            self.alert_pops += 1
+            counts = self.alert_counts
+            for alert in alerts:
+                counts[type(alert).__name__] += 1
                 self._dispatch(alert)
 
     def _dispatch(self, alert: lt.alert) -> None:
