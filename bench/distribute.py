@@ -215,6 +215,7 @@ def run_one(
             agent_cpu = agents.used()
             announces = _announces(c) - announces if profile else 0
             switches = {n: _switches(pid) - switches[n] for n, pid in c.agent_pids().items()}
+            threads = {n: _thread_cpu(pid) for n, pid in c.agent_pids().items()}
         egress = c.origin_egress(mark)
         if sys.stderr.isatty():
             sys.stderr.write("\n")
@@ -231,8 +232,10 @@ def run_one(
             if log.exists():
                 shutil.copy(log, profile / f"{tag}-{name}-agent.log")
         (profile / f"{tag}-tracker-announces.txt").write_text(f"{announces}\n")
-        for name, n in switches.items():
-            (profile / f"{tag}-{name}-agent.switches").write_text(f"{n}\n")
+        for name, per in switches.items():  # total, then "tid switches CPU-s" by thread
+            (profile / f"{tag}-{name}-agent.switches").write_text("".join(
+                [f"{per.total()}\n"] + [f"{tid} {n} {threads[name].get(tid, 0):.3f}\n"
+                                        for tid, n in sorted(per.items())]))  # fmt: skip
     secs = [r.seconds for r in results]
     res = RunResult(
         mode=mode,
@@ -265,17 +268,31 @@ def run_one(
     return res
 
 
-def _switches(pid: int) -> int:
-    """Context switches (voluntary and not) of every thread of a process so far."""
-    total = 0
+def _switches(pid: int) -> Counter:
+    """Context switches (voluntary and not) of each thread of a process so far, by thread id."""
+    per: Counter = Counter()
     for status in Path(f"/proc/{pid}/task").glob("*/status"):
         try:
             text = status.read_text()
         except OSError:  # a thread that just ended
             continue
-        total += sum(int(line.split()[1]) for line in text.splitlines()
-                     if line.endswith("ctxt_switches", 0, line.find(":")))  # fmt: skip
-    return total
+        per[int(status.parent.name)] = sum(
+            int(line.split()[1]) for line in text.splitlines()
+            if line.endswith("ctxt_switches", 0, line.find(":")))  # fmt: skip
+    return per
+
+
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process so far, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _announces(c: Cluster) -> int:
@@ -495,7 +512,7 @@ def profile_tables(directory: Path) -> str:
     for f in directory.glob("*-tracker-announces.txt"):
         events["tracker announces (all trackers)"][""] += int(f.read_text())
     for f in directory.glob("*-agent.switches"):
-        events["context switches (all threads)"][""] += int(f.read_text())
+        events["context switches (all threads)"][""] += int(f.read_text().split()[0])
     if agents:
         lines += [f"**Events per agent per pull** (mean of {agents} agents)", "",
                   "| count | what |", "|---:|---|"]  # fmt: skip
