@@ -382,9 +382,7 @@ class TorrentSession:
         self.alert_counts: Counter[str] = Counter()
         self.alert_pops = 0
         self.torrents_added = 0
-        self._wake = asyncio.Event()
-        self._pump: asyncio.Task[None] | None = None
-        self._closing = False
+        self._wake_fds: tuple[int, int] | None = None  # (read, write) of the alert pipe
 
     def _limit_local_peers(self) -> None:
         """Apply the rate limits to LAN peers too (libtorrent exempts them by default).
@@ -402,24 +400,25 @@ class TorrentSession:
         return self.session.listen_port()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.session.set_alert_notify(lambda: loop.call_soon_threadsafe(self._wake.set))
-        self._pump = asyncio.create_task(self._pump_alerts())
+        # libtorrent writes a byte to this pipe from its own thread (in C++, without the
+        # GIL) when the alert queue turns non-empty; the event loop pops the queue then.
+        read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_fds = (read, write)
+        self.session.set_alert_fd(write)
+        asyncio.get_running_loop().add_reader(read, self._alerts_ready)
+        self._alerts_ready()  # alerts queued before the pipe was set never write to it
 
     async def close(self) -> None:
-        # A flag, not cancel(): Python 3.11's wait_for swallows a cancellation that meets
-        # a wake-up, and the pump then ran forever (a shutdown that never ended).
-        self._closing = True
-        self._wake.set()
-        if self._pump:
-            await self._pump
-        # libtorrent calls the notify function (Python: it takes the GIL) under its alert
-        # lock whenever the alert queue turns non-empty, and set_alert_notify and the
-        # session's destructor take that lock while holding the GIL: either deadlocked the
-        # process when a torrent's alert came at that moment. Nothing pops alerts from here
-        # on, so one alert left queued means libtorrent never calls the function again.
+        fds, self._wake_fds = self._wake_fds, None
+        if fds is not None:
+            asyncio.get_running_loop().remove_reader(fds[0])
+        # libtorrent writes to the pipe under its alert lock whenever the alert queue turns
+        # non-empty (wait_for_alert returns only after that). Nothing pops alerts from here
+        # on, so with one alert left queued it never writes again and the pipe can close.
         self.session.post_session_stats()
         await asyncio.to_thread(self.session.wait_for_alert, 1000)
+        for fd in fds or ():
+            os.close(fd)
         for transfer in list(self.transfers.values()):
             self.remove(transfer)
         self.session.pause()
@@ -496,17 +495,20 @@ class TorrentSession:
                 wasted += status.total_redundant_bytes + status.total_failed_bytes
         return SessionTotals(down, up, wasted)
 
-    async def _pump_alerts(self) -> None:
-        while not self._closing:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.5)
-            self._wake.clear()
-            alerts = self.session.pop_alerts()
-            self.alert_pops += 1
-            counts = self.alert_counts
-            for alert in alerts:
-                counts[type(alert).__name__] += 1
-                self._dispatch(alert)
+    def _alerts_ready(self) -> None:
+        """Empty the pipe, then the alert queue (in this order: an alert queued after the pop
+        writes again, and the loop calls back)."""
+        if self._wake_fds is None:
+            return
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_fds[0], 4096):
+                pass
+        alerts = self.session.pop_alerts()
+        self.alert_pops += 1
+        counts = self.alert_counts
+        for alert in alerts:
+            counts[type(alert).__name__] += 1
+            self._dispatch(alert)
 
     def _dispatch(self, alert: lt.alert) -> None:
         if isinstance(alert, lt.hash_failed_alert):

@@ -14,17 +14,34 @@ from p2p_mirror.core.config import HostPort
 from p2p_mirror.core.swarm import TorrentSession
 
 
-async def test_close_ends_when_an_alert_wakes_the_pump_at_that_moment() -> None:
-    """An alert's wake-up and shutdown in the same turn of the loop: Python 3.11's wait_for
-    swallowed the pump's cancellation then, and close() never returned."""
+async def test_close_ends_when_an_alert_wakes_the_loop_at_that_moment() -> None:
+    """An alert's wake-up and shutdown in the same turn of the loop (an earlier pump task
+    swallowed its cancellation then, and close() never returned); the alert pipe is closed
+    and nothing reads it afterwards."""
     swarm = TorrentSession(HostPort("127.0.0.1", 0))
     await swarm.start()
-    await asyncio.sleep(0.05)  # the pump is waiting for a wake-up
-    swarm._wake.set()  # what libtorrent's notify function does for a new alert
+    await asyncio.sleep(0.05)  # the loop is waiting for a wake-up
+    swarm.session.post_session_stats()  # libtorrent writes to the alert pipe for it
     closing = asyncio.create_task(swarm.close())
     done, _ = await asyncio.wait([closing], timeout=5)
     assert closing in done
     await closing
+    assert swarm._wake_fds is None
+
+
+async def test_alerts_reach_the_loop_without_a_poll() -> None:
+    """Each alert is dispatched as libtorrent queues it: the pipe wakes the loop (no timer
+    would pop them within 0.2 s)."""
+    swarm = TorrentSession(HostPort("127.0.0.1", 0))
+    await swarm.start()
+    try:
+        for round_ in range(1, 4):
+            swarm.session.post_session_stats()
+            async with asyncio.timeout(0.2):
+                while swarm.alert_counts["session_stats_alert"] < round_:
+                    await asyncio.sleep(0.005)
+    finally:
+        await swarm.close()
 
 
 def test_sessions_that_just_passed_a_torrent_close_every_time(tmp_path: Path) -> None:
