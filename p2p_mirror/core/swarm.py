@@ -331,6 +331,10 @@ class TorrentSession:
                 ),
                 "tick_interval": 100,
                 "max_queued_disk_bytes": 16 * MiB,
+                # One disk I/O thread, not 10: each disk job woke one of ten idle threads
+                # (half of an agent's context switches in a cluster pull); a blob's writes
+                # and reads are page-cache copies one thread keeps up with.
+                "aio_threads": 1,
                 "send_socket_buffer_size": 4 * MiB,
                 "recv_socket_buffer_size": 4 * MiB,
                 "send_buffer_watermark": 4 * MiB,
