@@ -189,8 +189,9 @@ class BlobPuller:
                 except TimeoutError:
                     raise _late(index, deadline - started) from None
                 await self._consume(download, hasher, index, transfer, deadline, started)
-                log.debug("blob %s: segment %d streamed; peers: %s", download.digest, index,
-                         transfer.peer_summary())
+                if log.isEnabledFor(logging.DEBUG):  # asks libtorrent's thread, and waits
+                    log.debug("blob %s: segment %d streamed; peers: %s", download.digest,
+                              index, transfer.peer_summary())  # fmt: skip
         finally:
             for task in (*getters.values(), *download.watchers):
                 task.cancel()
