@@ -100,7 +100,7 @@ NOTES: dict[str, dict[str, str]] = {
     },
     "seeder": {
         "segment_size": (
-            "every blob is cut into at least 8 segments of whole pieces, at most this size "
+            "every blob is cut into at least 4 segments of whole pieces, at most this size "
             "each; one torrent per segment."
         ),
         "piece_size": (

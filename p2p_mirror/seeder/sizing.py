@@ -6,7 +6,12 @@ SEGMENT_PIECES = 32  # pieces per segment that small segments' piece size aims f
 MIN_PIECE = 32 * 1024  # smaller pieces cost more CPU than they save
 
 
-def segment_size_for(size: int, largest: int, piece: int, parts: int = 8) -> int:
+# Segments per blob, at least: each is a torrent with its own peer connections, announces,
+# files and alerts on every node, all CPU per pull (bench/README.md, cluster round 3).
+SEGMENT_PARTS = 4
+
+
+def segment_size_for(size: int, largest: int, piece: int, parts: int = SEGMENT_PARTS) -> int:
     """Cut every blob in at least ``parts`` segments (whole pieces, at most ``largest``).
 
     Peers can start on a segment as soon as the seeder has it, so even a small layer's

@@ -86,11 +86,12 @@ async def held() -> AsyncIterator[tuple[HeldOrigin, TestServer]]:
 
 
 @contextlib.asynccontextmanager
-async def seeder_of(tmp_path: Path, origin_server: TestServer) -> AsyncIterator[
+async def seeder_of(tmp_path: Path, origin_server: TestServer, **extra: object) -> AsyncIterator[
     tuple[Seeder, TestClient]
 ]:
-    """A real seeder in front of ``origin_server``."""
-    async with running_seeder(tmp_path, {REG: str(origin_server.make_url(""))}) as running:
+    """A real seeder in front of ``origin_server`` (``extra``: more of its config)."""
+    async with running_seeder(tmp_path, {REG: str(origin_server.make_url(""))},
+                              **extra) as running:  # fmt: skip
         yield running
 
 
@@ -320,7 +321,8 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
     origin.release[digest].set()
     async with (
         served(origin) as origin_server,
-        seeder_of(tmp_path, origin_server) as (seeder, client),
+        # 1 MiB segments: eight of them, more than the backlog and what may pass it
+        seeder_of(tmp_path, origin_server, segment_size="1MiB") as (seeder, client),
     ):
         seeder.dealer.send_queue = LinkQueue(1, patience=60.0)
         release = asyncio.Event()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from p2p_mirror.seeder.sizing import MIN_PIECE, piece_size_for, segment_size_for
+from p2p_mirror.seeder.sizing import MIN_PIECE, SEGMENT_PARTS, piece_size_for, segment_size_for
 
 MiB = 1024 * 1024
 PIECE = 256 * 1024
@@ -16,9 +16,9 @@ PIECE = 256 * 1024
         (0, PIECE),  # an empty blob is still one (empty) segment
         (1000, PIECE),
         (1 * MiB, PIECE),  # 4 segments of one piece
-        (8 * MiB + 5, 5 * PIECE),  # rounded up to whole pieces
-        (16 * MiB, 2 * MiB),
-        (64 * MiB, 8 * MiB),
+        (8 * MiB + 5, 9 * PIECE),  # rounded up to whole pieces
+        (16 * MiB, 4 * MiB),
+        (64 * MiB, 16 * MiB),
         (128 * MiB, 16 * MiB),
         (1024 * MiB, 16 * MiB),  # large blobs: capped, so swarms stay few
     ],
@@ -28,7 +28,7 @@ def test_segment_size(size: int, segment: int) -> None:
     assert got == segment
     assert got % PIECE == 0
     count = max(1, -(-size // got))
-    assert count <= max(8, -(-size // (16 * MiB)))
+    assert count <= max(SEGMENT_PARTS, -(-size // (16 * MiB)))
 
 
 @pytest.mark.parametrize(
