@@ -48,6 +48,7 @@ EVENTS = ("", "completed", "started", "stopped")  # BEP 15 event numbers 0-3
 WINDOW = 60.0  # a connection ID is good for this window and the next: 1-2 minutes
 MAX_DATAGRAM = 2048  # announce 98 bytes + options (libtorrent: <= 257); scrape 16 + 20 x N
 DATAGRAMS_PER_WAKEUP = 256
+RECEIVE_BUFFER = 4 << 20  # bytes queued for the tracker (capped by net.core.rmem_max)
 
 HEADER = struct.Struct(">QII")  # connection_id (or protocol id), action, transaction id
 ANNOUNCE_REQ = struct.Struct(">QII20s20sqqqiIIiH")
@@ -245,6 +246,8 @@ def udp_socket(listen: HostPort) -> socket.socket:
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # a burst of announces waits here instead of being dropped (clients retry in 15 s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         sock.bind(addr)
     except OSError:
         sock.close()
