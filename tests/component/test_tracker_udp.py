@@ -30,11 +30,12 @@ SECRET = b"s3cret-s3cret-s3cret"
 class UdpClient:
     """A BEP 15 client on one socket bound to ``source``: connect once, reuse the ID."""
 
-    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self, port: int, source: str = "127.0.0.1", tracker: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET,
+                                  socket.SOCK_DGRAM)  # fmt: skip
         self.sock.bind((source, 0))
         self.sock.settimeout(2)
-        self.target = ("127.0.0.1", port)
+        self.target = (tracker, port)
         self.cid = b""
         self.txn = random.getrandbits(32)
 
@@ -77,8 +78,9 @@ class UdpClient:
 
 
 @asynccontextmanager
-async def udp_tracker(secret: bytes | None = None, **cfg: Any) -> AsyncIterator[RunningTracker]:
-    running = await server.start(TrackerConfig(listen=HostPort("127.0.0.1", 0), **cfg),
+async def udp_tracker(secret: bytes | None = None, host: str = "127.0.0.1",
+                      **cfg: Any) -> AsyncIterator[RunningTracker]:  # fmt: skip
+    running = await server.start(TrackerConfig(listen=HostPort(host, 0), **cfg),
                                  ClusterAuth(secret, "tracker"))  # fmt: skip
     try:
         yield running
@@ -113,6 +115,27 @@ async def test_udp_shares_the_http_port_and_swarm() -> None:
         finally:
             a.close()
             b.close()
+
+
+async def test_ipv6_clients_get_18_byte_peers_ipv4_ones_6_byte_on_a_dual_stack_port() -> None:
+    async with udp_tracker(host="::") as running:
+        port = running.listen.port
+        v6a, v6b = UdpClient(port, "::1", "::1"), UdpClient(port, "::1", "::1")
+        v4 = UdpClient(port)
+        try:
+            for c in (v6a, v6b, v4):
+                await in_thread(c.connect)
+            await in_thread(v6a.announce, n=1)
+            await in_thread(v4.announce, n=3)
+            _, leechers, _, peers = await in_thread(v6b.announce, n=2)
+            assert leechers == 3 and len(peers) == 18  # only the IPv6 peer, 18 bytes
+            assert peers[:16] == socket.inet_pton(socket.AF_INET6, "::1")
+            assert int.from_bytes(peers[16:], "big") == 10001
+            _, _, _, peers = await in_thread(v4.announce, n=3)
+            assert compact4(peers) == []  # no IPv4 peer but itself
+        finally:
+            for c in (v6a, v6b, v4):
+                c.close()
 
 
 async def test_forged_stale_and_other_address_connection_ids_get_no_answer() -> None:
