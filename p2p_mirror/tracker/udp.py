@@ -23,7 +23,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from p2p_mirror.core.clusterauth import UDP_CONNECTION_ID, ClusterAuth
 from p2p_mirror.core.config import HostPort
@@ -57,6 +57,7 @@ REPLY_HEAD = struct.Struct(">II")  # action, transaction id
 ANNOUNCE_HEAD = struct.Struct(">IIIII")  # action, transaction, interval, leechers, seeders
 SCRAPE_ENTRY = struct.Struct(">III")  # seeders, completed, leechers
 ERROR_MAX = 200  # bytes of message in an error datagram
+MAX_ANSWER = 1400  # bytes: an answer fits one 1500-byte IP packet (IPv6: 76 peers, IPv4: 230)
 
 
 class Service(Protocol):
@@ -159,7 +160,7 @@ class UdpTracker:
         return error(txn, f"unknown action {action}")
 
     def _announce(self, data: bytes, txn: int, source: IPAddress) -> bytes:
-        def parse() -> Any:
+        def parse() -> Announce:
             if len(data) < ANNOUNCE_REQ.size:
                 raise RequestError(f"announce too short: {len(data)} bytes")
             (_, _, _, info_hash, peer_id, downloaded, left, uploaded, event, ip, _key,
@@ -176,29 +177,33 @@ class UdpTracker:
 
         _, result, interval = self.svc.serve_announce(source, parse)
         # BEP 15: the socket's family sets the peer format (6- or 18-byte entries)
-        peers = result.peers if source.version == 4 else result.peers6
+        peers, width = (result.peers, 6) if source.version == 4 else (result.peers6, 18)
+        room = (MAX_ANSWER - ANNOUNCE_HEAD.size) // width * width
         return ANNOUNCE_HEAD.pack(ANNOUNCE, txn, interval, result.incomplete,
-                                  result.complete) + peers  # fmt: skip
+                                  result.complete) + peers[:room]  # fmt: skip
 
     def _scrape(self, data: bytes, txn: int, source: IPAddress) -> bytes:
+        body = data[HEADER.size : HEADER.size + (MAX_SCRAPE_HASHES + 1) * V1_HASH_LEN]
+        hashes = [body[i : i + V1_HASH_LEN] for i in range(0, len(body), V1_HASH_LEN)]
+
         def parse() -> Scrape:
-            body = data[HEADER.size :]
             if not body or len(body) % V1_HASH_LEN:
                 raise RequestError("scrape needs whole 20-byte info-hashes")
-            if len(body) > MAX_SCRAPE_HASHES * V1_HASH_LEN:
+            if len(hashes) > MAX_SCRAPE_HASHES:
                 raise RequestError(f"too many info-hashes: at most {MAX_SCRAPE_HASHES}")
-            hashes = [body[i : i + V1_HASH_LEN] for i in range(0, len(body), V1_HASH_LEN)]
             return Scrape(hashes, None)  # BEP 41 options come with announces only
 
         counts = self.svc.serve_scrape(source, parse)
         out = [REPLY_HEAD.pack(SCRAPE, txn)]
-        for e in counts.values():
+        for ih in hashes:  # BEP 15: one entry per requested hash, in order, repeats too
+            e = counts[ih]
             out.append(SCRAPE_ENTRY.pack(e.complete, e.downloaded, e.incomplete))
         return b"".join(out)
 
 
 def error(txn: int, message: str) -> bytes:
-    return REPLY_HEAD.pack(ERROR, txn) + message.encode("utf-8", "replace")[:ERROR_MAX]
+    text = message.encode("utf-8", "replace")[:ERROR_MAX].decode("utf-8", "ignore")
+    return REPLY_HEAD.pack(ERROR, txn) + text.encode()
 
 
 class UdpEndpoint:

@@ -109,9 +109,10 @@ async def test_udp_shares_the_http_port_and_swarm() -> None:
             # the same swarm the HTTP side serves
             assert running.service.table.swarms[IH].seeders == 1
             # scrape names its hashes; seeders, completed, leechers
-            reply = await in_thread(b.ask, b.cid + struct.pack(">II", SCRAPE, 7) + IH + bytes(20))
-            assert reply is not None
-            assert struct.unpack(">II6I", reply) == (SCRAPE, 7, 1, 0, 1, 0, 0, 0)
+            reply = await in_thread(b.ask, b.cid + struct.pack(">II", SCRAPE, 7) + IH
+                                    + bytes(20) + IH)  # fmt: skip
+            assert reply is not None  # one entry per hash asked, in order, repeats too
+            assert struct.unpack(">II9I", reply) == (SCRAPE, 7, 1, 0, 1, 0, 0, 0, 1, 0, 1)
         finally:
             a.close()
             b.close()

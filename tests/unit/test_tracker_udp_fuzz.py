@@ -18,6 +18,7 @@ from p2p_mirror.tracker.udp import (
     CONNECT,
     ERROR,
     ERROR_MAX,
+    MAX_ANSWER,
     PROTOCOL_ID,
     SCRAPE,
     ConnectionIds,
@@ -99,11 +100,11 @@ def test_every_datagram_gets_a_well_formed_answer_or_none(data: bytes, which: st
         assert 8 < len(reply) <= 8 + ERROR_MAX
         reply[8:].decode("utf-8")
     elif action == ANNOUNCE:
-        assert (len(reply) - 20) % 6 == 0 and len(reply) <= 20 + 6 * 200
+        assert (len(reply) - 20) % 6 == 0 and len(reply) <= MAX_ANSWER
         if which == "secret":
             assert f"token={TOKEN}".encode() in data
     else:
-        assert action == SCRAPE and (len(reply) - 8) % 12 == 0 and len(reply) <= 8 + 12 * 128
+        assert action == SCRAPE and len(reply) == 8 + 12 * ((len(data) - 16) // 20)
         assert which == "open"  # scrapes carry no token
 
 
@@ -123,3 +124,21 @@ def test_connection_ids_bind_address_and_window() -> None:
     assert ids.valid(b"\x0a\x00\x00\x01", cid)
     now[0] += 0.2
     assert not ids.valid(b"\x0a\x00\x00\x01", cid)
+
+
+def test_answers_fit_one_packet_however_many_peers_are_asked_for() -> None:
+    svc = TrackerService(TrackerConfig(max_numwant=1000), ClusterAuth(None, "t"))
+    tracker = UdpTracker(svc, ConnectionIds(b"k" * 32, clock=lambda: 1000.0))
+    cid = tracker.ids.issue(ipaddress.ip_address(SOURCE).packed)
+
+    def announce(n: int, source: str = SOURCE) -> bytes:
+        body = struct.pack(">II20s20sqqqiIIiH", ANNOUNCE, 1, bytes(20), b"-PP0001-" + bytes(12),
+                           0, 1, 0, 0, 0, 0, 1000, 1000 + n)  # fmt: skip
+        reply = tracker.answer(cid + body, source)
+        assert reply is not None and reply[:4] == struct.pack(">I", ANNOUNCE)
+        return reply
+
+    for n in range(400):
+        announce(n)
+    reply = announce(400)
+    assert len(reply) == 20 + (MAX_ANSWER - 20) // 6 * 6  # 230 of the 400 others
