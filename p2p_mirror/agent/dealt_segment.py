@@ -1,15 +1,16 @@
 """A segment the seeder dealt to this agent whole, inline after its torrent (the first or
 only node pulling a blob): its bytes go straight into the segment file as they arrive and
-are hashed from there, without handing pieces to libtorrent, whose binding copies every
-byte and which SHA-1s every piece. Once the file is complete its torrent joins the session
-as a seed (libtorrent checks a piece the first time a peer asks for it, so no peer gets a
-piece that fails its hash). The blob's digest decides, as for every byte of a blob.
+are checked and hashed from there, without handing pieces to libtorrent (whose binding
+copies every byte). Each piece is checked against the torrent before its bytes count as
+downloaded, in the same pass that feeds the blob's digest, so a seeder that sends wrong
+bytes is caught at the piece and the segment comes from the swarm instead. Once the file
+is complete its torrent joins the session as a seed (libtorrent checks a piece again the
+first time a peer asks for it: no peer gets a piece that fails its hash).
 """
 
 from __future__ import annotations
 
 import asyncio
-import mmap
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ class DealtSegment:
     path: Path
     written: int = 0  # bytes at the start of the file, written in full
     transfer: Transfer | None = None  # seeding once written; downloading if the run broke
-    broken: bool = False  # the run broke: ``transfer`` takes the segment from the swarm
+    broken: bool = False  # the run broke or a piece failed: ``transfer`` takes it from the swarm
+    writer: asyncio.Task[None] | None = None  # the task writing the run
     _wanted: int = 0  # the waiting reader is woken once ``written`` reaches this
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -65,9 +67,10 @@ class DealtSegment:
         self._notify()
 
     async def wait_beyond(self, pos: int, timeout: float) -> bool:
-        """True once ``HASH_MIN`` bytes past ``pos`` (or the rest of the segment) are
-        written, or the run broke; False after ``timeout`` in which no byte was written."""
-        want = min(self.size, pos + HASH_MIN)
+        """True once ``HASH_MIN`` bytes and a whole piece past ``pos`` (or the rest of the
+        segment) are written, or the run broke; False after ``timeout`` in which no byte
+        was written."""
+        want = min(self.size, pos + max(HASH_MIN, self.meta.piece_length))
         while self.written < want and not self.broken:
             before = self.written
             self._wanted = want
@@ -80,13 +83,26 @@ class DealtSegment:
         return True
 
 
-def hash_written(hasher, path: Path, start: int, end: int) -> bool:
-    """Feed bytes [start, end) of ``path`` to ``hasher`` from a mapping (blocking: run it in
-    a thread; hashlib releases the GIL). False, with nothing hashed, if the file is gone or
-    shorter (a broken run's file is replaced)."""
-    lo = start - start % mmap.ALLOCATIONGRANULARITY
+    def verifiable(self) -> int:
+        """Where the whole pieces written so far end."""
+        if self.written >= self.size:
+            return self.size
+        return self.written - self.written % self.meta.piece_length
+
+
+def verify_and_hash(hasher, meta: Metainfo, path: Path, start: int, end: int) -> str | None:
+    """Check the pieces holding bytes [start, end) of ``path`` (``end``: a piece's end)
+    against ``meta``, then feed those bytes to ``hasher``, from one mapping (blocking: run
+    it in a thread; hashlib releases the GIL). None if they passed; else what failed, with
+    nothing hashed."""
+    first = start // meta.piece_length
+    lo = meta.piece_range(first)[0]  # a piece starts on a page
     view = map_range(path, lo, end)
     if view is None:
-        return False
+        return "gone from the disk"
+    for piece in range(first, -(-end // meta.piece_length)):
+        a, b = meta.piece_range(piece)
+        if not meta.piece_ok(piece, view[a - lo : b - lo]):
+            return f"piece {piece} fails its hash"
     hasher.update(view[start - lo :])
-    return True
+    return None

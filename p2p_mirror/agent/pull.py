@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from p2p_mirror.agent.blob_download import BlobDownload
-from p2p_mirror.agent.dealt_segment import DealtSegment, hash_written
+from p2p_mirror.agent.dealt_segment import DealtSegment, verify_and_hash
 from p2p_mirror.agent.seeder_client import (
     BlobSource,
     Fallback,
@@ -192,7 +192,7 @@ class BlobPuller:
                     raise _late(index, deadline - started) from None
                 if isinstance(joined_segment, DealtSegment):
                     await self._consume_dealt(
-                        download, hasher, index, joined_segment, deadline, started)
+                        download, hasher, index, joined_segment, source, deadline, started)
                     log.debug("blob %s: segment %d streamed as dealt", download.digest, index)
                     continue
                 transfer = joined_segment
@@ -222,6 +222,7 @@ class BlobPuller:
                 # nobody else holds a piece of it yet: no swarm to join until it is written
                 segment = DealtSegment(meta, download.layout.segment_path(index))
                 dealer = asyncio.create_task(self._write_dealt(download, source, segment, offer))
+                segment.writer = dealer
                 download.watchers.append(dealer)
                 return segment
             log.debug("blob %s: joining segment %d swarm (%s), pieces %s from the seeder",
@@ -285,29 +286,45 @@ class BlobPuller:
         self, download: BlobDownload, source: BlobSource, segment: DealtSegment,
         offer: SegmentOffer,
     ) -> None:
-        """Write a segment dealt to us whole into its file, then seed it. If the run breaks,
-        the segment comes from the seeder's swarm instead, into a new file: the bytes
-        written so far were never checked piece by piece."""
+        """Write a segment dealt to us whole into its file, then seed it (libtorrent checks
+        each piece before a peer gets it). If the run breaks, the segment comes from the
+        seeder's swarm instead (``_dealt_failed``)."""
         assert self.session is not None and download.layout is not None
         try:
             await segment.write(offer.inline_run(segment.size))
         except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError, OSError) as e:
-            log.warning("blob %s: dealt segment %s cut at %d/%d (%s); joining the seeder's "
-                        "swarm", download.digest, segment.meta.name, segment.written,
-                        segment.size, e or type(e).__name__)  # fmt: skip
-            self.metrics.inc("seeder_segments_total", reason="piece_failed")
-            with contextlib.suppress(FileNotFoundError):
-                segment.path.unlink()
-            transfer = self.session.add(segment.meta, download.layout.dir, seed=False,
-                                        peers=source.peers)  # fmt: skip
-            download.transfers.append(transfer)
-            segment.finish(transfer, broken=True)
+            self._dealt_failed(download, source, segment, f"cut at {segment.written}/"
+                               f"{segment.size} ({e or type(e).__name__})")  # fmt: skip
+            return
+        if segment.broken:  # a piece failed its hash meanwhile: the swarm has it now
             return
         transfer = self.session.add(segment.meta, download.layout.dir, seed=True)
         download.transfers.append(transfer)
         self.metrics.inc("seeder_pieces_total", segment.meta.num_pieces)
         self.metrics.inc("dealt_segments_total")
         segment.finish(transfer)
+
+    def _dealt_failed(
+        self, download: BlobDownload, source: BlobSource, segment: DealtSegment, why: str
+    ) -> None:
+        """Take a dealt segment whose run broke or failed a piece's hash from the seeder's
+        swarm, into a new file (a late write of the old run lands in the old one)."""
+        assert self.session is not None and download.layout is not None
+        if segment.broken:
+            return
+        log.warning("blob %s: dealt segment %s %s; joining the seeder's swarm",
+                    download.digest, segment.meta.name, why)  # fmt: skip
+        self.metrics.inc("seeder_segments_total", reason="piece_failed")
+        if segment.writer is not None and segment.writer is not asyncio.current_task():
+            segment.writer.cancel()  # the rest of its run is of no use
+        if segment.transfer is not None:  # seeded already: libtorrent keeps it from peers
+            self.session.remove(segment.transfer)
+        with contextlib.suppress(FileNotFoundError):
+            segment.path.unlink()
+        transfer = self.session.add(segment.meta, download.layout.dir, seed=False,
+                                    peers=source.peers)  # fmt: skip
+        download.transfers.append(transfer)
+        segment.finish(transfer, broken=True)
 
     async def _take_run(
         self, download: BlobDownload, url: str, index: int, transfer: Transfer,
@@ -403,10 +420,11 @@ class BlobPuller:
 
     async def _consume_dealt(
         self, download: BlobDownload, hasher, index: int, segment: DealtSegment,
-        deadline: float = float("inf"), started: float = 0.0,
+        source: BlobSource, deadline: float = float("inf"), started: float = 0.0,
     ) -> None:
-        """Advance through a segment dealt to us whole as its bytes are written, hashing
-        them from the file; from its swarm (``_consume``) if the run broke."""
+        """Advance through a segment dealt to us whole as its pieces are written, checking
+        each piece's hash and then hashing the blob from the file; from the seeder's swarm
+        (``_consume``) once the run broke or a piece failed."""
         layout = download.layout
         assert layout is not None
         base = index * layout.segment_size
@@ -418,16 +436,19 @@ class BlobPuller:
                 raise _late(index, deadline - started) from None
             if not moving:
                 raise Fallback("stall", f"no progress for {self.stall_timeout:.0f}s")
-            end = segment.written
-            if segment.broken or not await asyncio.to_thread(
-                    hash_written, hasher, segment.path, pos, end):  # fmt: skip
+            if segment.broken:
+                break
+            end = segment.verifiable()
+            verdict = await asyncio.to_thread(verify_and_hash, hasher, segment.meta,
+                                              segment.path, pos, end)  # fmt: skip
+            if verdict is not None:
+                self._dealt_failed(download, source, segment, verdict)
                 break
             self.metrics.inc("blob_bytes_total", end - pos, source="swarm")
             download.advance(end - pos)
         else:
             return
-        if not segment.broken or segment.transfer is None:
-            raise Fallback("swarm", f"dealt segment {index} is gone from the disk")
+        assert segment.transfer is not None
         await self._consume(download, hasher, index, segment.transfer, deadline, started)
 
     async def _from_origin(self, download: BlobDownload, hasher) -> None:

@@ -1,7 +1,8 @@
 """A segment the seeder deals to one agent whole, inline: written straight into its file
-(never through libtorrent's add_piece), seeded afterwards, served to peers by libtorrent; a
-seeder that lies about its bytes fails the download, one that cuts the run sends the agent
-to its swarm. Real libtorrent sessions on loopback, the seeder's HTTP side a stand-in."""
+(never through libtorrent's add_piece), checked piece by piece, seeded afterwards, served to
+peers by libtorrent; a seeder that lies about its bytes or cuts the run sends the agent to
+its swarm for that segment. Real libtorrent sessions on loopback; the seeder's HTTP side
+is a stand-in."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from p2p_mirror.agent.blob_download import HOLD_BACK, BlobDownload
+from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
 from p2p_mirror.core import protocol
 from p2p_mirror.core.config import HostPort, Upstream
 from p2p_mirror.core.metrics import Metrics
-from p2p_mirror.core.oci import Digest, OCIError
+from p2p_mirror.core.oci import Digest
 from p2p_mirror.core.origin import Origin
 from p2p_mirror.core.store import BlobStore, segment_name
 from p2p_mirror.core.swarm import Metainfo, TorrentSession, make_torrent
@@ -127,22 +128,22 @@ async def test_a_segment_dealt_whole_is_written_directly_and_served_to_peers(
     assert swarm.agent.hash_failures == 0
 
 
-async def test_a_seeder_lying_in_a_dealt_segment_fails_the_download(
+async def test_a_seeder_lying_in_a_dealt_segment_is_caught_at_the_piece(
     tmp_path: Path, swarm: Swarm
 ) -> None:
-    """Wrong bytes (right length) in the last segment: the blob's digest fails, the held-back
-    tail never goes out, nothing is cached and the segments are no longer seeded."""
+    """Wrong bytes (right length) in the last segment: that piece fails its hash before any
+    of the segment is hashed into the blob's digest or released to a reader (else the
+    digest would fail), and the segment comes from the seeder's swarm instead."""
     lie = bytearray(DATA[SEGMENT:])
-    lie[1000] ^= 0xFF
-    download, store, _ = await pull(tmp_path, swarm, {1: bytes(lie)})
-    assert isinstance(download.error, OCIError) and download.error.code == "DIGEST_INVALID"
-    assert not download.verified
-    with pytest.raises(OCIError):
-        await download.wait_beyond(len(DATA) - HOLD_BACK)
-    assert store.layout(DIGEST) is None
-    assert not (tmp_path / "store" / "blobs" / "sha256" / DIGEST.hex).exists() or not any(
-        (tmp_path / "store" / "blobs" / "sha256" / DIGEST.hex).iterdir())
-    assert not swarm.agent.transfers
+    lie[PIECE + 1000] ^= 0xFF
+    download, store, metrics = await pull(tmp_path, swarm, {1: bytes(lie)})
+    assert download.error is None
+    layout = store.layout(DIGEST)
+    assert layout is not None
+    assert layout.read(0, len(DATA)) == DATA
+    assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
+    assert swarm.agent.totals().downloaded == len(DATA) - SEGMENT  # segment 1 over BitTorrent
+    assert swarm.agent.hash_failures == 0  # the swarm sent only right pieces
 
 
 async def test_a_dealt_segment_cut_short_comes_from_the_seeders_swarm(
