@@ -3,9 +3,9 @@ only node pulling a blob): its bytes go straight into the segment file as they a
 are checked and hashed from there, without handing pieces to libtorrent (whose binding
 copies every byte). Each piece is checked against the torrent before its bytes count as
 downloaded, in the same pass that feeds the blob's digest, so a seeder that sends wrong
-bytes is caught at the piece and the segment comes from the swarm instead. Once the file
-is complete its torrent joins the session as a seed (libtorrent checks a piece again the
-first time a peer asks for it: no peer gets a piece that fails its hash).
+bytes is caught at the piece and the segment comes from the swarm instead. Once every
+piece is checked the torrent joins the session as a seed (told that its pieces were
+checked: libtorrent need not hash them again when peers ask).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class DealtSegment:
     meta: Metainfo
     path: Path
     written: int = 0  # bytes at the start of the file, written in full
-    transfer: Transfer | None = None  # seeding once written; downloading if the run broke
+    transfer: Transfer | None = None  # downloading the segment once the run broke
     broken: bool = False  # the run broke or a piece failed: ``transfer`` takes it from the swarm
     writer: asyncio.Task[None] | None = None  # the task writing the run
     _wanted: int = 0  # the waiting reader is woken once ``written`` reaches this
@@ -61,9 +61,9 @@ class DealtSegment:
         if self.written != self.size:
             raise asyncio.IncompleteReadError(b"", self.size - self.written)
 
-    def finish(self, transfer: Transfer, broken: bool = False) -> None:
-        """The run ended: ``transfer`` seeds the segment, or (``broken``) downloads it."""
-        self.transfer, self.broken = transfer, broken
+    def broke(self, transfer: Transfer) -> None:
+        """The run broke or a piece failed: ``transfer`` downloads the segment instead."""
+        self.transfer, self.broken = transfer, True
         self._notify()
 
     async def wait_beyond(self, pos: int, timeout: float) -> bool:

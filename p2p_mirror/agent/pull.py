@@ -286,23 +286,13 @@ class BlobPuller:
         self, download: BlobDownload, source: BlobSource, segment: DealtSegment,
         offer: SegmentOffer,
     ) -> None:
-        """Write a segment dealt to us whole into its file, then seed it (libtorrent checks
-        each piece before a peer gets it). If the run breaks, the segment comes from the
-        seeder's swarm instead (``_dealt_failed``)."""
-        assert self.session is not None and download.layout is not None
+        """Write a segment dealt to us whole into its file; if the run breaks, the segment
+        comes from the seeder's swarm instead (``_dealt_failed``)."""
         try:
             await segment.write(offer.inline_run(segment.size))
         except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError, OSError) as e:
             self._dealt_failed(download, source, segment, f"cut at {segment.written}/"
                                f"{segment.size} ({e or type(e).__name__})")  # fmt: skip
-            return
-        if segment.broken:  # a piece failed its hash meanwhile: the swarm has it now
-            return
-        transfer = self.session.add(segment.meta, download.layout.dir, seed=True)
-        download.transfers.append(transfer)
-        self.metrics.inc("seeder_pieces_total", segment.meta.num_pieces)
-        self.metrics.inc("dealt_segments_total")
-        segment.finish(transfer)
 
     def _dealt_failed(
         self, download: BlobDownload, source: BlobSource, segment: DealtSegment, why: str
@@ -317,14 +307,12 @@ class BlobPuller:
         self.metrics.inc("seeder_segments_total", reason="piece_failed")
         if segment.writer is not None and segment.writer is not asyncio.current_task():
             segment.writer.cancel()  # the rest of its run is of no use
-        if segment.transfer is not None:  # seeded already: libtorrent keeps it from peers
-            self.session.remove(segment.transfer)
         with contextlib.suppress(FileNotFoundError):
             segment.path.unlink()
         transfer = self.session.add(segment.meta, download.layout.dir, seed=False,
                                     peers=source.peers)  # fmt: skip
         download.transfers.append(transfer)
-        segment.finish(transfer, broken=True)
+        segment.broke(transfer)
 
     async def _take_run(
         self, download: BlobDownload, url: str, index: int, transfer: Transfer,
@@ -423,8 +411,8 @@ class BlobPuller:
         source: BlobSource, deadline: float = float("inf"), started: float = 0.0,
     ) -> None:
         """Advance through a segment dealt to us whole as its pieces are written, checking
-        each piece's hash and then hashing the blob from the file; from the seeder's swarm
-        (``_consume``) once the run broke or a piece failed."""
+        each piece's hash and then hashing the blob from the file, and seed it once all is
+        checked; from the seeder's swarm (``_consume``) once the run broke or a piece failed."""
         layout = download.layout
         assert layout is not None
         base = index * layout.segment_size
@@ -446,7 +434,12 @@ class BlobPuller:
                 break
             self.metrics.inc("blob_bytes_total", end - pos, source="swarm")
             download.advance(end - pos)
-        else:
+        else:  # every piece checked: seed it (libtorrent need not check them again)
+            assert self.session is not None
+            transfer = self.session.add(segment.meta, layout.dir, seed=True, checked=True)
+            download.transfers.append(transfer)
+            self.metrics.inc("seeder_pieces_total", segment.meta.num_pieces)
+            self.metrics.inc("dealt_segments_total")
             return
         assert segment.transfer is not None
         await self._consume(download, hasher, index, segment.transfer, deadline, started)
