@@ -82,7 +82,6 @@ class DealtSegment:
                     return False
         return True
 
-
     def verifiable(self) -> int:
         """Where the whole pieces written so far end."""
         if self.written >= self.size:

@@ -207,7 +207,8 @@ class BlobPuller:
         self, download: BlobDownload, source: BlobSource, index: int
     ) -> Transfer | DealtSegment:
         """Join segment ``index``'s swarm and take its dealt run; a segment dealt to us
-        whole, inline, is written straight into its file and seeded after (``DealtSegment``)."""
+        whole, inline, is written straight into its file, checked, then seeded
+        (``DealtSegment``)."""
         assert self.session is not None and self.seeders is not None and download.layout is not None
         url, offer = await source.torrent(index, self.session.port)
         dealer: asyncio.Task[None] | None = None
@@ -219,7 +220,7 @@ class BlobPuller:
             download.layout.torrent_path(index).write_bytes(offer.torrent)
             download.metas.append(meta)
             if offer.body is not None and offer.dealt == list(range(meta.num_pieces)):
-                # nobody else holds a piece of it yet: no swarm to join until it is written
+                # nobody else holds a piece of it yet: no swarm to join until it is checked
                 segment = DealtSegment(meta, download.layout.segment_path(index))
                 dealer = asyncio.create_task(self._write_dealt(download, source, segment, offer))
                 segment.writer = dealer
