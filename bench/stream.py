@@ -16,7 +16,8 @@ Everything shares this machine's cores with whatever else runs on it: run it a f
 
 ``--profile DIR`` also records the cold-agent row with ``perf record`` (every thread,
 native and kernel) and ``py-spy record --native --threads`` (Python stacks) attached to the
-agent and the seeder; ``python -m bench.cpu_profile DIR`` turns them into tables.
+agent and the seeder, and the 2nd-agent row attached to both agents (``run*-second-*``);
+``python -m bench.cpu_profile DIR`` turns them into tables (``--roles '*-agent2'``).
 
     python -m bench.stream --size 256MiB --segment-size 16MiB --repeat 3
 """
@@ -137,14 +138,15 @@ class Recorders:
                     ["perf", "record", "-q", "-F", "499", "-p", str(pid), "-o",
                      f"{base}.perf.data"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
-            spy = [t for t in self.tools if t.startswith("py-spy")]
+            spy = [tool for tool in self.tools if tool.startswith("py-spy")]
             if spy and shutil.which("py-spy"):
-                # "py-spy-nonblocking": Python stacks only, without stopping the process
-                how = ["--nonblocking", "--rate", "100"] if spy[0] == "py-spy-nonblocking" \
-                    else ["--native", "--rate", "50"]
+                # --native stops the process per sample; py-spy-nonblocking does not (and
+                # names no native frames: a syscall counts as its Python caller's time)
+                how = (["--nonblocking", "--rate", "400"] if spy[0] == "py-spy-nonblocking"
+                       else ["--native", "--rate", "50"])  # fmt: skip
                 self.procs.append(subprocess.Popen(
-                    ["py-spy", "record", *how, "--threads", "--format", "raw",
-                     "-o", f"{base}.pyspy.txt", "-p", str(pid)],
+                    ["py-spy", "record", *how, "--threads",
+                     "--format", "raw", "-o", f"{base}.pyspy.txt", "-p", str(pid)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         time.sleep(1.0)  # both attach before the first byte moves
         return self
@@ -210,9 +212,11 @@ def one_run(size: int, segment: str, log_level: str, profile: Path | None, run: 
                 other = stack.add_agent("agent2", log_level=log_level)
                 pids = {"agent2": other.proc.pid, "agent (seeding)": agent.proc.pid,
                         "seeder": stack.seeder.pid}  # fmt: skip
-                cpu = CpuTime(pids)
-                with PeakRSS(other.proc.pid) as rss:
-                    f = curl(other.url + path)
+                rec = {"agent2": other.proc.pid, "agent1": agent.proc.pid}  # agent1: seeding
+                with Recorders(profile, f"run{run}-second", rec, tools):
+                    cpu = CpuTime(pids)
+                    with PeakRSS(other.proc.pid) as rss:
+                        f = curl(other.url + path)
                 ok = f.size == layer.size and other.metric("blob_failures_total") == 0
                 rows.append(Row("swarm (2nd agent, 2 seeds)", f,
                                 {**cpu.used(), "client": f.client_cpu}, rss.peak, ok,
@@ -293,7 +297,8 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="perf + py-spy the cold row into this dir")
     parser.add_argument("--tools", default="perf,py-spy",
                         help="profilers for --profile (py-spy stops the process per sample: "
-                        "it slows the run several times; perf alone costs little)")
+                        "it slows the run several times; perf alone costs little; "
+                        "py-spy-nonblocking does not stop it)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write results")
     parser.add_argument("--name", default="stream", help="results file name (without .md)")
     args = parser.parse_args()

@@ -26,6 +26,7 @@ import os
 import selectors
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,111 @@ def drive(port: int, requests: list[list[bytes]], seconds: float | None, keepali
     return answered, elapsed
 
 
+UDP_PROTOCOL_ID = 0x41727101980
+UDP_CONNECT, UDP_ANNOUNCE = 0, 1
+UDP_EVENTS = {"": 0, "completed": 1, "started": 2, "stopped": 3}
+UDP_STALL = 0.2  # a socket with nothing back for this long resends (UDP may drop)
+
+
+def udp_announce_body(t: int, p: int, event: str = "") -> bytes:
+    """Peer ``p`` of torrent ``t`` as a BEP 15 announce, less the 8-byte connection ID."""
+    return struct.pack(">II20s20sqqqiIIiH", UDP_ANNOUNCE, p, info_hash(t),
+                       b"-BENCH-%06d%07d" % (t, p), 0, 0 if p % 10 == 0 else 1000, 0,
+                       UDP_EVENTS[event], 0, p, 50, 10000 + p)  # fmt: skip
+
+
+def udp_connect(sock: socket.socket, port: int) -> bytes:
+    """The connection ID for ``sock``'s address: one handshake, reused as clients do."""
+    sock.settimeout(2)
+    for _ in range(10):
+        sock.sendto(struct.pack(">QII", UDP_PROTOCOL_ID, UDP_CONNECT, 7), ("127.0.0.1", port))
+        try:
+            reply = sock.recv(64)
+        except TimeoutError:
+            continue
+        if len(reply) == 16 and struct.unpack(">II", reply[:8]) == (UDP_CONNECT, 7):
+            return reply[8:]
+    raise RuntimeError("no UDP connect answer")
+
+
+def drive_udp(port: int, requests: list[list[bytes]], seconds: float | None,
+              depth: int) -> tuple[int, float]:  # fmt: skip
+    """``drive`` over UDP: one socket per peer (its own source address), ``depth``
+    announces in flight on each; a socket whose answers stop (a datagram dropped) resends.
+    Loading (``seconds`` None) keeps one in flight per socket, so a resend is exactly the
+    announce that was lost."""
+    if seconds is None:
+        depth = 1
+    sel = selectors.EpollSelector()
+    socks: list[socket.socket] = []
+    datagrams: list[list[bytes]] = []
+    for p, bodies in enumerate(requests):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((source_ip(p), 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        cid = udp_connect(s, port)
+        s.setblocking(False)
+        s.connect(("127.0.0.1", port))
+        socks.append(s)
+        datagrams.append([cid + b for b in bodies])
+        sel.register(s, selectors.EVENT_READ, p)
+    npeers = len(requests)
+    cursor = [0] * npeers
+    outstanding = [0] * npeers
+    last_reply = [0.0] * npeers
+    total = sum(len(r) for r in requests)
+    answered = 0
+    start = time.monotonic()
+    deadline = start + seconds if seconds else float("inf")
+
+    def send(p: int, n: int) -> None:
+        s, reqs = socks[p], datagrams[p]
+        for _ in range(n):
+            i = cursor[p]
+            if seconds is None and i >= len(reqs):
+                return
+            cursor[p] = i + 1
+            try:
+                s.send(reqs[i % len(reqs)])
+            except BlockingIOError:
+                cursor[p] = i
+                return
+            outstanding[p] += 1
+
+    for p in range(npeers):
+        last_reply[p] = start
+        send(p, depth)
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        for key, _ in sel.select(timeout=UDP_STALL):
+            p = key.data
+            s = socks[p]
+            got = 0
+            while True:
+                try:
+                    s.recv(2048)
+                except BlockingIOError:
+                    break
+                got += 1
+            answered += got
+            outstanding[p] = max(0, outstanding[p] - got)
+            last_reply[p] = now
+            send(p, got)
+        if seconds is None and answered >= total and not any(outstanding):
+            break
+        for p in range(npeers):
+            if now - last_reply[p] > UDP_STALL:  # lost datagrams: resend what was in flight
+                last_reply[p] = now
+                if seconds is None:
+                    cursor[p] = max(0, cursor[p] - outstanding[p])
+                outstanding[p] = 0
+                send(p, depth)
+    elapsed = time.monotonic() - start
+    for s in socks:
+        s.close()
+    return answered, elapsed
+
+
 def peers_held(port: int, torrents: int) -> int:
     """Peers the tracker reports (scrape, 64 torrents at a time): proves the load stuck."""
     import libtorrent as lt
@@ -215,7 +321,7 @@ def start_ours(port: int, core: int, log: Path) -> subprocess.Popen[bytes]:
 def start_opentracker(port: int, core: int, work: Path, torrents: int) -> subprocess.Popen[bytes]:
     (work / "whitelist").write_text("".join(f"{info_hash(t).hex()}\n" for t in range(torrents)))
     argv = ["taskset", "-c", str(core), "opentracker", "-i", "127.0.0.1", "-p", str(port),
-            "-P", str(free_port()), "-w", str(work / "whitelist")]  # fmt: skip
+            "-P", str(port), "-w", str(work / "whitelist")]  # fmt: skip
     return subprocess.Popen(argv, cwd=work, stdout=(work / "ot.log").open("wb"),
                             stderr=subprocess.STDOUT)  # fmt: skip
 
@@ -231,20 +337,30 @@ def run_side(name: str, proc: subprocess.Popen[bytes], port: int, args: argparse
     time.sleep(0.5)
     keepalive = mode == "keepalive"
     peers_per_torrent = args.peers // args.torrents
+
+    def requests(event: str) -> list[list[bytes]]:
+        make = udp_announce_body if mode == "udp" else (
+            lambda t, p, e: announce_request(t, p, keepalive, e))  # fmt: skip
+        return [[make(t, p, event) for t in range(args.torrents)]
+                for p in range(peers_per_torrent)]  # fmt: skip
+
+    def run(reqs: list[list[bytes]], seconds: float | None) -> tuple[int, float]:
+        if mode == "udp":
+            return drive_udp(port, reqs, seconds, args.udp_depth)
+        return drive(port, reqs, seconds, keepalive, args.conns, args.depth)
+
     rss_before = ps.memory_info().rss
-    load = [[announce_request(t, p, keepalive, "started") for t in range(args.torrents)]
-            for p in range(peers_per_torrent)]  # fmt: skip
-    loaded, _ = drive(port, load, None, keepalive, args.conns, args.depth)
+    loaded, _ = run(requests("started"), None)
+    loaded = min(loaded, peers_per_torrent * args.torrents)  # UDP resends what was dropped
     time.sleep(0.5)
     rss_after = ps.memory_info().rss
     held = peers_held(port, args.torrents)
     if held != peers_per_torrent * args.torrents:
         raise RuntimeError(f"{name} holds {held} peers after loading {loaded}")
-    steady = [[announce_request(t, p, keepalive) for t in range(args.torrents)]
-              for p in range(peers_per_torrent)]  # fmt: skip
+    steady = requests("")
     me = psutil.Process()
     cpu0, gen0 = ps.cpu_times(), me.cpu_times()
-    answered, elapsed = drive(port, steady, args.seconds, keepalive, args.conns, args.depth)
+    answered, elapsed = run(steady, args.seconds)
     cpu1, gen1 = ps.cpu_times(), me.cpu_times()
     tracker_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / elapsed
     gen_cpu = (gen1.user + gen1.system - gen0.user - gen0.system) / elapsed
@@ -284,11 +400,12 @@ def markdown(results: list[SideResult], command: str) -> str:
             f"| {r.rss_before_mib:.1f} / {r.rss_after_mib:.1f} | {r.bytes_per_peer:,.0f} |"
         )
     by = {(r.tracker, r.mode): r for r in results}
-    ours, theirs = by.get(("ours", "close")), by.get(("opentracker", "close"))
-    if ours and theirs:
-        lines += ["", f"Ratio ours/opentracker, connection per announce: "
-                  f"{ours.announces_per_core_s / theirs.announces_per_core_s:.2f} per core, "
-                  f"{ours.bytes_per_peer / max(theirs.bytes_per_peer, 1):.1f}x bytes per peer."]
+    for mode, what in (("close", "connection per announce"), ("udp", "UDP")):
+        ours, theirs = by.get(("ours", mode)), by.get(("opentracker", mode))
+        if ours and theirs:
+            lines += ["", f"Ratio ours/opentracker, {what}: "
+                      f"{ours.announces_per_core_s / theirs.announces_per_core_s:.2f} per core, "
+                      f"{ours.bytes_per_peer / max(theirs.bytes_per_peer, 1):.1f}x bytes per peer."]
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +436,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--conns", type=int, default=400, help="concurrent connections")
     parser.add_argument("--depth", type=int, default=32, help="pipelined requests (keepalive)")
+    parser.add_argument("--udp-depth", type=int, default=2,
+                        help="announces in flight per UDP socket (one socket per peer)")
+    parser.add_argument("--modes", default="close,udp,keepalive",
+                        help="comma-separated: close, udp, keepalive (ours only)")
     parser.add_argument("--tracker-core", type=int, default=0)
     parser.add_argument("--generator-core", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -330,7 +451,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)  # opentracker drops to user nobody
-        for name, mode in (("ours", "close"), ("opentracker", "close"), ("ours", "keepalive")):
+        modes = args.modes.split(",")
+        sides = [(name, mode) for mode in modes for name in ("ours", "opentracker")
+                 if name == "ours" or mode != "keepalive"]  # fmt: skip
+        for name, mode in sides:
             port = free_port()
             if name == "ours":
                 proc = start_ours(port, args.tracker_core, work / f"{name}.log")

@@ -165,6 +165,7 @@ class Cluster:
         seeders: int = 1,
         trackers: int = 1,
         nat_to_trackers: bool = False,
+        tracker_scheme: str = "udp",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -172,6 +173,9 @@ class Cluster:
             raise ValueError("nodes must be 1..90")
         if not (1 <= seeders <= 8 and 1 <= trackers <= 8):
             raise ValueError("seeders and trackers must be 1..8")
+        if tracker_scheme not in ("udp", "http"):
+            raise ValueError(f"tracker_scheme must be udp or http, got {tracker_scheme!r}")
+        self.tracker_scheme = tracker_scheme
         self.workdir = Path(workdir).resolve()
         self.n = nodes
         self.mode = mode
@@ -350,7 +354,8 @@ class Cluster:
 
     @property
     def tracker_announces(self) -> list[str]:
-        return [f"http://{self.ip(n)}:{TRACKER_PORT}/announce" for n in self.tracker_names]
+        return [f"{self.tracker_scheme}://{self.ip(n)}:{TRACKER_PORT}/announce"
+                for n in self.tracker_names]  # fmt: skip
 
     @property
     def seeder_urls(self) -> list[str]:

@@ -11,6 +11,7 @@ is then seeded (``p2p_mirror.core.seeding``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from p2p_mirror.agent.blob_download import BlobDownload
+from p2p_mirror.agent.dealt_segment import DealtSegment, verify_and_hash
 from p2p_mirror.agent.seeder_client import (
     BlobSource,
     Fallback,
@@ -169,7 +171,7 @@ class BlobPuller:
         # Ask for the segments' torrents ahead of the reader and join each swarm as soon as
         # it is published (joining late delays every segment), but only so many ahead: a
         # task per segment of a huge blob would be a task per 16 MiB.
-        getters: dict[int, asyncio.Task[Transfer]] = {}
+        getters: dict[int, asyncio.Task[Transfer | DealtSegment]] = {}
         joined = 0
         started = asyncio.get_running_loop().time()
         try:
@@ -184,10 +186,16 @@ class BlobPuller:
                 deadline = transfer_deadline(started, self.swarm_timeout, end,
                                              self.swarm_min_rate)  # fmt: skip
                 try:
-                    transfer = await asyncio.wait_for(  # fails once the seeder stalls
+                    joined_segment = await asyncio.wait_for(  # fails once the seeder stalls
                         getters.pop(index), _left(deadline))
                 except TimeoutError:
                     raise _late(index, deadline - started) from None
+                if isinstance(joined_segment, DealtSegment):
+                    await self._consume_dealt(
+                        download, hasher, index, joined_segment, source, deadline, started)
+                    log.debug("blob %s: segment %d streamed as dealt", download.digest, index)
+                    continue
+                transfer = joined_segment
                 await self._consume(download, hasher, index, transfer, deadline, started)
                 if log.isEnabledFor(logging.DEBUG):  # asks libtorrent's thread, and waits
                     log.debug("blob %s: segment %d streamed; peers: %s", download.digest,
@@ -196,7 +204,12 @@ class BlobPuller:
             for task in (*getters.values(), *download.watchers):
                 task.cancel()
 
-    async def _join(self, download: BlobDownload, source: BlobSource, index: int) -> Transfer:
+    async def _join(
+        self, download: BlobDownload, source: BlobSource, index: int
+    ) -> Transfer | DealtSegment:
+        """Join segment ``index``'s swarm and take its dealt run; a segment dealt to us
+        whole, inline, is written straight into its file, checked, then seeded
+        (``DealtSegment``)."""
         assert self.session is not None and self.seeders is not None and download.layout is not None
         url, offer = await source.torrent(index, self.session.port)
         dealer: asyncio.Task[None] | None = None
@@ -207,6 +220,13 @@ class BlobPuller:
                 raise Fallback("seeder", f"torrent {index} does not describe segment {expected}")
             download.layout.torrent_path(index).write_bytes(offer.torrent)
             download.metas.append(meta)
+            if offer.body is not None and offer.dealt == list(range(meta.num_pieces)):
+                # nobody else holds a piece of it yet: no swarm to join until it is checked
+                segment = DealtSegment(meta, download.layout.segment_path(index))
+                dealer = asyncio.create_task(self._write_dealt(download, source, segment, offer))
+                segment.writer = dealer
+                download.watchers.append(dealer)
+                return segment
             log.debug("blob %s: joining segment %d swarm (%s), pieces %s from the seeder",
                       download.digest, index, meta.info_hash, offer.dealt)  # fmt: skip
             transfer = self.session.add(meta, download.layout.dir, seed=False)
@@ -263,6 +283,38 @@ class BlobPuller:
                     download.digest, failure or type(failure).__name__)  # fmt: skip
         self.metrics.inc("seeder_segments_total", reason="piece_failed")
         transfer.connect(source.peers)
+
+    async def _write_dealt(
+        self, download: BlobDownload, source: BlobSource, segment: DealtSegment,
+        offer: SegmentOffer,
+    ) -> None:
+        """Write a segment dealt to us whole into its file; if the run breaks, the segment
+        comes from the seeder's swarm instead (``_dealt_failed``)."""
+        try:
+            await segment.write(offer.inline_run(segment.size))
+        except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError, OSError) as e:
+            self._dealt_failed(download, source, segment, f"cut at {segment.written}/"
+                               f"{segment.size} ({e or type(e).__name__})")  # fmt: skip
+
+    def _dealt_failed(
+        self, download: BlobDownload, source: BlobSource, segment: DealtSegment, why: str
+    ) -> None:
+        """Take a dealt segment whose run broke or failed a piece's hash from the seeder's
+        swarm, into a new file (a late write of the old run lands in the old one)."""
+        assert self.session is not None and download.layout is not None
+        if segment.broken:
+            return
+        log.warning("blob %s: dealt segment %s %s; joining the seeder's swarm",
+                    download.digest, segment.meta.name, why)  # fmt: skip
+        self.metrics.inc("seeder_segments_total", reason="piece_failed")
+        if segment.writer is not None and segment.writer is not asyncio.current_task():
+            segment.writer.cancel()  # the rest of its run is of no use
+        with contextlib.suppress(FileNotFoundError):
+            segment.path.unlink()
+        transfer = self.session.add(segment.meta, download.layout.dir, seed=False,
+                                    peers=source.peers)  # fmt: skip
+        download.transfers.append(transfer)
+        segment.broke(transfer)
 
     async def _take_run(
         self, download: BlobDownload, url: str, index: int, transfer: Transfer,
@@ -355,6 +407,44 @@ class BlobPuller:
             await asyncio.to_thread(hasher.update, data)
             self.metrics.inc("blob_bytes_total", len(data), source="swarm")
             download.advance(len(data))
+
+    async def _consume_dealt(
+        self, download: BlobDownload, hasher, index: int, segment: DealtSegment,
+        source: BlobSource, deadline: float = float("inf"), started: float = 0.0,
+    ) -> None:
+        """Advance through a segment dealt to us whole as its pieces are written, checking
+        each piece's hash and then hashing the blob from the file, and seed it once all is
+        checked; from the seeder's swarm (``_consume``) once the run broke or a piece failed."""
+        layout = download.layout
+        assert layout is not None
+        base = index * layout.segment_size
+        while (pos := download.available - base) < segment.size:
+            try:
+                async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
+                    moving = await segment.wait_beyond(pos, self.stall_timeout)
+            except TimeoutError:
+                raise _late(index, deadline - started) from None
+            if not moving:
+                raise Fallback("stall", f"no progress for {self.stall_timeout:.0f}s")
+            if segment.broken:
+                break
+            end = segment.verifiable()
+            verdict = await asyncio.to_thread(verify_and_hash, hasher, segment.meta,
+                                              segment.path, pos, end)  # fmt: skip
+            if verdict is not None:
+                self._dealt_failed(download, source, segment, verdict)
+                break
+            self.metrics.inc("blob_bytes_total", end - pos, source="swarm")
+            download.advance(end - pos)
+        else:  # every piece checked: seed it (libtorrent need not check them again)
+            assert self.session is not None
+            transfer = self.session.add(segment.meta, layout.dir, seed=True, checked=True)
+            download.transfers.append(transfer)
+            self.metrics.inc("seeder_pieces_total", segment.meta.num_pieces)
+            self.metrics.inc("dealt_segments_total")
+            return
+        assert segment.transfer is not None
+        await self._consume(download, hasher, index, segment.transfer, deadline, started)
 
     async def _from_origin(self, download: BlobDownload, hasher) -> None:
         """Download the rest of the blob from the origin, writing it where the swarm would have."""

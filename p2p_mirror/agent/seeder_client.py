@@ -62,6 +62,12 @@ class SegmentOffer:
         assert self.body is not None
         return read_pieces(self.body.content, self.dealt, sizes)
 
+    def inline_run(self, size: int) -> AsyncIterator[bytes]:
+        """The dealt run's ``size`` bytes after the torrent, a chunk as the connection
+        delivered it at a time (no copy, no piece boundaries)."""
+        assert self.body is not None
+        return read_run(self.body.content, size)
+
 
 class SeederClient:
     """Asks a blob's owning seeder for its segment torrents (the next owner if it is down)."""
@@ -307,6 +313,20 @@ async def read_pieces(
             i += 1
         if batch:
             yield batch
+
+
+async def read_run(content: aiohttp.StreamReader, size: int) -> AsyncIterator[bytes]:
+    """``size`` bytes of ``content`` in the chunks the connection delivered; a body that ends
+    early raises ``asyncio.IncompleteReadError`` after the chunks before the cut."""
+    left = size
+    while left:
+        chunk, _ = await content.readchunk()
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", left)
+        if len(chunk) > left:
+            chunk = chunk[:left]
+        left -= len(chunk)
+        yield chunk
 
 
 def _take(parts: list[memoryview], size: int) -> bytes:

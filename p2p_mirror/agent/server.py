@@ -122,6 +122,8 @@ class Agent:
             ("seeder_pieces_total", "Pieces the seeder dealt to this agent, fetched over HTTP"),
             ("seeder_segments_total", "Segments taken from the seeder's swarm: stalled, or a "
              "dealt piece failed"),
+            ("dealt_segments_total", "Segments the seeder dealt to this agent whole, written "
+             "straight into their files and checked there"),
             ("uncached_blobs_total", "Blobs streamed from the origin without caching (no room)"),
             ("orphaned_downloads_total", "Downloads cancelled because every reader had left"),
             ("origin_resumes_total", "Origin bodies cut or stalled and asked again from their "

@@ -18,6 +18,7 @@ TOKEN_HEADER = "X-P2P-Mirror-Token"  # the seeder API's token header
 TRACKER_PARAM = "token"  # the tracker's announce/scrape query parameter
 SEEDER_API = "seeder-api"
 TRACKER = "tracker"
+UDP_CONNECTION_ID = "udp-connection-id"  # the key of the UDP tracker's connection IDs
 MIN_SECRET_BYTES = 16
 
 log = logging.getLogger(__name__)

@@ -215,6 +215,26 @@ def parse_urls(value: Any) -> list[str]:
     return [parse_url(v) for v in items]
 
 
+def parse_tracker_urls(value: Any) -> list[str]:
+    """Tracker announce URLs: http(s):// or udp://HOST:PORT (BEP 15), no query."""
+    items = [value] if isinstance(value, str) else list(value or [])
+    out = []
+    for text in items:
+        parts = urlsplit(str(text).strip())
+        if parts.scheme == "udp":
+            if not parts.hostname or parts.port is None or parts.query or parts.fragment:
+                raise ValueError(f"expected udp://HOST:PORT/PATH without a query, got {text!r}")
+            out.append(f"udp://{parts.netloc}{parts.path.rstrip('/')}")
+            continue
+        try:
+            out.append(parse_url(text))
+        except ValueError:
+            raise ValueError(
+                f"expected an http://, https:// or udp:// tracker URL, got {text!r}"
+            ) from None
+    return out
+
+
 def parse_path(value: Any) -> Path:
     text = str(value).strip()
     if not text:
@@ -271,7 +291,8 @@ def _cluster_secret() -> Any:
 
 @dataclass
 class TrackerConfig:
-    listen: HostPort = _opt(HostPort("0.0.0.0", 6969), HostPort.parse, "announce/scrape address")
+    listen: HostPort = _opt(HostPort("0.0.0.0", 6969), HostPort.parse,
+                            "announce/scrape address, HTTP (TCP) and UDP (BEP 15)")
     interval: float = _opt(30.0, parse_seconds, "announce interval told to leechers")
     peer_ttl: float = _opt(0.0, float, "forget a leecher after this many seconds (0: 3 x interval)")
     seed_interval: float = _opt(1800.0, parse_seconds, "announce interval told to seeds (left=0)")
@@ -298,7 +319,8 @@ class TrackerConfig:
 class SeederConfig:
     data_dir: Path = _required(parse_path, "blob store and torrent state")
     tracker: list[str] = _required(
-        parse_urls, "tracker announce URLs; each torrent names 2 of them (rendezvous hash)"
+        parse_tracker_urls,
+        "tracker announce URLs (udp:// or http://); each torrent names 2 of them (rendezvous hash)",
     )
     listen: HostPort = _opt(HostPort("0.0.0.0", 5005), HostPort.parse, "HTTP metainfo API")
     bt_listen: HostPort = _opt(HostPort("0.0.0.0", 6882), HostPort.parse, "BitTorrent listen")

@@ -178,6 +178,7 @@ FORMATS: dict[Callable[[Any], Any], tuple[str, Callable[[Any], str]]] = {
     c.parse_seconds: ("seconds", format_seconds),
     c.parse_fraction: ("fraction or %", format_fraction),
     c.parse_urls: ("URL list", format_value),
+    c.parse_tracker_urls: ("URL list (udp://, http://)", format_value),
     c.parse_path: ("path", format_value),
     c.parse_registries: ("mapping", format_value),
     c.parse_registry_name: ("registry name", format_value),

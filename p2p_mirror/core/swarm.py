@@ -439,8 +439,13 @@ class TorrentSession:
         seed: bool,
         peers: Iterable[tuple[str, int]] = (),
         announce: bool = True,
+        checked: bool = False,
     ) -> Transfer:
-        """Seed a verified file (no re-check) or download it; reuse a known torrent.
+        """Seed a verified file or download it; reuse a known torrent.
+
+        A seed's file is not checked at once: libtorrent checks each piece the first time
+        a peer asks for it, unless ``checked`` says the caller already checked every piece
+        of this file against the torrent.
 
         Downloads use rarest-first, not sequential order: when every node pulls the same
         blob at once, sequential peers all hold the same pieces and only the seeder has
@@ -461,6 +466,8 @@ class TorrentSession:
         flags |= lt.torrent_flags.disable_pex
         if seed:
             flags |= lt.torrent_flags.seed_mode
+            if checked:
+                atp.verified_pieces = [True] * meta.num_pieces
         if not announce:
             atp.trackers = []
             flags |= lt.torrent_flags.override_trackers

@@ -25,6 +25,16 @@ class RequestError(ValueError):
     """The request is malformed; the message is sent as the ``failure reason``."""
 
 
+class Refusal(Exception):
+    """An announce or scrape refused or malformed: ``message`` goes back to the client
+    (HTTP: a bencoded failure reason; UDP: an error datagram)."""
+
+    def __init__(self, message: str, retry_in: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_in = retry_in
+
+
 @dataclass(frozen=True)
 class Announce:
     """One validated announce (BEP 3, with BEP 7/23/52 extras)."""
@@ -107,14 +117,6 @@ def _int(query: dict[str, list[bytes]], name: str, default: int | None) -> int |
     return int(text)
 
 
-def _non_negative(query: dict[str, list[bytes]], name: str, default: int | None) -> int:
-    value = _int(query, name, default)
-    assert value is not None
-    if value < 0:
-        raise RequestError(f"invalid {name}: must not be negative")
-    return value
-
-
 def _flag(query: dict[str, list[bytes]], name: str, default: bool) -> bool:
     raw = _single(query, name, required=False)
     if raw is None:
@@ -146,36 +148,74 @@ def parse_announce(raw_query: str, source_ip: IPAddress | None) -> Announce:
     query = parse_query(raw_query)
     info_hash = check_info_hash(_single(query, "info_hash") or b"")
     peer_id = _single(query, "peer_id") or b""
-    if len(peer_id) != PEER_ID_LEN:
-        raise RequestError(f"invalid peer_id: expected 20 bytes, got {len(peer_id)}")
     port = _int(query, "port", None)
     assert port is not None
+    event = _text(_single(query, "event", required=False) or b"", "event")
+    numwant = _int(query, "numwant", -1)
+    ip_param = _single(query, "ip", required=False)
+    claimed = parse_ip(_text(ip_param, "ip")) if ip_param is not None else None
+    return make_announce(
+        info_hash=info_hash,
+        peer_id=peer_id,
+        source_ip=source_ip,
+        claimed_ip=claimed,
+        port=port,
+        left=_int(query, "left", None),  # type: ignore[arg-type]  # required: never None
+        uploaded=_int(query, "uploaded", 0),  # type: ignore[arg-type]
+        downloaded=_int(query, "downloaded", 0),  # type: ignore[arg-type]
+        event=event,
+        numwant=numwant,
+        compact=_flag(query, "compact", True),
+        no_peer_id=_flag(query, "no_peer_id", False),
+        token=_token(query),
+    )
+
+
+def make_announce(
+    *,
+    info_hash: bytes,
+    peer_id: bytes,
+    source_ip: IPAddress | None,
+    claimed_ip: IPAddress | None,
+    port: int,
+    left: int,
+    uploaded: int,
+    downloaded: int,
+    event: str,
+    numwant: int | None,
+    compact: bool = True,
+    no_peer_id: bool = False,
+    token: str | None = None,
+) -> Announce:
+    """The checks every announce passes, whatever protocol carried it (HTTP query or UDP
+    datagram): fields already decoded, values checked here."""
+    if len(peer_id) != PEER_ID_LEN:
+        raise RequestError(f"invalid peer_id: expected 20 bytes, got {len(peer_id)}")
     if not 1 <= port <= 65535:
         raise RequestError(f"invalid port: {port} is not in 1-65535")
-    event = _text(_single(query, "event", required=False) or b"", "event")
     if event == "empty":
         event = ""
     if event not in EVENTS:
         raise RequestError(f"invalid event {event[:32]!r}: expected started, completed or stopped")
-    numwant = _int(query, "numwant", -1)
-    ip_param = _single(query, "ip", required=False)
-    claimed = parse_ip(_text(ip_param, "ip")) if ip_param is not None else None
-    if source_ip is None and claimed is None:
+    for name, value in (("left", left), ("uploaded", uploaded), ("downloaded", downloaded)):
+        if value < 0:
+            raise RequestError(f"invalid {name}: must not be negative")
+    if source_ip is None and claimed_ip is None:
         raise RequestError("cannot tell the peer's address")
     return Announce(
         info_hash=swarm_key(info_hash),
         peer_id=peer_id,
-        ip=source_ip or claimed,  # type: ignore[arg-type]  # one of them is set
+        ip=source_ip or claimed_ip,  # type: ignore[arg-type]  # one of them is set
         port=port,
-        left=_non_negative(query, "left", None),
-        uploaded=_non_negative(query, "uploaded", 0),
-        downloaded=_non_negative(query, "downloaded", 0),
+        left=left,
+        uploaded=uploaded,
+        downloaded=downloaded,
         event=event,
         numwant=None if numwant is None or numwant < 0 else numwant,
-        compact=_flag(query, "compact", True),
-        no_peer_id=_flag(query, "no_peer_id", False),
-        claimed_ip=claimed,
-        token=_token(query),
+        compact=compact,
+        no_peer_id=no_peer_id,
+        claimed_ip=claimed_ip,
+        token=token,
     )
 
 
@@ -201,3 +241,10 @@ def parse_scrape(raw_query: str) -> Scrape:
 def _token(query: dict[str, list[bytes]]) -> str | None:
     raw = _single(query, "token", required=False)
     return None if raw is None else raw.decode("latin-1")
+
+
+def url_data_token(url_data: bytes) -> str | None:
+    """The ``token=`` of a UDP announce's BEP 41 URL data (the tracker URL's path and query,
+    e.g. ``/announce?token=...``), by the same query rules as HTTP."""
+    _, _, query = url_data.partition(b"?")
+    return _token(parse_query(query.decode("latin-1")))

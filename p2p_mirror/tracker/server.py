@@ -27,10 +27,19 @@ from p2p_mirror.core.clusterauth import TRACKER, ClusterAuth
 from p2p_mirror.core.config import ConfigError, HostPort, TrackerConfig
 from p2p_mirror.core.metrics import CONTENT_TYPE, Metrics
 from p2p_mirror.tracker.http import Connections, HttpProtocol, Response
-from p2p_mirror.tracker.params import IPAddress, RequestError, parse_announce, parse_scrape
-from p2p_mirror.tracker.peers import V4_LEN, V6_LEN, AnnounceResult, PeerTable
+from p2p_mirror.tracker.params import (
+    Announce,
+    IPAddress,
+    Refusal,
+    RequestError,
+    Scrape,
+    parse_announce,
+    parse_scrape,
+)
+from p2p_mirror.tracker.peers import V4_LEN, V6_LEN, AnnounceResult, PeerTable, ScrapeEntry
 from p2p_mirror.tracker.ratelimit import SourceRateLimit
 from p2p_mirror.tracker.sockets import Listener
+from p2p_mirror.tracker.udp import UdpEndpoint, UdpTracker, udp_socket
 
 log = logging.getLogger("tracker")
 
@@ -160,31 +169,58 @@ class TrackerService:
             return Response(200, self.render_metrics().encode(), CONTENT_TYPE.encode())
         return Response(404, b"not found\n")
 
-    def _refuse(self, reason: str, retry_in: int | None = None) -> Response:
+    def _refuse(self, reason: str, retry_in: int | None = None) -> Refusal:
         self.metrics.inc("refused_total", reason=reason)
-        return failure(REFUSALS[reason], retry_in)
+        return Refusal(REFUSALS[reason], retry_in)
 
-    def _fail(self, error: RequestError, source: IPAddress | None) -> Response:
+    def _fail(self, error: RequestError, source: IPAddress | None) -> Refusal:
         self.metrics.inc("failures_total")
         log.debug("bad request from %s: %s", source, error)
-        return failure(str(error))
+        return Refusal(str(error))
 
-    def announce(self, raw_query: str, source: IPAddress | None) -> Response:
+    def serve_announce(
+        self, source: IPAddress | None, parse: Callable[[], Announce]
+    ) -> tuple[Announce, AnnounceResult, int]:
+        """Rate limit, ``parse()``, token and caps, whatever protocol carried the announce:
+        (the announce, its peers, the interval to tell it), or ``Refusal``."""
         if not self.limiter.allow(source):
-            return self._refuse("rate", RETRY_RATE)
+            raise self._refuse("rate", RETRY_RATE)
         try:
-            req = parse_announce(raw_query, source)
+            req = parse()
         except RequestError as e:
-            return self._fail(e, source)
+            raise self._fail(e, source) from None
         if not self.auth.accepts(TRACKER, req.token):
-            return self._refuse("auth")
+            raise self._refuse("auth")
         if req.claimed_ip is not None and self.auth.enabled:
             req = dataclasses.replace(req, ip=req.claimed_ip)
         result = self.table.announce(req)
         if result.refused:
-            return self._refuse(result.refused, self.interval)
+            raise self._refuse(result.refused, self.interval)
         self.metrics.inc("announces_total")
-        interval = self.seed_interval if req.seeder else self.interval
+        return req, result, self.seed_interval if req.seeder else self.interval
+
+    def serve_scrape(
+        self, source: IPAddress | None, parse: Callable[[], Scrape]
+    ) -> dict[bytes, ScrapeEntry]:
+        """Counts for the scraped hashes (only those: there is no full scrape), or
+        ``Refusal``."""
+        if not self.limiter.allow(source):
+            raise self._refuse("rate", RETRY_RATE)
+        try:
+            req = parse()
+        except RequestError as e:
+            raise self._fail(e, source) from None
+        if not self.auth.accepts(TRACKER, req.token):
+            raise self._refuse("auth")
+        self.metrics.inc("scrapes_total")
+        return self.table.scrape(req.info_hashes)
+
+    def announce(self, raw_query: str, source: IPAddress | None) -> Response:
+        try:
+            req, result, interval = self.serve_announce(
+                source, lambda: parse_announce(raw_query, source))
+        except Refusal as r:
+            return failure(r.message, r.retry_in)
         if req.compact:
             return Response(200, compact_body(result, interval, max(1, interval // 2)))
         return Response(200, bencode({
@@ -194,18 +230,13 @@ class TrackerService:
         }))  # fmt: skip
 
     def scrape(self, raw_query: str, source: IPAddress | None) -> Response:
-        if not self.limiter.allow(source):
-            return self._refuse("rate", RETRY_RATE)
         try:
-            req = parse_scrape(raw_query)
-        except RequestError as e:
-            return self._fail(e, source)
-        if not self.auth.accepts(TRACKER, req.token):
-            return self._refuse("auth")
-        self.metrics.inc("scrapes_total")
+            counts = self.serve_scrape(source, lambda: parse_scrape(raw_query))
+        except Refusal as r:
+            return failure(r.message, r.retry_in)
         files = {
             ih: {b"complete": e.complete, b"incomplete": e.incomplete, b"downloaded": e.downloaded}
-            for ih, e in self.table.scrape(req.info_hashes).items()
+            for ih, e in counts.items()
         }
         return Response(200, bencode({b"files": files}))
 
@@ -224,8 +255,8 @@ class TrackerService:
         return self.metrics.render()
 
 
-def announce_url(listen: HostPort) -> str:
-    return f"http://{listen}/announce"
+def announce_url(listen: HostPort, scheme: str = "http") -> str:
+    return f"{scheme}://{listen}/announce"
 
 
 def connection_limit() -> int:
@@ -237,10 +268,11 @@ def connection_limit() -> int:
 class RunningTracker:
     """A listening tracker; ``close()`` stops it."""
 
-    def __init__(self, svc: TrackerService, listener: Listener, conns: Connections,
-                 listen: HostPort) -> None:  # fmt: skip
+    def __init__(self, svc: TrackerService, listener: Listener, udp: UdpEndpoint,
+                 conns: Connections, listen: HostPort) -> None:  # fmt: skip
         self.service = svc
         self.listener = listener
+        self.udp = udp
         self.connections = conns
         self.listen = listen
         sweep = max(0.5, min(svc.table.peer_ttl / 2, 60.0))
@@ -254,11 +286,16 @@ class RunningTracker:
     def url(self) -> str:
         return announce_url(self.listen)
 
+    @property
+    def udp_url(self) -> str:
+        return announce_url(self.listen, "udp")
+
     async def close(self) -> None:
         self._sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sweeper
         self.listener.close()
+        self.udp.close()
         self.connections.close_all()
 
 
@@ -280,19 +317,36 @@ def listen_socket(listen: HostPort) -> socket.socket:
     return sock
 
 
+def bind_both(listen: HostPort) -> tuple[socket.socket, socket.socket]:
+    """A listening TCP socket and a UDP socket on the same port number (port 0: a free
+    one both protocols have)."""
+    for _ in range(20 if listen.port == 0 else 1):
+        tcp = listen_socket(listen)
+        try:
+            return tcp, udp_socket(HostPort(listen.host, tcp.getsockname()[1]))
+        except OSError:
+            tcp.close()
+            if listen.port != 0:
+                raise
+    raise OSError(f"no port free for both TCP and UDP on {listen.host}")
+
+
 async def start(cfg: TrackerConfig, auth: ClusterAuth | None = None) -> RunningTracker:
-    """Listen on ``cfg.listen`` (port 0: any free port) and serve."""
+    """Listen on ``cfg.listen`` (port 0: any free port), HTTP and UDP, and serve."""
     svc = TrackerService(cfg, auth or ClusterAuth.from_file(cfg.cluster_secret, "tracker"))
     conns = Connections(connection_limit(), IDLE_TIMEOUT)
-    listener = Listener(asyncio.get_running_loop(), listen_socket(cfg.listen),
-                        lambda: HttpProtocol(svc.handle, conns))  # fmt: skip
-    return RunningTracker(svc, listener, conns, HostPort(cfg.listen.host, listener.port))
+    loop = asyncio.get_running_loop()
+    tcp, udp = bind_both(cfg.listen)
+    listener = Listener(loop, tcp, lambda: HttpProtocol(svc.handle, conns))
+    endpoint = UdpEndpoint(loop, udp, UdpTracker(svc))
+    return RunningTracker(svc, listener, endpoint, conns,
+                          HostPort(cfg.listen.host, listener.port))  # fmt: skip
 
 
 async def serve(cfg: TrackerConfig, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then close the listener and every connection."""
     running = await start(cfg)
-    log.info("tracker ready on %s", running.url)
+    log.info("tracker ready on %s and %s", running.url, running.udp_url)
     try:
         await stop.wait()
         log.info("tracker stopping")

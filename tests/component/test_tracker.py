@@ -605,10 +605,15 @@ async def test_libtorrent_swarm_finds_peers_through_tracker(
         await running.close()
 
 
+# over UDP on an address of its own: libtorrent caches a UDP connection ID per tracker IP
 @pytest.mark.integration
-async def test_libtorrent_swarm_through_debian_opentracker(tmp_path: Path) -> None:
-    """Operators may run Debian's C opentracker in place of ours: a seeder and a leecher
-    session that only know it exchange a torrent (opentracker is whitelist-only here)."""
+@pytest.mark.parametrize(("scheme", "host"), [("http", "127.0.0.1"), ("udp", "127.0.0.7")])
+async def test_libtorrent_swarm_through_debian_opentracker(
+    tmp_path: Path, scheme: str, host: str
+) -> None:
+    """Operators may run Debian's C opentracker in place of ours, over HTTP or UDP (what the
+    rollouts announce with): a seeder and a leecher session that only know it exchange a
+    torrent (opentracker is whitelist-only here)."""
     require_binaries("opentracker")
     seed_dir, leech_dir = tmp_path / "seed", tmp_path / "leech"
     seed_dir.mkdir()
@@ -616,23 +621,23 @@ async def test_libtorrent_swarm_through_debian_opentracker(tmp_path: Path) -> No
     data = random.randbytes(2 * 1024 * 1024 + 99)
     (seed_dir / "blob").write_bytes(data)
     port = free_port()
-    ti = make_torrent(seed_dir / "blob", f"http://127.0.0.1:{port}/announce", "v1")
+    ti = make_torrent(seed_dir / "blob", f"{scheme}://{host}:{port}/announce", "v1")
     # opentracker drops to user nobody, who cannot enter pytest's tmp_path (mode 0700)
     readable = Path(tempfile.mkdtemp(prefix="opentracker-"))
     readable.chmod(0o755)
     whitelist = readable / "whitelist"
     whitelist.write_text(ti.info_hashes().v1.to_bytes().hex() + "\n")
     whitelist.chmod(0o644)
-    tracker = Proc(["opentracker", "-i", "127.0.0.1", "-p", str(port), "-P", str(free_port()),
+    tracker = Proc(["opentracker", "-i", host, "-p", str(port), "-P", str(port),
                     "-w", str(whitelist)], tmp_path / "opentracker.log")  # fmt: skip
     seeder = lt_session(free_port())
     leecher = lt_session(free_port())
     try:
-        tracker.wait_ready(lambda: port_open("127.0.0.1", port), 20, "opentracker listening")
+        tracker.wait_ready(lambda: port_open(host, port), 20, "opentracker listening")
         ih = ti.info_hashes().v1.to_bytes()
 
         def seeds_known() -> int:
-            url = f"http://127.0.0.1:{port}/scrape?{query(info_hash=ih)}"
+            url = f"http://{host}:{port}/scrape?{query(info_hash=ih)}"
             with urllib.request.urlopen(url, timeout=5) as r:
                 return lt.bdecode(r.read())[b"files"].get(ih, {}).get(b"complete", 0)
 

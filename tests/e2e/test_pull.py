@@ -107,6 +107,8 @@ def test_containerd_pulls_layers_from_the_swarm(
     sources = agent.blob_sources()
     assert sources.get("swarm") == blob_total(image)
     assert sources.get("origin", 0) == 0
+    # the only agent was dealt every segment whole: written straight into its files
+    assert agent.metric("dealt_segments_total") >= len(blob_digests(image))
 
     # A second node (own agent, own cache): the layers come from peers, the origin sends none.
     agent2 = stack.add_agent("agent2")
@@ -118,6 +120,8 @@ def test_containerd_pulls_layers_from_the_swarm(
     registry.settle()
     assert registry.blob_fetches(since=mark) == []
     assert agent2.blob_sources().get("swarm") == blob_total(image)
+    # the first node's directly written segments, served by its libtorrent
+    assert agent.metric("swarm_upload_bytes") >= blob_total(image) // 2
 
 
 def seeder_metric(stack: LocalStack, name: str) -> int:

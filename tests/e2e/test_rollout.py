@@ -325,8 +325,13 @@ def test_roles_run_with_the_node_address_seeder_set_trackers_and_cluster_secret(
     assert seeder_svc["spec"]["clusterIP"] == "None" == tracker_svc["spec"]["clusterIP"]
     assert agent.seeder == [f"http://{seeder_svc['metadata']['name']}.kube-system.svc:5005"]
     assert seeder.tracker == [
-        f"http://p2p-mirror-tracker-{i}.{tracker_svc['metadata']['name']}.kube-system.svc:6969"
+        f"udp://p2p-mirror-tracker-{i}.{tracker_svc['metadata']['name']}.kube-system.svc:6969"
         "/announce" for i in range(tracker_sts["spec"]["replicas"])]
+    # the seeders announce over UDP (BEP 15): the Service and the NetworkPolicy carry it
+    udp = {"port": 6969, "protocol": "UDP"}
+    assert any(p["port"] == 6969 and p["protocol"] == "UDP" for p in tracker_svc["spec"]["ports"])
+    ports_in = by_kind(docs, "NetworkPolicy", "p2p-mirror-tracker")["spec"]["ingress"][0]["ports"]
+    assert udp in ports_in and {"port": 6969, "protocol": "TCP"} in ports_in
     assert tracker_sts["spec"]["replicas"] >= 2
     assert agent.announce_ip == HOST_IP and seeder.announce_ip == POD_IP
     # Issue 22 item 9: metrics on the node address, a host port Prometheus can reach.
@@ -618,8 +623,8 @@ def test_agents_get_every_seeder_and_seeders_every_tracker(tmp_path: Path) -> No
     got = json.loads(out.read_text())
     assert got["seeders"] == ["http://192.0.2.11:5005", "http://192.0.2.12:5015",
                               "http://10.0.0.9:5005"]
-    assert got["trackers"] == ["http://192.0.2.31:6969/announce",
-                               "http://192.0.2.32:6969/announce"]
+    assert got["trackers"] == ["udp://192.0.2.31:6969/announce",
+                               "udp://192.0.2.32:6969/announce"]
     assert got["ip"] == "192.0.2.20"
 
 
@@ -768,7 +773,7 @@ def test_playbook_on_a_systemd_host() -> None:
         agent, seeder = configs["agent"], configs["seeder"]
         assert agent.seeder == ["http://127.0.0.1:5005"]
         assert agent.announce_ip == "127.0.0.1" and str(agent.metrics_listen) == "127.0.0.1:5006"
-        assert seeder.tracker == ["http://127.0.0.1:6969/announce"]
+        assert seeder.tracker == ["udp://127.0.0.1:6969/announce"]
         assert seeder.segment_size == SeederConfig.__dataclass_fields__["segment_size"].default
 
         assert book.run("site.yml") == 0, "a second run must change nothing"

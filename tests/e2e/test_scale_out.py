@@ -131,17 +131,19 @@ def announce_peers(tracker_ip: str, info_hash: str, secret: Path) -> list[str]:
     return peers
 
 
+@pytest.mark.parametrize("scheme", ["udp", "http"])
 def test_nodes_behind_a_nat_find_each_other_by_their_announced_addresses(
-    tmp_path: Path, request: pytest.FixtureRequest
+    tmp_path: Path, request: pytest.FixtureRequest, scheme: str
 ) -> None:
     """The nodes' traffic to the tracker leaves through a MASQUERADE: the tracker sees one
-    source address for all of them. They announce their own (``--announce-ip``), so the
-    tracker hands out node addresses and the nodes exchange pieces among themselves."""
+    source address for all of them. They announce their own (``--announce-ip``: the UDP
+    announce's IP field, HTTP's ``ip=``), so the tracker hands out node addresses and the
+    nodes exchange pieces among themselves."""
     require_root()
     require_binaries(*TOOLS, "iptables")
     layout = build_image(tmp_path / "image", [4 * MiB, 2 * MiB], seed=23)
     with Cluster(tmp_path / "cluster", 3, mode="p2p", rate_mbit=200,
-                 nat_to_trackers=True) as cluster:  # fmt: skip
+                 nat_to_trackers=True, tracker_scheme=scheme) as cluster:  # fmt: skip
         ref = cluster.push(layout, "ci/app", "v1")
         results = cluster.pull_all(ref, expected_digest=layout.manifest_digest, timeout=120)
         torrent = next((tmp_path / "cluster" / "node1" / "agent").rglob("*.torrent"))

@@ -365,3 +365,15 @@ def test_list_and_dict_defaults_are_fresh_empty_containers(tmp_path: Path) -> No
     assert a.upstream("docker.io") is None
     hub = load_config(AgentConfig, None, {"data_dir": str(tmp_path), "registries": ["docker.io"]})
     assert hub.upstream("docker.io").url == DOCKER_HUB_ENDPOINT
+
+
+def test_seeder_trackers_take_udp_and_http_urls_and_name_the_key_otherwise(
+        tmp_path: Path) -> None:  # fmt: skip
+    cfg = load_config(SeederConfig, None, {"data_dir": str(tmp_path), "tracker": [
+        "udp://t0.example:6969/announce", "http://t1.example:6969/announce/",
+        "udp://[fd00::1]:6969"]})  # fmt: skip
+    assert cfg.tracker == ["udp://t0.example:6969/announce", "http://t1.example:6969/announce",
+                           "udp://[fd00::1]:6969"]  # fmt: skip
+    for bad in ("udp://t0.example/announce", "udp://t:6969/announce?token=x", "ftp://t/x"):
+        with pytest.raises(ConfigError, match=r"seeder config: tracker: .*tracker URL|udp://"):
+            load_config(SeederConfig, None, {"data_dir": str(tmp_path), "tracker": [bad]})

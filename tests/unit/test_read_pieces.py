@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from p2p_mirror.agent.seeder_client import read_pieces
+from p2p_mirror.agent.seeder_client import read_pieces, read_run
 
 
 class Chunks:
@@ -63,3 +63,19 @@ async def test_a_cut_body_gives_the_whole_pieces_then_fails() -> None:
         async for batch in read_pieces(body, [7, 8, 9, 10], SIZES):  # type: ignore[arg-type]
             got += batch
     assert got == EXPECTED[:2]
+
+
+async def test_a_whole_run_comes_in_the_chunks_received_without_copies() -> None:
+    """``read_run`` (a segment dealt whole): each chunk as received, never past the run."""
+    chunks = split(DATA, [1, 150, 300])
+    got = [c async for c in read_run(Chunks([*chunks, b"more"]), len(DATA))]  # type: ignore[arg-type]
+    assert b"".join(got) == DATA
+    assert all(a is b for a, b in zip(got, chunks, strict=True))
+
+
+async def test_a_whole_run_cut_short_fails_after_the_chunks_before_the_cut() -> None:
+    got = []
+    with pytest.raises(asyncio.IncompleteReadError):
+        async for chunk in read_run(Chunks(split(DATA[:200], [120])), len(DATA)):  # type: ignore[arg-type]
+            got.append(chunk)
+    assert b"".join(got) == DATA[:200]
