@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from p2p_mirror.agent.seeder_client import DirectRun
+from p2p_mirror.agent.splice_run import splice_to_file
 from p2p_mirror.core.config import MiB
 from p2p_mirror.core.swarm import Metainfo, Transfer, map_range
 
@@ -49,15 +51,37 @@ class DealtSegment:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             async for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    n = os.pwrite(fd, view, self.written)
-                    view = view[n:]
-                    self.written += n
-                if self.written >= self._wanted:
-                    self._notify()
+                self._put(fd, chunk)
         finally:
             os.close(fd)
+        self._check_complete()
+
+    async def receive(self, run: DirectRun) -> None:
+        """Write the run from its socket into the file (``splice_to_file``): the bytes
+        aiohttp already held, then the rest without passing through Python."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            self._put(fd, run.head)
+            if run.left:
+                await splice_to_file(run.sock, fd, self.written, run.left, run.idle_timeout,
+                                     self._advanced)  # fmt: skip
+        finally:
+            os.close(fd)
+        self._check_complete()
+
+    def _put(self, fd: int, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            n = os.pwrite(fd, view, self.written)
+            view = view[n:]
+            self._advanced(n)
+
+    def _advanced(self, n: int) -> None:
+        self.written += n
+        if self.written >= self._wanted:
+            self._notify()
+
+    def _check_complete(self) -> None:
         if self.written != self.size:
             raise asyncio.IncompleteReadError(b"", self.size - self.written)
 

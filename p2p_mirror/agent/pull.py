@@ -291,7 +291,14 @@ class BlobPuller:
         """Write a segment dealt to us whole into its file; if the run breaks, the segment
         comes from the seeder's swarm instead (``_dealt_failed``)."""
         try:
-            await segment.write(offer.inline_run(segment.size))
+            run = offer.direct_run(segment.size)
+            if run is None:
+                await segment.write(offer.inline_run(segment.size))
+            else:
+                try:
+                    await segment.receive(run)
+                finally:
+                    run.close()
         except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError, OSError) as e:
             self._dealt_failed(download, source, segment, f"cut at {segment.written}/"
                                f"{segment.size} ({e or type(e).__name__})")  # fmt: skip

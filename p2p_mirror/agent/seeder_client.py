@@ -11,9 +11,10 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -52,10 +53,37 @@ class SegmentOffer:
     torrent: bytes
     dealt: list[int]
     body: aiohttp.ClientResponse | None = None
+    idle_timeout: float = 30.0  # a run whose seeder sends nothing this long is given up
 
     def close(self) -> None:
         if self.body is not None:
             self.body.close()
+
+    def direct_run(self, size: int) -> DirectRun | None:
+        """The dealt run's ``size`` bytes after the torrent as the bytes aiohttp already
+        holds plus the connection's socket, which aiohttp then reads no more (the response
+        is closed with the offer, never reused). None where the body is not the plain bytes
+        on a plain socket (TLS, a chunked or encoded body, another length): read it with
+        ``inline_run`` then."""
+        resp = self.body
+        assert resp is not None
+        connection = resp.connection
+        headers = resp.headers
+        if (connection is None or connection.transport is None or connection.protocol is None
+                or resp.url.scheme != "http"
+                or connection.transport.get_extra_info("sslcontext") is not None
+                or "Transfer-Encoding" in headers or "Content-Encoding" in headers
+                or resp.content_length != len(self.torrent) + size):  # fmt: skip
+            return None
+        sock = connection.transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        content = resp.content
+        head = content.read_nowait()
+        connection.protocol.pause_reading()  # no await since the drain: nothing came in
+        if content.total_bytes != len(self.torrent) + len(head) or len(head) > size:
+            raise asyncio.IncompleteReadError(head, size)  # bytes past our count: no run of ours
+        return DirectRun(head, os.dup(sock.fileno()), size - len(head), self.idle_timeout)
 
     def inline_pieces(self, sizes: list[int]) -> AsyncIterator[list[tuple[int, bytes]]]:
         """Batches of (piece, bytes) of the dealt run as it arrives after the torrent."""
@@ -67,6 +95,23 @@ class SegmentOffer:
         delivered it at a time (no copy, no piece boundaries)."""
         assert self.body is not None
         return read_run(self.body.content, size)
+
+
+@dataclass
+class DirectRun:
+    """A dealt run taken off aiohttp: ``head`` (bytes it had received) then ``left`` bytes to
+    receive from ``sock`` (a duplicate of the connection's descriptor, closed by ``close``)."""
+
+    head: bytes
+    sock: int
+    left: int
+    idle_timeout: float
+    _closed: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.sock)
 
 
 class SeederClient:
@@ -161,7 +206,7 @@ class SeederClient:
                         total=None, sock_connect=patience, sock_read=patience * 4 / 3),
                 )
                 if resp.status == 200:
-                    return await _offer(resp)
+                    return await _offer(resp, patience * 4 / 3)
                 async with resp:
                     if resp.status != 202 and _seeder_failed(resp.status, await resp.text()):
                         raise SeederDown(f"torrent {index}: {resp.status}")
@@ -273,7 +318,7 @@ async def _resolve(host: str) -> str:
     return str(infos[0][4][0])
 
 
-async def _offer(resp: aiohttp.ClientResponse) -> SegmentOffer:
+async def _offer(resp: aiohttp.ClientResponse, idle_timeout: float = 30.0) -> SegmentOffer:
     """Read a 200 torrent response up to its dealt pieces; the offer keeps it open for them."""
     try:
         dealt, length = protocol.parse_offer_headers(resp.headers)
@@ -284,7 +329,7 @@ async def _offer(resp: aiohttp.ClientResponse) -> SegmentOffer:
         async with resp:
             return SegmentOffer(await resp.read(), dealt)
     try:
-        return SegmentOffer(await resp.content.readexactly(length), dealt, resp)
+        return SegmentOffer(await resp.content.readexactly(length), dealt, resp, idle_timeout)
     except BaseException:  # a cut body: a seeder failure
         resp.close()
         raise

@@ -17,9 +17,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from p2p_mirror.agent import dealt_segment
 from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
+from p2p_mirror.agent.splice_run import splice_to_file
 from p2p_mirror.core import protocol
 from p2p_mirror.core.config import HostPort, Upstream
 from p2p_mirror.core.metrics import Metrics
@@ -33,6 +35,7 @@ SEGMENT = 4 * PIECE
 DATA = os.urandom(2 * SEGMENT - PIECE // 2)  # two segments, the last piece short
 DIGEST = Digest.parse("sha256:" + hashlib.sha256(DATA).hexdigest())
 UPSTREAM = Upstream("registry.example.test", "http://127.0.0.1:9")
+PART = 32 * 1024  # a streamed run's write size
 
 
 @dataclass
@@ -62,9 +65,12 @@ async def swarm(tmp_path: Path) -> AsyncIterator[Swarm]:
         await session.close()
 
 
-async def seeder_api(swarm: Swarm, body: dict[int, bytes]) -> TestServer:
+async def seeder_api(swarm: Swarm, body: dict[int, bytes], streamed: bool = False) -> TestServer:
     """The seeder's blob and torrent endpoints, dealing each segment whole, inline, to the
-    one agent asking; segment ``i``'s run is ``body[i]`` where given (a lie or a cut)."""
+    one agent asking; segment ``i``'s run is ``body[i]`` where given (a lie or a cut).
+    ``streamed``: as the seeder does, the length of the whole run is declared and the run
+    sent in parts after the torrent (the agent receives most of it from the socket), a cut
+    run ending with the connection."""
 
     async def blob(request: web.Request) -> web.Response:
         info = protocol.BlobInfo(str(DIGEST), len(DATA), SEGMENT, 2, swarm.seeder.port,
@@ -75,8 +81,20 @@ async def seeder_api(swarm: Swarm, body: dict[int, bytes]) -> TestServer:
         index = int(request.match_info["index"])
         meta = swarm.metas[index]
         run = body.get(index, DATA[index * SEGMENT : (index + 1) * SEGMENT])
-        return web.Response(body=meta.data + run, headers=protocol.offer_headers(
-            list(range(meta.num_pieces)), len(meta.data)))  # fmt: skip
+        headers = protocol.offer_headers(list(range(meta.num_pieces)), len(meta.data))
+        if not streamed:
+            return web.Response(body=meta.data + run, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = len(meta.data) + meta.size
+        await resp.prepare(request)
+        await resp.write(meta.data)
+        for at in range(0, len(run), PART):
+            await asyncio.sleep(0.005)  # the agent reads the socket between parts
+            await resp.write(run[at : at + PART])
+        if len(run) < meta.size:
+            assert request.transport is not None
+            request.transport.close()
+        return resp
 
     app = web.Application()
     app.router.add_get(protocol.BLOB_INFO_ROUTE, blob)
@@ -86,9 +104,9 @@ async def seeder_api(swarm: Swarm, body: dict[int, bytes]) -> TestServer:
     return server
 
 
-async def pull(tmp_path: Path, swarm: Swarm, body: dict[int, bytes],
+async def pull(tmp_path: Path, swarm: Swarm, body: dict[int, bytes], streamed: bool = False,
                ) -> tuple[BlobDownload, BlobStore, Metrics]:  # fmt: skip
-    server = await seeder_api(swarm, body)
+    server = await seeder_api(swarm, body, streamed)
     client = SeederClient([str(server.make_url("")).rstrip("/")], timeout=5)
     store, metrics = BlobStore(tmp_path / "store"), Metrics()
     puller = BlobPuller(store, Origin(5, "agent"), swarm.agent, client, metrics,
@@ -178,3 +196,59 @@ async def test_a_seeded_file_with_wrong_bytes_never_reaches_a_peer(
         assert await got.wait_piece(piece, timeout=10)
     assert not await got.wait_piece(1, timeout=2)
     assert swarm.peer.hash_failures == 0  # never even sent
+
+
+@pytest.fixture
+def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bytes each direct receive (``splice_to_file``) was asked for."""
+    counts: list[int] = []
+
+    async def spy(sock: int, file: int, offset: int, count: int, *args, **kwargs) -> None:
+        counts.append(count)
+        await splice_to_file(sock, file, offset, count, *args, **kwargs)
+
+    monkeypatch.setattr(dealt_segment, "splice_to_file", spy)
+    return counts
+
+
+async def test_a_streamed_run_is_received_from_the_socket_into_the_file(
+    tmp_path: Path, swarm: Swarm, spliced: list[int]
+) -> None:
+    download, store, metrics = await pull(tmp_path, swarm, {}, streamed=True)
+    assert download.error is None
+    layout = store.layout(DIGEST)
+    assert layout is not None
+    assert layout.read(0, len(DATA)) == DATA
+    assert metrics.value("dealt_segments_total") == 2
+    assert len(spliced) == 2 and all(count > 0 for count in spliced)  # the socket path ran
+    assert swarm.agent.totals().downloaded == 0
+
+
+async def test_a_seeder_lying_in_a_received_run_is_caught_at_the_piece(
+    tmp_path: Path, swarm: Swarm, spliced: list[int]
+) -> None:
+    lie = bytearray(DATA[SEGMENT:])
+    lie[-100] ^= 0xFF  # in the part received from the socket
+    download, store, metrics = await pull(tmp_path, swarm, {1: bytes(lie)}, streamed=True)
+    assert download.error is None
+    layout = store.layout(DIGEST)
+    assert layout is not None
+    assert layout.read(0, len(DATA)) == DATA
+    assert len(spliced) == 2
+    assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
+    assert swarm.agent.totals().downloaded == len(DATA) - SEGMENT  # segment 1 over BitTorrent
+
+
+async def test_a_received_run_cut_by_the_seeder_comes_from_its_swarm(
+    tmp_path: Path, swarm: Swarm, spliced: list[int]
+) -> None:
+    download, store, metrics = await pull(tmp_path, swarm, {0: DATA[: SEGMENT - PIECE - 5]},
+                                          streamed=True)  # fmt: skip
+    assert download.error is None
+    layout = store.layout(DIGEST)
+    assert layout is not None
+    assert layout.read(0, len(DATA)) == DATA
+    assert len(spliced) == 2
+    assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
+    assert metrics.value("dealt_segments_total") == 1
+    assert swarm.agent.totals().downloaded == SEGMENT  # segment 0 over BitTorrent
