@@ -14,6 +14,7 @@ from collections.abc import Callable
 from p2p_mirror.core.config import MiB
 
 PIPE_SIZE = 1 * MiB  # bytes moved per step (Linux's default pipe-max-size); the only buffer
+YIELD_EVERY = 4 * MiB  # bytes moved without giving the event loop a turn, at most (+ a step)
 
 
 async def splice_to_file(
@@ -32,13 +33,14 @@ async def splice_to_file(
             fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         loop.add_reader(sock, ready.set)
         try:
-            left = count
+            left, unyielded = count, 0
             while left:
                 ready.clear()
                 try:
                     moved = os.splice(sock, pipe_w, min(left, PIPE_SIZE),
                                       flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
                 except BlockingIOError:
+                    unyielded = 0
                     async with asyncio.timeout(idle_timeout):
                         await ready.wait()
                     continue
@@ -46,11 +48,13 @@ async def splice_to_file(
                     raise asyncio.IncompleteReadError(b"", left)
                 while moved:  # the pipe is empty again before the next step
                     n = os.splice(pipe_r, file, moved, offset_dst=offset)
-                    offset, moved, left = offset + n, moved - n, left - n
+                    offset, moved, left, unyielded = offset + n, moved - n, left - n, unyielded + n
                     progress(n)
-                # One step per loop turn: the rest of the loop (the client's sends, the
-                # hashing hand-offs) runs between pipe-fulls however fast the bytes come.
-                await asyncio.sleep(0)
+                if unyielded >= YIELD_EVERY:
+                    # the rest of the loop (the client's sends, the hashing hand-offs) runs
+                    # at least this often however fast the bytes come
+                    unyielded = 0
+                    await asyncio.sleep(0)
         finally:
             loop.remove_reader(sock)
     finally:
