@@ -79,10 +79,17 @@ class SegmentOffer:
         if sock is None:
             return None
         content = resp.content
-        head = content.read_nowait()
-        connection.protocol.pause_reading()  # no await since the drain: nothing came in
+        parts = []
+        while part := content.read_nowait():  # a drain may resume the parser and refill it
+            parts.append(part)
+        head = b"".join(parts)
+        try:  # aiohttp's own pause also stops its sock_read timer
+            connection.protocol.pause_reading()
+        except (AssertionError, AttributeError):  # no parser left: stop the transport itself
+            connection.transport.pause_reading()
+        # no await since the drain: nothing more came in
         if content.total_bytes != len(self.torrent) + len(head) or len(head) > size:
-            raise asyncio.IncompleteReadError(head, size)  # bytes past our count: no run of ours
+            raise asyncio.IncompleteReadError(head, size)  # not the stream we drained: give up
         return DirectRun(head, os.dup(sock.fileno()), size - len(head), self.idle_timeout)
 
     def inline_pieces(self, sizes: list[int]) -> AsyncIterator[list[tuple[int, bytes]]]:
@@ -346,8 +353,10 @@ async def read_pieces(
     parts: list[memoryview] = []  # received, not yet in a piece (less than the next piece)
     have = i = 0
     while i < len(pieces):
-        chunk, _ = await content.readchunk()
+        chunk, end_of_http_chunk = await content.readchunk()
         if not chunk:
+            if end_of_http_chunk:  # a chunked body's chunk boundary, not its end
+                continue
             raise asyncio.IncompleteReadError(b"".join(parts), sizes[i])
         parts.append(memoryview(chunk))
         have += len(chunk)
@@ -365,8 +374,10 @@ async def read_run(content: aiohttp.StreamReader, size: int) -> AsyncIterator[by
     early raises ``asyncio.IncompleteReadError`` after the chunks before the cut."""
     left = size
     while left:
-        chunk, _ = await content.readchunk()
+        chunk, end_of_http_chunk = await content.readchunk()
         if not chunk:
+            if end_of_http_chunk:  # a chunked body's chunk boundary, not its end
+                continue
             raise asyncio.IncompleteReadError(b"", left)
         if len(chunk) > left:
             chunk = chunk[:left]

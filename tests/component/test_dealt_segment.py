@@ -252,3 +252,58 @@ async def test_a_received_run_cut_by_the_seeder_comes_from_its_swarm(
     assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
     assert metrics.value("dealt_segments_total") == 1
     assert swarm.agent.totals().downloaded == SEGMENT  # segment 0 over BitTorrent
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_only_a_plain_body_of_torrent_and_run_is_taken_off_aiohttp(
+    tmp_path: Path, swarm: Swarm, chunked: bool
+) -> None:
+    """A chunked body carries framing between the bytes: the socket path must not take it
+    (nor an encoded or TLS one), and the run is then read through aiohttp whole."""
+    meta, run = swarm.metas[0], DATA[:SEGMENT]
+
+    async def torrent(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=protocol.offer_headers(
+            list(range(meta.num_pieces)), len(meta.data)))  # fmt: skip
+        if chunked:
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = len(meta.data) + len(run)
+        await resp.prepare(request)
+        await resp.write(meta.data)
+        for at in range(0, len(run), PART):
+            await asyncio.sleep(0.005)
+            await resp.write(run[at : at + PART])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get(protocol.TORRENT_ROUTE, torrent)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    client = SeederClient([str(server.make_url("")).rstrip("/")], timeout=5)
+    try:
+        offer = await client.torrent(str(server.make_url("")).rstrip("/"), DIGEST, 0, 1)
+        try:
+            direct = offer.direct_run(len(run))
+            if chunked:
+                assert direct is None
+                got = b"".join([chunk async for chunk in offer.inline_run(len(run))])
+            else:
+                assert direct is not None and direct.left > 0
+                out = tmp_path / "run"
+                fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.pwrite(fd, direct.head, 0)
+                    await splice_to_file(direct.sock, fd, len(direct.head), direct.left, 5.0,
+                                         lambda n: None)  # fmt: skip
+                finally:
+                    os.close(fd)
+                    direct.close()
+                got = out.read_bytes()
+        finally:
+            offer.close()
+        assert got == run
+    finally:
+        await client.close()
+        await server.close()

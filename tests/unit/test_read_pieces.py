@@ -13,10 +13,16 @@ from p2p_mirror.agent.seeder_client import read_pieces, read_run
 class Chunks:
     """A response body that delivers ``chunks`` one at a time, as a connection does."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
+    def __init__(self, chunks: list[bytes], http_chunk_ends: bool = False) -> None:
         self.chunks = list(chunks)
+        self.http_chunk_ends = http_chunk_ends  # (b"", True) after each, as aiohttp can
+        self._ended = True
 
     async def readchunk(self) -> tuple[bytes, bool]:
+        if self.http_chunk_ends and not self._ended:
+            self._ended = True
+            return b"", True
+        self._ended = False
         return (self.chunks.pop(0) if self.chunks else b""), False
 
 
@@ -79,3 +85,12 @@ async def test_a_whole_run_cut_short_fails_after_the_chunks_before_the_cut() -> 
         async for chunk in read_run(Chunks(split(DATA[:200], [120])), len(DATA)):  # type: ignore[arg-type]
             got.append(chunk)
     assert b"".join(got) == DATA[:200]
+
+
+async def test_a_chunked_bodys_chunk_ends_are_not_its_end() -> None:
+    """aiohttp's ``readchunk`` returns ``(b"", True)`` at each end of an HTTP chunk."""
+    pieces = [p async for batch in read_pieces(Chunks(split(DATA, [50, 250]), True),
+                                               [7, 8, 9, 10], SIZES) for p in batch]  # fmt: skip
+    assert pieces == EXPECTED
+    run = [c async for c in read_run(Chunks(split(DATA, [50, 250]), True), len(DATA))]
+    assert b"".join(run) == DATA
