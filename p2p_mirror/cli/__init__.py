@@ -73,6 +73,7 @@ def agent(config: Path | None, **flags: Any) -> None:
 @click.option("--bt-listen", metavar="HOST:PORT", help="BitTorrent address [0.0.0.0:6882].")
 @registry_option
 @click.option("--segment-size", metavar="SIZE", help="Largest segment per torrent [16MiB].")
+@click.option("--segment-parts", metavar="N", help="Segments per blob, at least [8].")
 @click.option("--registry-auth", type=click.Path(path_type=Path), metavar="FILE",
               help="Docker config.json with the seeder's own registry credentials.")
 @click.option("--announce-ip", metavar="ADDR", help="Address agents reach this seeder's swarm on.")

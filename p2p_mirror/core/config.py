@@ -249,6 +249,17 @@ def parse_count(value: Any) -> int:
     return int(value)
 
 
+MAX_SEGMENT_PARTS = 64  # each segment is a torrent on every node: a bound on swarms per blob
+
+
+def parse_segment_parts(value: Any) -> int:
+    """Segments per blob, at least: 1 to ``MAX_SEGMENT_PARTS``."""
+    parts = parse_count(value)
+    if parts > MAX_SEGMENT_PARTS:
+        raise ValueError(f"expected at most {MAX_SEGMENT_PARTS}, got {parts}")
+    return parts
+
+
 def parse_ip(value: Any) -> str:
     """An IPv4 or IPv6 address, normalised."""
     try:
@@ -328,6 +339,12 @@ class SeederConfig:
         dict, parse_registries, "registry name -> endpoint; the only ones fetched"
     )
     segment_size: int = _opt(16 * MiB, parse_size, "largest blob segment (one torrent each)")
+    segment_parts: int = _opt(
+        8,
+        parse_segment_parts,
+        "cut every blob into at least this many segments (1-64): more start peers sooner and"
+        " shorten the tail on slow links, fewer cost nodes less CPU per pull (docs/design.md)",
+    )
     piece_size: int = _opt(128 * 1024, parse_size, "largest torrent piece")
     unchoke_slots: int = _opt(64, int, "peer connections the seeder uploads to at once")
     origin_streams: int = _opt(1, parse_count, "blobs downloaded from the origin at once")

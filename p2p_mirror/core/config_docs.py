@@ -100,8 +100,8 @@ NOTES: dict[str, dict[str, str]] = {
     },
     "seeder": {
         "segment_size": (
-            "every blob is cut into at least 4 segments of whole pieces, at most this size "
-            "each; one torrent per segment."
+            "every blob is cut into at least `segment_parts` segments (8) of whole pieces, "
+            "at most this size each; one torrent per segment."
         ),
         "piece_size": (
             "a segment under 4 MiB gets 64 KiB pieces, under 2 MiB 32 KiB, so it still has "

@@ -338,7 +338,9 @@ class Ingest:
             check_size("blob", size, self.cfg.max_blob_size, "max_blob_size")
         except TooLarge as e:
             raise IngestError(IngestError.TOO_LARGE, str(e)) from None
-        segment = segment_size_for(size, self.cfg.segment_size, self.cfg.piece_size)
+        segment = segment_size_for(
+            size, self.cfg.segment_size, self.cfg.piece_size, self.cfg.segment_parts
+        )
         try:  # room for it, counting the blobs in flight; else the agents use the origin
             job._reservation = self.store.reserve(
                 size, self.cfg.cache_max_bytes, self.cfg.min_free_disk, self.active(),

@@ -6,9 +6,9 @@ SEGMENT_PIECES = 32  # pieces per segment that small segments' piece size aims f
 MIN_PIECE = 32 * 1024  # smaller pieces cost more CPU than they save
 
 
-# Segments per blob, at least: each is a torrent with its own peer connections, announces,
-# files and alerts on every node, all CPU per pull (bench/README.md, cluster round 3).
-SEGMENT_PARTS = 4
+# Segments per blob, at least (the seeder's ``segment_parts``): more shorten the tail on slow
+# links, fewer cost less CPU per pull (each is a torrent on every node; docs/design.md).
+SEGMENT_PARTS = 8
 
 
 def segment_size_for(size: int, largest: int, piece: int, parts: int = SEGMENT_PARTS) -> int:

@@ -394,3 +394,18 @@ async def test_a_blob_without_room_on_disk_is_refused_before_its_download(
         assert seeder.metrics.value("seed_jobs_total", result="no_space") == 1
         assert origin.gets == [] and len(seeder.store.ledger) == 0
         assert seeder.ingest.job(Digest.parse(first)) is None
+
+
+@pytest.mark.parametrize("parts", [4, 8])
+async def test_segment_parts_sets_how_many_torrents_a_blob_gets(tmp_path: Path, parts: int) -> None:
+    """``segment_parts``: a blob well under ``segment_size`` (and a whole number of pieces
+    per part) is cut into that many torrents."""
+    size = 4 * MiB
+    origin = HeldOrigin([os.urandom(size)], held=0)
+    (digest,) = origin.blobs
+    async with served(origin) as origin_server, seeder_of(
+        tmp_path, origin_server, segment_parts=parts
+    ) as (_seeder, client):
+        info = await ask(client, digest)
+        assert info["segments"] == parts
+        assert info["segment_size"] * parts == size
