@@ -18,7 +18,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import libtorrent as lt
 
@@ -38,8 +38,10 @@ from p2p_mirror.tracker.params import (
 )
 from p2p_mirror.tracker.peers import V4_LEN, V6_LEN, AnnounceResult, PeerTable, ScrapeEntry
 from p2p_mirror.tracker.ratelimit import SourceRateLimit
-from p2p_mirror.tracker.sockets import Listener
+from p2p_mirror.tracker.sockets import Listener, bound_socket
 from p2p_mirror.tracker.udp import UdpEndpoint, UdpTracker, udp_socket
+
+Request = TypeVar("Request", Announce, Scrape)
 
 log = logging.getLogger("tracker")
 
@@ -183,14 +185,7 @@ class TrackerService:
     ) -> tuple[Announce, AnnounceResult, int]:
         """Rate limit, ``parse()``, token and caps, whatever protocol carried the announce:
         (the announce, its peers, the interval to tell it), or ``Refusal``."""
-        if not self.limiter.allow(source):
-            raise self._refuse("rate", RETRY_RATE)
-        try:
-            req = parse()
-        except RequestError as e:
-            raise self._fail(e, source) from None
-        if not self.auth.accepts(TRACKER, req.token):
-            raise self._refuse("auth")
+        req = self._admit(source, parse)
         if req.claimed_ip is not None and self.auth.enabled:
             req = dataclasses.replace(req, ip=req.claimed_ip)
         result = self.table.announce(req)
@@ -204,6 +199,12 @@ class TrackerService:
     ) -> dict[bytes, ScrapeEntry]:
         """Counts for the scraped hashes (only those: there is no full scrape), or
         ``Refusal``."""
+        req = self._admit(source, parse)
+        self.metrics.inc("scrapes_total")
+        return self.table.scrape(req.info_hashes)
+
+    def _admit(self, source: IPAddress | None, parse: Callable[[], Request]) -> Request:
+        """The parsed request of a source within its rate that presented the token."""
         if not self.limiter.allow(source):
             raise self._refuse("rate", RETRY_RATE)
         try:
@@ -212,8 +213,7 @@ class TrackerService:
             raise self._fail(e, source) from None
         if not self.auth.accepts(TRACKER, req.token):
             raise self._refuse("auth")
-        self.metrics.inc("scrapes_total")
-        return self.table.scrape(req.info_hashes)
+        return req
 
     def announce(self, raw_query: str, source: IPAddress | None) -> Response:
         try:
@@ -301,15 +301,12 @@ class RunningTracker:
 
 def listen_socket(listen: HostPort) -> socket.socket:
     """A bound, listening TCP socket (an IPv6 wildcard also takes IPv4)."""
-    family, kind, proto, _, addr = socket.getaddrinfo(
-        listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
+    sock = bound_socket(
+        listen,
+        socket.SOCK_STREAM,
+        lambda s: s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1),
+    )
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(addr)
         sock.listen(service.LISTEN_BACKLOG)
     except OSError:
         sock.close()

@@ -15,6 +15,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from p2p_mirror.core.config import HostPort
+
 log = logging.getLogger("tracker")
 
 ACCEPTS_PER_WAKEUP = 256
@@ -175,3 +177,25 @@ class Listener:
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
+
+
+def bound_socket(
+    listen: HostPort,
+    kind: socket.SocketKind,
+    options: Callable[[socket.socket], None] = lambda _sock: None,
+) -> socket.socket:
+    """A socket of ``kind`` bound to ``listen`` (an IPv6 wildcard also takes IPv4), with
+    ``options`` applied before the bind; closed again if any step fails."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        listen.host, listen.port, type=kind, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        options(sock)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock

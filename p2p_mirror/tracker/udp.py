@@ -40,6 +40,7 @@ from p2p_mirror.tracker.params import (
     url_data_token,
 )
 from p2p_mirror.tracker.peers import AnnounceResult, ScrapeEntry
+from p2p_mirror.tracker.sockets import bound_socket
 
 log = logging.getLogger("tracker")
 
@@ -246,17 +247,9 @@ class UdpEndpoint:
 
 def udp_socket(listen: HostPort) -> socket.socket:
     """A bound UDP socket (an IPv6 wildcard also takes IPv4)."""
-    family, kind, proto, _, addr = socket.getaddrinfo(
-        listen.host, listen.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # a burst of announces waits here instead of being dropped (clients retry in 15 s)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        sock.bind(addr)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    # a burst of announces waits here instead of being dropped (clients retry in 15 s)
+    return bound_socket(
+        listen,
+        socket.SOCK_DGRAM,
+        lambda s: s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER),
+    )

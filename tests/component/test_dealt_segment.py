@@ -121,14 +121,20 @@ async def pull(tmp_path: Path, swarm: Swarm, body: dict[int, bytes], streamed: b
     return download, store, metrics
 
 
-async def test_a_segment_dealt_whole_is_written_directly_and_served_to_peers(
-    tmp_path: Path, swarm: Swarm
-) -> None:
-    download, store, metrics = await pull(tmp_path, swarm, {})
+
+def assert_whole_blob(download: BlobDownload, store: BlobStore) -> None:
+    """The pull ended without error and the store holds exactly ``DATA``."""
     assert download.error is None
     layout = store.layout(DIGEST)
     assert layout is not None
     assert layout.read(0, len(DATA)) == DATA
+
+
+async def test_a_segment_dealt_whole_is_written_directly_and_served_to_peers(
+    tmp_path: Path, swarm: Swarm
+) -> None:
+    download, store, metrics = await pull(tmp_path, swarm, {})
+    assert_whole_blob(download, store)
     assert metrics.value("dealt_segments_total") == 2  # both written directly
     assert metrics.value("seeder_pieces_total") == sum(m.num_pieces for m in swarm.metas)
     assert metrics.value("seeder_segments_total", reason="piece_failed") == 0
@@ -155,10 +161,7 @@ async def test_a_seeder_lying_in_a_dealt_segment_is_caught_at_the_piece(
     lie = bytearray(DATA[SEGMENT:])
     lie[PIECE + 1000] ^= 0xFF
     download, store, metrics = await pull(tmp_path, swarm, {1: bytes(lie)})
-    assert download.error is None
-    layout = store.layout(DIGEST)
-    assert layout is not None
-    assert layout.read(0, len(DATA)) == DATA
+    assert_whole_blob(download, store)
     assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
     assert swarm.agent.totals().downloaded == len(DATA) - SEGMENT  # segment 1 over BitTorrent
     assert swarm.agent.hash_failures == 0  # the swarm sent only right pieces
@@ -168,10 +171,7 @@ async def test_a_dealt_segment_cut_short_comes_from_the_seeders_swarm(
     tmp_path: Path, swarm: Swarm
 ) -> None:
     download, store, metrics = await pull(tmp_path, swarm, {0: DATA[: SEGMENT - PIECE - 5]})
-    assert download.error is None
-    layout = store.layout(DIGEST)
-    assert layout is not None
-    assert layout.read(0, len(DATA)) == DATA
+    assert_whole_blob(download, store)
     assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
     assert metrics.value("dealt_segments_total") == 1  # segment 1 still written directly
     assert swarm.agent.totals().downloaded == SEGMENT  # segment 0 over BitTorrent
@@ -215,10 +215,7 @@ async def test_a_streamed_run_is_received_from_the_socket_into_the_file(
     tmp_path: Path, swarm: Swarm, spliced: list[int]
 ) -> None:
     download, store, metrics = await pull(tmp_path, swarm, {}, streamed=True)
-    assert download.error is None
-    layout = store.layout(DIGEST)
-    assert layout is not None
-    assert layout.read(0, len(DATA)) == DATA
+    assert_whole_blob(download, store)
     assert metrics.value("dealt_segments_total") == 2
     assert len(spliced) == 2 and all(count > 0 for count in spliced)  # the socket path ran
     assert swarm.agent.totals().downloaded == 0
@@ -230,10 +227,7 @@ async def test_a_seeder_lying_in_a_received_run_is_caught_at_the_piece(
     lie = bytearray(DATA[SEGMENT:])
     lie[-100] ^= 0xFF  # in the part received from the socket
     download, store, metrics = await pull(tmp_path, swarm, {1: bytes(lie)}, streamed=True)
-    assert download.error is None
-    layout = store.layout(DIGEST)
-    assert layout is not None
-    assert layout.read(0, len(DATA)) == DATA
+    assert_whole_blob(download, store)
     assert len(spliced) == 2
     assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
     assert swarm.agent.totals().downloaded == len(DATA) - SEGMENT  # segment 1 over BitTorrent
@@ -244,10 +238,7 @@ async def test_a_received_run_cut_by_the_seeder_comes_from_its_swarm(
 ) -> None:
     download, store, metrics = await pull(tmp_path, swarm, {0: DATA[: SEGMENT - PIECE - 5]},
                                           streamed=True)  # fmt: skip
-    assert download.error is None
-    layout = store.layout(DIGEST)
-    assert layout is not None
-    assert layout.read(0, len(DATA)) == DATA
+    assert_whole_blob(download, store)
     assert len(spliced) == 2
     assert metrics.value("seeder_segments_total", reason="piece_failed") == 1
     assert metrics.value("dealt_segments_total") == 1
