@@ -18,6 +18,9 @@ Everything shares this machine's cores with whatever else runs on it: run it a f
 native and kernel) and ``py-spy record --native --threads`` (Python stacks) attached to the
 agent and the seeder, and the 2nd-agent row attached to both agents (``run*-second-*``);
 ``python -m bench.cpu_profile DIR`` turns them into tables (``--roles '*-agent2'``).
+With ``BENCH_SMAPS=FILE`` in the environment, each time an agent's anonymous memory rises by
+8 MiB past its peak, the anonymous MiB per kind of mapping (``smaps_breakdown``) is appended
+to FILE.
 
     python -m bench.stream --size 256MiB --segment-size 16MiB --repeat 3
 """
@@ -89,6 +92,34 @@ def curl(url: str) -> Fetch:
                  usage.ru_utime + usage.ru_stime)  # fmt: skip
 
 
+def smaps_breakdown(pid: int) -> dict[str, int]:
+    """MiB of anonymous memory per kind of mapping: ``[heap]``, ``anon<8M`` (Python's
+    256 KiB arenas, thread stacks, small mmaps), ``anonNM`` (the used part of one larger
+    anonymous mapping, e.g. a glibc per-thread arena, whose reserve is 64 MiB)."""
+    kinds: dict[str, int] = {}
+    name = ""
+    size = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                size = hi - lo
+                name = parts[5] if len(parts) > 5 else ""
+            elif parts[0] == "Anonymous:":
+                kb = int(parts[1])
+                if not kb:
+                    continue
+                if name == "":
+                    key = f"anon{size >> 20}M" if size >= 8 * MiB else "anon<8M"
+                elif name.startswith("["):
+                    key = name
+                else:
+                    key = "file:" + name.rsplit("/", 1)[-1][:20]
+                kinds[key] = kinds.get(key, 0) + kb
+    return {k: v >> 10 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v >= 1024}
+
+
 class PeakRSS:
     """Sample a process tree's resident memory in the background; keep the peak."""
 
@@ -105,7 +136,13 @@ class PeakRSS:
                 procs = [self.proc, *self.proc.children(recursive=True)]
                 mems = [p.memory_info() for p in procs]
                 self.peak = max(self.peak, sum(m.rss for m in mems))
-                self.peak_anon = max(self.peak_anon, sum(m.rss - m.shared for m in mems))
+                anon = sum(m.rss - m.shared for m in mems)
+                # each read of smaps stalls the process's page faults: only on 8 MiB rises
+                if anon > self.peak_anon + 8 * MiB and os.environ.get("BENCH_SMAPS"):
+                    kinds = smaps_breakdown(self.proc.pid)
+                    with open(os.environ["BENCH_SMAPS"], "a") as out:
+                        print(self.proc.pid, f"{time.time():.2f}", anon >> 20, kinds, file=out)
+                self.peak_anon = max(self.peak_anon, anon)
             except psutil.Error:
                 pass
             time.sleep(0.02)
