@@ -21,6 +21,7 @@ from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.ingest import Ingest, IngestError, IngestJob
 
 READ_PIECES = 32  # pieces per read of a dealt run (4 MiB of 128 KiB pieces)
+WRITE_BYTES = 1024 * 1024  # bytes of whole pieces per write of a dealt run (at least one)
 
 
 def oci_error_for(error: IngestError) -> OCIError:
@@ -163,8 +164,11 @@ class SeederAPI:
                 if not resp.prepared:
                     await resp.prepare(request)
                 view = memoryview(data)
-                for piece in chunk:  # piece by piece, so the send queue sees progress
-                    start, end = meta.piece_range(piece)
+                # whole pieces up to WRITE_BYTES a write: the send queue sees progress, in
+                # fewer events than one write per piece
+                per_write = max(1, WRITE_BYTES // (meta.piece_range(chunk[0])[1] - lo))
+                for part in _chunks(chunk, per_write):
+                    start, end = meta.piece_range(part[0])[0], meta.piece_range(part[-1])[1]
                     await resp.write(view[start - lo : end - lo])
                     sent += end - start
             await resp.write_eof()

@@ -17,7 +17,13 @@ from support.roles import running_seeder
 
 from p2p_mirror.core.metrics import sample_sum
 from p2p_mirror.core.oci import Digest
-from p2p_mirror.core.protocol import PIECES_HEADER, TORRENT_LENGTH_HEADER, parse_piece_list
+from p2p_mirror.core.protocol import (
+    BYTES_CONTENT_TYPE,
+    PIECES_HEADER,
+    TORRENT_LENGTH_HEADER,
+    parse_piece_list,
+)
+from p2p_mirror.seeder.api import WRITE_BYTES
 from p2p_mirror.seeder.ingest import BACKLOG_SEGMENTS, NEXT_REQUEST_LEAD_BYTES
 from p2p_mirror.seeder.link_queue import LinkQueue
 from p2p_mirror.seeder.server import Seeder
@@ -360,6 +366,43 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
                                                for i in range(count)]  # fmt: skip
         assert seeder.origin_bytes == len(blob)
         await holder
+
+
+async def test_a_dealt_run_goes_out_in_writes_of_whole_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run is written in parts of whole pieces, at most ``WRITE_BYTES`` each (the send
+    queue sees progress at each), not piece by piece, and the parts are the run's bytes."""
+    origin = HeldOrigin([os.urandom(8 * MiB)], held=0)
+    (digest,) = origin.blobs
+    origin.release[digest].set()
+    writes: list[int] = []
+    write = web.StreamResponse.write
+
+    async def recording(self: web.StreamResponse, data: bytes | memoryview) -> None:
+        if self.headers.get("Content-Type") == BYTES_CONTENT_TYPE:
+            writes.append(len(data))
+        await write(self, data)
+
+    async with (
+        served(origin) as origin_server,
+        seeder_of(tmp_path, origin_server, segment_size="4MiB", segment_parts=2) as (_, client),
+    ):
+        info = await ask(client, digest)
+        segment = info["segment_size"]
+        resp = await client.get(f"/v1/blobs/{digest}/torrents/0",
+                                params={"wait": "20", "bt_port": "1"})  # fmt: skip
+        assert resp.status == 200
+        piece = piece_size_for(segment, SEEDER_PIECE)
+        pieces = segment // piece
+        assert pieces * piece > WRITE_BYTES > piece  # several writes of several pieces
+        monkeypatch.setattr(web.StreamResponse, "write", recording)
+        run = await client.get(f"/v1/blobs/{digest}/segments/0/pieces/0",
+                               params={"count": str(pieces)})  # fmt: skip
+        assert await run.read() == origin.blobs[digest][:segment]
+    assert sum(writes) == segment
+    assert all(n % piece == 0 and n <= WRITE_BYTES for n in writes), writes
+    assert len(writes) < pieces
 
 
 async def test_a_failed_job_is_dropped(
