@@ -342,6 +342,15 @@ async def _offer(resp: aiohttp.ClientResponse, idle_timeout: float = 30.0) -> Se
         raise
 
 
+async def _next_chunk(content: aiohttp.StreamReader) -> bytes:
+    """The next chunk the connection delivered; empty only at the body's end (a chunked
+    body's chunk boundary reads as an empty chunk too, and is skipped)."""
+    while True:
+        chunk, end_of_http_chunk = await content.readchunk()
+        if chunk or not end_of_http_chunk:
+            return chunk
+
+
 async def read_pieces(
     content: aiohttp.StreamReader, pieces: list[int], sizes: list[int]
 ) -> AsyncIterator[list[tuple[int, bytes]]]:
@@ -353,10 +362,8 @@ async def read_pieces(
     parts: list[memoryview] = []  # received, not yet in a piece (less than the next piece)
     have = i = 0
     while i < len(pieces):
-        chunk, end_of_http_chunk = await content.readchunk()
+        chunk = await _next_chunk(content)
         if not chunk:
-            if end_of_http_chunk:  # a chunked body's chunk boundary, not its end
-                continue
             raise asyncio.IncompleteReadError(b"".join(parts), sizes[i])
         parts.append(memoryview(chunk))
         have += len(chunk)
@@ -374,10 +381,8 @@ async def read_run(content: aiohttp.StreamReader, size: int) -> AsyncIterator[by
     early raises ``asyncio.IncompleteReadError`` after the chunks before the cut."""
     left = size
     while left:
-        chunk, end_of_http_chunk = await content.readchunk()
+        chunk = await _next_chunk(content)
         if not chunk:
-            if end_of_http_chunk:  # a chunked body's chunk boundary, not its end
-                continue
             raise asyncio.IncompleteReadError(b"", left)
         if len(chunk) > left:
             chunk = chunk[:left]
