@@ -213,6 +213,21 @@ AGENT_SHAPES = {
 }
 
 
+
+def _assert_well_formed(method: str, sent: dict[str, str], status: int, body: bytes) -> bool:
+    """No 5xx but 503, a 400 where the HTTP layer must refuse, an OCI error body on any
+    other error with a body; True if the answer is neither refused nor an error."""
+    assert status < 500 or status == 503, (status, body[:300])
+    if _http_layer_refuses(sent):
+        assert status == 400
+        return False
+    if status >= 400:
+        if method != "HEAD":
+            assert _is_oci_error(body), (status, body[:300])
+        return False
+    return True
+
+
 @pytest.mark.parametrize("shape", sorted(AGENT_SHAPES))
 def test_the_agent_answers_any_request_with_a_well_formed_answer(
     agent: Served, shape: str
@@ -224,12 +239,8 @@ def test_the_agent_answers_any_request_with_a_well_formed_answer(
     @given(method=method, path=AGENT_SHAPES[shape], sent=headers)
     def check(method: str, path: str, sent: dict[str, str]) -> None:
         status, body = agent.ask(method, path, sent)
-        assert status < 500 or status == 503, (status, body[:300])
-        if _http_layer_refuses(sent):
-            assert status == 400
-        elif status >= 400 and method != "HEAD":
-            assert _is_oci_error(body), (status, body[:300])
-        elif status in (200, 206) and method == "GET" and "/blobs/" in path:
+        answered = _assert_well_formed(method, sent, status, body)
+        if answered and method == "GET" and status in (200, 206) and "/blobs/" in path:
             assert body in BLOB, "served bytes that are not the blob's"
 
     check()
@@ -303,11 +314,7 @@ def test_the_seeder_answers_any_request_with_a_well_formed_answer(
     @given(method=method, path=SEEDER_SHAPES[shape], sent=headers)
     def check(method: str, path: str, sent: dict[str, str]) -> None:
         status, body = seeder.ask(method, path, sent)
-        assert status < 500 or status == 503, (status, body[:300])
-        if _http_layer_refuses(sent):
-            assert status == 400
-        elif status >= 400 and method != "HEAD":
-            assert _is_oci_error(body), (status, body[:300])
+        _assert_well_formed(method, sent, status, body)
 
     check()
     assert seeder.outside_data_dir() == before
