@@ -27,6 +27,7 @@ from p2p_mirror.agent.seeder_client import (
     SegmentOffer,
     runs_of,
 )
+from p2p_mirror.agent.serial_thread import SerialThread
 from p2p_mirror.core.bounds import JOIN_AHEAD_SEGMENTS, transfer_deadline
 from p2p_mirror.core.config import MiB, Upstream
 from p2p_mirror.core.diskspace import Reservation
@@ -109,10 +110,11 @@ class BlobPuller:
 
     async def _pull(self, download: BlobDownload) -> None:
         hasher = download.digest.hasher()
+        jobs = SerialThread("blob-hash")  # the blob's hashing and writes, in order
         try:
             if self.session is not None and self.seeders is not None and download.size > 0:
                 try:
-                    await self._from_swarm(download, hasher)
+                    await self._from_swarm(download, hasher, jobs)
                 except Exception as e:  # noqa: BLE001 - whatever broke in P2P, the origin remains
                     reason = e.reason if isinstance(e, Fallback) else "swarm"
                     self.metrics.inc("fallbacks_total", reason=reason)
@@ -121,7 +123,7 @@ class BlobPuller:
                         download.digest, download.available, download.size, e,
                     )
             if download.available < download.size or download.layout is None:
-                await self._from_origin(download, hasher)
+                await self._from_origin(download, hasher, jobs)
             if hasher.hexdigest() != download.digest.hex:
                 raise OCIError("DIGEST_INVALID", "blob bytes do not match the digest")
             download.digest_matched()
@@ -143,6 +145,8 @@ class BlobPuller:
             log.warning("blob %s failed: %s", download.digest, e or repr(e))
             self.metrics.inc("blob_failures_total", code=error.code)
             self._drop(download, error)
+        finally:
+            jobs.close()
 
     def _drop(self, download: BlobDownload, error: OCIError) -> None:
         """A failed or cancelled download: out of the swarm, off the disk, readers told."""
@@ -155,7 +159,7 @@ class BlobPuller:
             self.store.abandon(download.layout)
         download.finish(error)
 
-    async def _from_swarm(self, download: BlobDownload, hasher) -> None:
+    async def _from_swarm(self, download: BlobDownload, hasher, jobs: SerialThread) -> None:
         assert self.session is not None and self.seeders is not None
         source = self.seeders.source(download.digest, download.upstream.name, download.name)
         try:
@@ -192,11 +196,11 @@ class BlobPuller:
                     raise _late(index, deadline - started) from None
                 if isinstance(joined_segment, DealtSegment):
                     await self._consume_dealt(
-                        download, hasher, index, joined_segment, source, deadline, started)
+                        download, hasher, jobs, index, joined_segment, source, deadline, started)
                     log.debug("blob %s: segment %d streamed as dealt", download.digest, index)
                     continue
                 transfer = joined_segment
-                await self._consume(download, hasher, index, transfer, deadline, started)
+                await self._consume(download, hasher, jobs, index, transfer, deadline, started)
                 if log.isEnabledFor(logging.DEBUG):  # asks libtorrent's thread, and waits
                     log.debug("blob %s: segment %d streamed; peers: %s", download.digest,
                               index, transfer.peer_summary())  # fmt: skip
@@ -380,7 +384,7 @@ class BlobPuller:
             received = now
 
     async def _consume(
-        self, download: BlobDownload, hasher, index: int, transfer: Transfer,
+        self, download: BlobDownload, hasher, jobs: SerialThread, index: int, transfer: Transfer,
         deadline: float = float("inf"), started: float = 0.0,
     ) -> None:
         """Advance through segment ``index`` as the swarm completes its pieces in order,
@@ -411,12 +415,13 @@ class BlobPuller:
             if skip >= len(data):
                 continue
             data = data[skip:]
-            await asyncio.to_thread(hasher.update, data)
+            await jobs.run(hasher.update, data)
             self.metrics.inc("blob_bytes_total", len(data), source="swarm")
             download.advance(len(data))
 
     async def _consume_dealt(
-        self, download: BlobDownload, hasher, index: int, segment: DealtSegment,
+        self, download: BlobDownload, hasher, jobs: SerialThread, index: int,
+        segment: DealtSegment,
         source: BlobSource, deadline: float = float("inf"), started: float = 0.0,
     ) -> None:
         """Advance through a segment dealt to us whole as its pieces are written, checking
@@ -436,8 +441,8 @@ class BlobPuller:
             if segment.broken:
                 break
             end = segment.verifiable()
-            verdict = await asyncio.to_thread(verify_and_hash, hasher, segment.meta,
-                                              segment.path, pos, end)  # fmt: skip
+            verdict = await jobs.run(verify_and_hash, hasher, segment.meta, segment.path,
+                                     pos, end)  # fmt: skip
             if verdict is not None:
                 self._dealt_failed(download, source, segment, verdict)
                 break
@@ -451,9 +456,9 @@ class BlobPuller:
             self.metrics.inc("dealt_segments_total")
             return
         assert segment.transfer is not None
-        await self._consume(download, hasher, index, segment.transfer, deadline, started)
+        await self._consume(download, hasher, jobs, index, segment.transfer, deadline, started)
 
-    async def _from_origin(self, download: BlobDownload, hasher) -> None:
+    async def _from_origin(self, download: BlobDownload, hasher, jobs: SerialThread) -> None:
         """Download the rest of the blob from the origin, writing it where the swarm would have."""
         if self.session is not None:
             for transfer in download.transfers:
@@ -471,7 +476,7 @@ class BlobPuller:
                                      download.size - download.available, self.origin_min_rate)
         for attempt in range(1, ORIGIN_BODY_ATTEMPTS + 1):
             try:
-                await self._origin_body(download, hasher, layout, deadline)
+                await self._origin_body(download, hasher, jobs, layout, deadline)
                 break
             except (aiohttp.ClientError, TimeoutError) as e:
                 if loop.time() >= deadline:
@@ -493,7 +498,8 @@ class BlobPuller:
             await asyncio.to_thread(layout.write, 0, b"")
 
     async def _origin_body(
-        self, download: BlobDownload, hasher, layout: BlobLayout, deadline: float
+        self, download: BlobDownload, hasher, jobs: SerialThread, layout: BlobLayout,
+        deadline: float,
     ) -> None:
         """One origin GET from ``download.available`` on; a read that waits longer than
         ``stall_timeout`` for its next byte, or past ``deadline``, raises TimeoutError (only
@@ -522,8 +528,8 @@ class BlobPuller:
                         continue
                 if download.available + len(chunk) > download.size:
                     raise OCIError("DIGEST_INVALID", "origin sent more bytes than the blob has")
-                await asyncio.to_thread(layout.write, download.available, chunk)
-                await asyncio.to_thread(hasher.update, chunk)
+                await jobs.run(layout.write, download.available, chunk)
+                await jobs.run(hasher.update, chunk)
                 self.metrics.inc("blob_bytes_total", len(chunk), source="origin")
                 download.advance(len(chunk))
         finally:

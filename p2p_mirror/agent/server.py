@@ -15,12 +15,14 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from p2p_mirror.agent.access import after_other_registry, confirm_source
 from p2p_mirror.agent.blob_download import BlobDownload
+from p2p_mirror.agent.file_sender import FileSender
 from p2p_mirror.agent.node_address import bt_listen_for
 from p2p_mirror.agent.passthrough import StreamAborted, stream_uncached
 from p2p_mirror.agent.pull import BlobPuller
@@ -415,8 +417,8 @@ class Agent:
         if request.method == "HEAD":
             await resp.write_eof()
             return resp
-        loop = asyncio.get_running_loop()
         pos = start
+        sender = None if request.transport is None else FileSender.for_transport(request.transport)
         try:
             while pos < end:
                 waiting = ready(pos)
@@ -427,9 +429,10 @@ class Agent:
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     raise ConnectionResetError("client went away")
+                # opened per call: a fallback to the origin writes the rest into new files
                 try:
                     with open(layout.segment_path(index), "rb") as f:
-                        sent = await loop.sendfile(transport, f, inner, count) if count > 0 else 0
+                        sent = await _sendfile(transport, sender, f, inner, count)
                 except FileNotFoundError:
                     sent = 0
                 if not sent:
@@ -440,6 +443,9 @@ class Agent:
             # Headers are gone: cut the connection so the client never sees a complete blob.
             log.warning("aborting %s after %d bytes: %s", request.path, pos - start, e)
             raise StreamAborted(str(e)) from e
+        finally:
+            if sender is not None:
+                sender.close()
         await resp.write_eof()
         return resp
 
@@ -458,6 +464,17 @@ class Agent:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", self.metrics.handler)
         return app
+
+
+async def _sendfile(transport: asyncio.Transport, sender: FileSender | None, f: BinaryIO,
+                    offset: int, count: int) -> int:
+    """Send ``count`` bytes of ``f`` from ``offset``: through ``sender`` on a plain socket,
+    else (TLS) through asyncio, which copies them through the transport."""
+    if count <= 0:
+        return 0
+    if sender is not None:
+        return await sender.send(f.fileno(), offset, count)
+    return await asyncio.get_running_loop().sendfile(transport, f, offset, count)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

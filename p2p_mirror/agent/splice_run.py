@@ -27,25 +27,46 @@ async def splice_to_file(
     ``idle_timeout`` seconds without a byte (the bytes moved before stay written)."""
     loop = asyncio.get_running_loop()
     pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    ready = asyncio.Event()
+    waiting: asyncio.Future[None] | None = None  # set while the socket has nothing for us
+    last_byte = loop.time()
+
+    def readable() -> None:
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    def watch() -> None:
+        # one timer for the whole run instead of a timeout per wait for the socket
+        nonlocal watchdog
+        now = loop.time()
+        if now - last_byte < idle_timeout:
+            watchdog = loop.call_at(last_byte + idle_timeout, watch)
+        elif waiting is not None and not waiting.done():
+            waiting.set_exception(TimeoutError(f"no byte for {idle_timeout:g}s"))
+        else:  # late, between two steps: a whole period more
+            watchdog = loop.call_at(now + idle_timeout, watch)
+
+    watchdog = loop.call_at(last_byte + idle_timeout, watch)
     try:
         with contextlib.suppress(OSError):  # a lower pipe-max-size: smaller steps
             fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        loop.add_reader(sock, ready.set)
+        loop.add_reader(sock, readable)
         try:
             left, unyielded = count, 0
             while left:
-                ready.clear()
                 try:
                     moved = os.splice(sock, pipe_w, min(left, PIPE_SIZE),
                                       flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
                 except BlockingIOError:
                     unyielded = 0
-                    async with asyncio.timeout(idle_timeout):
-                        await ready.wait()
+                    waiting = loop.create_future()
+                    try:
+                        await waiting
+                    finally:
+                        waiting = None
                     continue
                 if moved == 0:
                     raise asyncio.IncompleteReadError(b"", left)
+                last_byte = loop.time()
                 while moved:  # the pipe is empty again before the next step
                     n = os.splice(pipe_r, file, moved, offset_dst=offset)
                     offset, moved, left, unyielded = offset + n, moved - n, left - n, unyielded + n
@@ -58,5 +79,6 @@ async def splice_to_file(
         finally:
             loop.remove_reader(sock)
     finally:
+        watchdog.cancel()
         os.close(pipe_r)
         os.close(pipe_w)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from p2p_mirror.agent import dealt_segment
+from p2p_mirror.agent import pull as pull_module
 from p2p_mirror.agent.blob_download import BlobDownload
 from p2p_mirror.agent.pull import BlobPuller
 from p2p_mirror.agent.seeder_client import SeederClient
@@ -298,3 +300,29 @@ async def test_only_a_plain_body_of_torrent_and_run_is_taken_off_aiohttp(
     finally:
         await client.close()
         await server.close()
+
+
+async def test_the_blobs_checks_run_in_one_thread_of_the_downloads_own(
+    tmp_path: Path, swarm: Swarm, spliced: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every check-and-hash of the dealt bytes runs, in blob order, in the download's one
+    thread (not a new executor job each), which ends with the download."""
+    checked: list[tuple[int, str]] = []
+
+    def spy(hasher, meta: Metainfo, path: Path, start: int, end: int) -> str | None:
+        second = meta.info_hash == swarm.metas[1].info_hash
+        checked.append((second, threading.current_thread().name))
+        return dealt_segment.verify_and_hash(hasher, meta, path, start, end)
+
+    monkeypatch.setattr(pull_module, "verify_and_hash", spy)
+    download, store, metrics = await pull(tmp_path, swarm, {}, streamed=True)
+    assert_whole_blob(download, store)
+    assert metrics.value("dealt_segments_total") == 2 and len(spliced) == 2
+    assert {name for _, name in checked} == {"blob-hash"}
+    segments = [second for second, _ in checked]
+    assert segments == sorted(segments) and segments[0] is False and segments[-1] is True
+    for _ in range(100):  # its thread ends once the pull did
+        if not any(t.name == "blob-hash" for t in threading.enumerate()):
+            break
+        await asyncio.sleep(0.02)
+    assert not any(t.name == "blob-hash" for t in threading.enumerate())

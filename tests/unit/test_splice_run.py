@@ -75,3 +75,61 @@ async def test_a_silent_socket_times_out(tmp_path: Path) -> None:
     with pytest.raises(TimeoutError):
         await receive(tmp_path, DATA[:1000], len(DATA), close=False, idle_timeout=0.3)
     assert (tmp_path / "segment").read_bytes() == b"x" * 7 + DATA[:1000]
+
+
+async def test_a_slow_but_steady_run_outlasting_the_idle_timeout_completes(
+    tmp_path: Path,
+) -> None:
+    """The idle timeout is per silence, not per run: parts 0.15 s apart for over a second,
+    with 0.4 s allowed between bytes."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    data = DATA[: 8 * 1000]
+    path = tmp_path / "segment"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_WRONLY)
+
+    async def trickle() -> None:
+        loop = asyncio.get_running_loop()
+        for at in range(0, len(data), 1000):
+            await asyncio.sleep(0.15)
+            await loop.sock_sendall(theirs, data[at : at + 1000])
+
+    sender = asyncio.create_task(trickle())
+    started = asyncio.get_running_loop().time()
+    try:
+        await splice_to_file(ours.fileno(), fd, 0, len(data), 0.4, lambda n: None)
+    finally:
+        await sender
+        os.close(fd)
+        ours.close()
+        theirs.close()
+    assert asyncio.get_running_loop().time() - started > 1.0
+    assert path.read_bytes() == data
+
+
+async def test_a_run_that_goes_silent_times_out_after_its_last_byte(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    path = tmp_path / "segment"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_WRONLY)
+    loop = asyncio.get_running_loop()
+
+    async def then_silence() -> None:
+        await asyncio.sleep(0.2)
+        theirs.sendall(DATA[:1000])
+
+    sender = asyncio.create_task(then_silence())
+    started = loop.time()
+    try:
+        with pytest.raises(TimeoutError):
+            await splice_to_file(ours.fileno(), fd, 0, len(DATA), 0.3, lambda n: None)
+    finally:
+        await sender
+        os.close(fd)
+        ours.close()
+        theirs.close()
+    assert loop.time() - started >= 0.45  # 0.2 s to the byte, then 0.3 s of silence
+    assert path.read_bytes() == DATA[:1000]
