@@ -365,6 +365,8 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
         assert await asyncio.gather(*runs) == [blob[i * segment : (i + 1) * segment]
                                                for i in range(count)]  # fmt: skip
         assert seeder.origin_bytes == len(blob)
+        # the body was received in the writer's thread, which kept to the backlog too
+        assert seeder.metrics.value("origin_bodies_total", reader="thread") == 1
         await holder
 
 

@@ -1,0 +1,198 @@
+"""Receiving a plain-HTTP origin body from its socket in the segment writer's thread.
+
+Through aiohttp, every chunk of at most 256 KiB costs the event loop a receive, a parse, a
+copy and a wake-up. Here the writer's thread receives into one reusable buffer of
+``RECV_BYTES`` with a blocking receive that waits for the whole buffer, and the writer
+hashes and writes from it; the event loop hears of it per segment (``on_segment``) and per
+buffer at most (progress). The thread still follows the ingest's rules: it reads past a
+segment only once that segment is published, and not while the dealt runs waiting to be
+sent exceed the backlog (the event loop lets it go on, ``segment_published`` and
+``LinkQueue.backlog_below``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from p2p_mirror.core.config import MiB
+from p2p_mirror.core.taken_body import TakenBody
+from p2p_mirror.seeder.link_queue import LinkQueue
+
+RECV_BYTES = 1 * MiB  # bytes per receive at most: the buffer, reused for the whole body
+WAKE_SECONDS = 0.5  # a receive with nothing to return gives up this often (stop, idle check)
+
+
+class BodyCut(Exception):
+    """The origin closed the connection before the end of the body."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"the body ended after {received} bytes")
+        self.received = received
+
+
+class BodyTooLong(Exception):
+    """The origin sent more bytes than its Content-Length."""
+
+
+class BodyStalled(Exception):
+    """The origin sent nothing for its read timeout."""
+
+
+class Stopped(Exception):
+    """The ingest stopped (cancelled): the thread gives up."""
+
+
+class BodyReceiver:
+    """Receives the ``size``-byte body ``taken`` off aiohttp, in the writer's thread
+    (``run``). Created on the event loop; ``on_progress(n)`` runs there as bytes arrive."""
+
+    def __init__(self, taken: TakenBody, size: int, segment_size: int, send_queue: LinkQueue,
+                 backlog: int | None, on_progress: Callable[[int], None]) -> None:  # fmt: skip
+        self._loop = asyncio.get_running_loop()
+        self._head = taken.head
+        self._left = taken.left
+        self._idle_timeout = taken.idle_timeout
+        # its own descriptor: the thread closes it when done, whenever the ingest stops
+        self._sock = socket.socket(fileno=os.dup(taken.sock))
+        self.size = size
+        self.segment_size = segment_size
+        self._send_queue = send_queue
+        self._backlog = backlog
+        self._on_progress = on_progress
+        self._turn = threading.Condition()  # guards the three fields below
+        self._published = 0  # segments published so far (the event loop counts)
+        self._backlog_clear = False
+        self._stopped = False
+        self._backlog_task: asyncio.Task[None] | None = None
+        self.received = 0  # written by the thread only
+        self._reported = 0
+        self._report_due = False
+
+    # --- the event loop's side
+
+    def segment_published(self) -> None:
+        with self._turn:
+            self._published += 1
+            self._turn.notify_all()
+
+    def stop(self) -> None:
+        """Make the thread give up soon (idempotent; after the end, nothing to do)."""
+        with self._turn:
+            self._stopped = True
+            self._turn.notify_all()
+        if self._backlog_task is not None:
+            self._backlog_task.cancel()
+        with contextlib.suppress(OSError):  # closed already by the thread: it is done
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a receive under way
+
+    def _wait_backlog(self) -> None:
+        if not self._stopped:
+            self._backlog_task = self._loop.create_task(self._backlog_below())
+
+    async def _backlog_below(self) -> None:
+        assert self._backlog is not None
+        await self._send_queue.backlog_below(self._backlog)
+        with self._turn:
+            self._backlog_clear = True
+            self._turn.notify_all()
+
+    def _report(self) -> None:
+        self._report_due = False  # first: bytes counted from now on are reported again
+        n = self.received - self._reported
+        self._reported += n
+        if n:
+            self._on_progress(n)
+
+    # --- the thread's side
+
+    def run(self, take: Callable[[memoryview], None]) -> None:
+        """Hand the whole body to ``take``, in order; raises ``BodyCut``, ``BodyTooLong``,
+        ``BodyStalled`` or ``Stopped``."""
+        sock = self._sock
+        try:
+            if self._head:
+                take(memoryview(self._head))
+                self._progress(len(self._head))
+            self._head = b""
+            if self._left:
+                self._receive(sock, take)
+            with contextlib.suppress(BlockingIOError, ConnectionError):
+                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    raise BodyTooLong("origin sent more bytes than announced")
+        finally:
+            sock.close()
+
+    def _receive(self, sock: socket.socket, take: Callable[[memoryview], None]) -> None:
+        # Blocking, so that one receive waits for a whole buffer (MSG_WAITALL); this also
+        # clears O_NONBLOCK on aiohttp's paused descriptor, which is closed after the body.
+        sock.setblocking(True)
+        wake = min(WAKE_SECONDS, self._idle_timeout)
+        seconds = int(wake)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", seconds, int((wake - seconds) * 1e6)))  # fmt: skip
+        buffer = memoryview(bytearray(min(RECV_BYTES, self._left)))
+        left, offset = self._left, self.received
+        last_byte = time.monotonic()
+        while left:
+            if self._wait_turn(offset):
+                last_byte = time.monotonic()  # waiting for the loop is not the origin's idling
+            try:
+                n = sock.recv_into(buffer, min(left, len(buffer)), socket.MSG_WAITALL)
+            except ConnectionError:
+                raise Stopped if self._stopped else BodyCut(offset) from None
+            except BlockingIOError:  # nothing for a wake interval
+                if self._stopped:
+                    raise Stopped from None
+                if time.monotonic() - last_byte >= self._idle_timeout:
+                    raise BodyStalled(f"origin sent nothing for {self._idle_timeout:g}s "
+                                      f"after {offset} of {self.size} bytes") from None
+                continue
+            if n == 0:
+                raise Stopped if self._stopped else BodyCut(offset)
+            last_byte = time.monotonic()
+            take(buffer[:n])
+            offset += n
+            left -= n
+            self._progress(n)
+
+    def _wait_turn(self, offset: int) -> bool:
+        """Block until the thread may read past ``offset``; whether it had to wait."""
+        waited = False
+        with self._turn:
+            # the segment before the one ``offset`` starts in is published: its dealt runs
+            # count in the backlog before more is read
+            while self._published < offset // self.segment_size and not self._stopped:
+                waited = True
+                self._turn.wait()
+            if self._stopped:
+                raise Stopped
+        if self._backlog is not None and self._send_queue.queued > self._backlog:
+            with self._turn:
+                self._backlog_clear = False
+            self._call_loop(self._wait_backlog)
+            with self._turn:
+                while not self._backlog_clear and not self._stopped:
+                    self._turn.wait()
+                if self._stopped:
+                    raise Stopped
+            waited = True
+        return waited
+
+    def _progress(self, n: int) -> None:
+        self.received += n
+        if not self._report_due:
+            self._report_due = True
+            self._call_loop(self._report)
+
+    def _call_loop(self, callback: Callable[[], None]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop is gone (shutdown)
+            raise Stopped from None
