@@ -84,13 +84,13 @@ class BodyReceiver:
 
     def stop(self) -> None:
         """Make the thread give up soon (idempotent; after the end, nothing to do)."""
-        with self._turn:
+        with self._turn:  # also keeps the thread from closing the socket meanwhile
             self._stopped = True
             self._turn.notify_all()
+            with contextlib.suppress(OSError):  # closed already by the thread: it is done
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes a receive under way
         if self._backlog_task is not None:
             self._backlog_task.cancel()
-        with contextlib.suppress(OSError):  # closed already by the thread: it is done
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a receive under way
 
     def _wait_backlog(self) -> None:
         if not self._stopped:
@@ -127,7 +127,8 @@ class BodyReceiver:
                 if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
                     raise BodyTooLong("origin sent more bytes than announced")
         finally:
-            sock.close()
+            with self._turn:
+                sock.close()
 
     def _receive(self, sock: socket.socket, take: Callable[[memoryview], None]) -> None:
         # Blocking, so that one receive waits for a whole buffer (MSG_WAITALL); this also
