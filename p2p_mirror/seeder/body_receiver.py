@@ -3,11 +3,13 @@
 Through aiohttp, every chunk of at most 256 KiB costs the event loop a receive, a parse, a
 copy and a wake-up. Here the writer's thread receives into one reusable buffer of
 ``RECV_BYTES`` with a blocking receive that waits for the whole buffer, and the writer
-hashes and writes from it; the event loop hears of it per segment (``on_segment``) and per
-buffer at most (progress). The thread still follows the ingest's rules: it reads past a
-segment only once that segment is published, and not while the dealt runs waiting to be
-sent exceed the backlog (the event loop lets it go on, ``segment_published`` and
-``LinkQueue.backlog_below``).
+hashes and writes from it. The event loop hears of it per segment (``on_segment``) and of
+the progress every ``REPORT_BYTES``, or at once after a receive that ends a segment, reaches
+``size - lead`` or comes up short (a slow origin). A receive stops at those marks, so a slow
+origin's segment is published, and the next blob's request sent, once its bytes are in.
+The thread still follows the ingest's rules: it reads past a segment only once that segment
+is published, and not while the dealt runs waiting to be sent exceed the backlog (the event
+loop lets it go on, ``segment_published`` and ``LinkQueue.backlog_below``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from p2p_mirror.core.taken_body import TakenBody
 from p2p_mirror.seeder.link_queue import LinkQueue
 
 RECV_BYTES = 1 * MiB  # bytes per receive at most: the buffer, reused for the whole body
+REPORT_BYTES = 4 * MiB  # the event loop hears of progress this often at least (+ see _progress)
 WAKE_SECONDS = 0.5  # a receive with nothing to return gives up this often (stop, idle check)
 
 
@@ -54,7 +57,8 @@ class BodyReceiver:
     (``run``). Created on the event loop; ``on_progress(n)`` runs there as bytes arrive."""
 
     def __init__(self, taken: TakenBody, size: int, segment_size: int, send_queue: LinkQueue,
-                 backlog: int | None, on_progress: Callable[[int], None]) -> None:  # fmt: skip
+                 backlog: int | None, on_progress: Callable[[int], None],
+                 lead: int = 0) -> None:  # fmt: skip
         self._loop = asyncio.get_running_loop()
         self._head = taken.head
         self._left = taken.left
@@ -62,6 +66,7 @@ class BodyReceiver:
         # its own descriptor: the thread closes it when done, whenever the ingest stops
         self._sock = socket.socket(fileno=os.dup(taken.sock))
         self.size = size
+        self._lead_mark = size - lead
         self.segment_size = segment_size
         self._send_queue = send_queue
         self._backlog = backlog
@@ -72,6 +77,7 @@ class BodyReceiver:
         self._stopped = False
         self._backlog_task: asyncio.Task[None] | None = None
         self.received = 0  # written by the thread only
+        self._posted = 0  # received when the thread last asked for a report
         self._reported = 0
         self._report_due = False
 
@@ -119,7 +125,7 @@ class BodyReceiver:
         try:
             if self._head:
                 take(memoryview(self._head))
-                self._progress(len(self._head))
+                self._progress(len(self._head), urgent=True)
             self._head = b""
             if self._left:
                 self._receive(sock, take)
@@ -144,8 +150,10 @@ class BodyReceiver:
         while left:
             if self._wait_turn(offset):
                 last_byte = time.monotonic()  # waiting for the loop is not the origin's idling
+            mark = self._next_mark(offset)
+            want = min(len(buffer), mark - offset)
             try:
-                n = sock.recv_into(buffer, min(left, len(buffer)), socket.MSG_WAITALL)
+                n = sock.recv_into(buffer, want, socket.MSG_WAITALL)
             except ConnectionError:
                 raise Stopped if self._stopped else BodyCut(offset) from None
             except BlockingIOError:  # nothing for a wake interval
@@ -161,7 +169,14 @@ class BodyReceiver:
             take(buffer[:n])
             offset += n
             left -= n
-            self._progress(n)
+            # a short receive: the origin is slower than this thread, a wake-up costs nothing
+            self._progress(n, urgent=offset == mark or n < want)
+
+    def _next_mark(self, offset: int) -> int:
+        """Where the receive from ``offset`` ends at the latest: the segment's end, the
+        next request's lead, or the body's end."""
+        mark = min(self.size, (offset // self.segment_size + 1) * self.segment_size)
+        return min(mark, self._lead_mark) if offset < self._lead_mark else mark
 
     def _wait_turn(self, offset: int) -> bool:
         """Block until the thread may read past ``offset``; whether it had to wait."""
@@ -186,10 +201,11 @@ class BodyReceiver:
             waited = True
         return waited
 
-    def _progress(self, n: int) -> None:
+    def _progress(self, n: int, urgent: bool) -> None:
         self.received += n
-        if not self._report_due:
+        if not self._report_due and (urgent or self.received - self._posted >= REPORT_BYTES):
             self._report_due = True
+            self._posted = self.received
             self._call_loop(self._report)
 
     def _call_loop(self, callback: Callable[[], None]) -> None:

@@ -434,7 +434,8 @@ class Ingest:
                         nearly_done()
 
                 receiver = BodyReceiver(taken, layout.size, layout.segment_size,
-                                        self.dealer.send_queue, backlog, progress)  # fmt: skip
+                                        self.dealer.send_queue, backlog, progress,
+                                        NEXT_REQUEST_LEAD_BYTES)  # fmt: skip
                 writer = SegmentWriter(layout, hasher, piece, on_segment, receiver.run)
                 reading = None
             try:

@@ -19,7 +19,9 @@ from support.roles import running_seeder
 
 from lab.registry import Registry, write_test_tls
 from p2p_mirror.core.oci import Digest
+from p2p_mirror.seeder import body_receiver
 from p2p_mirror.seeder.body_receiver import RECV_BYTES
+from p2p_mirror.seeder.ingest import NEXT_REQUEST_LEAD_BYTES
 from p2p_mirror.seeder.server import Seeder
 
 MiB = 1024 * 1024
@@ -243,6 +245,43 @@ async def test_an_origin_that_stalls_fails_the_job_after_its_read_timeout(
     assert 1.0 <= loop.time() - start < 15
     assert seeder.metrics.value("seed_jobs_total", result="origin_unavailable") == 1
     assert f"origin sent nothing for 1s after {2 * MiB + 1} of {len(data)} bytes" in caplog.text
+
+
+@pytest.mark.parametrize("held_from", ["segment", "lead"])
+async def test_a_held_body_publishes_its_segments_and_nears_its_end_without_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_from: str
+) -> None:
+    """The origin holds the body just past the 1st segment, or NEXT_REQUEST_LEAD_BYTES / 2
+    before the end: a receive ends at each segment's end and at the lead, so the segments
+    before are published and the progress reaches the lead (the next blob's request may
+    go), where a receive that waited for a whole buffer would still wait (30 s here)."""
+    monkeypatch.setattr(body_receiver, "WAKE_SECONDS", 30.0)
+    data = os.urandom(4 * MiB)
+    sent = MiB + 1000 if held_from == "segment" else len(data) - NEXT_REQUEST_LEAD_BYTES // 2
+
+    async def send(writer: asyncio.StreamWriter) -> None:
+        writer.write(data[:sent])
+        await writer.drain()
+
+    digest = digest_of(data)
+    async with raw_origin(RawOrigin(len(data), send)) as url, running_seeder(
+        tmp_path, {"reg.test": url}, segment_size="1MiB", segment_parts=4
+    ) as (seeder, client):
+        resp = await client.get(f"/v1/blobs/{digest}",
+                                params={"registry": "reg.test", "repo": REPO})  # fmt: skip
+        info = await resp.json()
+        assert info["segment_size"] == MiB and info["segments"] == 4
+        for index in range(sent // MiB):
+            resp = await client.get(f"/v1/blobs/{digest}/torrents/{index}",
+                                    params={**BT, "wait": "10"})  # fmt: skip
+            assert resp.status == 200
+        reported = MiB if held_from == "segment" else len(data) - NEXT_REQUEST_LEAD_BYTES
+        for _ in range(200):
+            if seeder.origin_bytes >= reported:
+                break
+            await asyncio.sleep(0.05)
+        assert reported <= seeder.origin_bytes <= sent
+        assert readers(seeder)["thread"] == 1
 
 
 async def test_a_cancelled_ingest_stops_its_thread_and_closes_the_connection(
