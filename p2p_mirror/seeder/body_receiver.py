@@ -63,7 +63,7 @@ class BodyReceiver:
         self._head = taken.head
         self._left = taken.left
         self._idle_timeout = taken.idle_timeout
-        # its own descriptor: the thread closes it when done, whenever the ingest stops
+        # its own descriptor, closed by the thread (run) or by stop() if it is not in run()
         self._sock = socket.socket(fileno=os.dup(taken.sock))
         self.size = size
         self._lead_mark = size - lead
@@ -71,10 +71,11 @@ class BodyReceiver:
         self._send_queue = send_queue
         self._backlog = backlog
         self._on_progress = on_progress
-        self._turn = threading.Condition()  # guards the three fields below
+        self._turn = threading.Condition()  # guards the four fields below
         self._published = 0  # segments published so far (the event loop counts)
         self._backlog_clear = False
         self._stopped = False
+        self._running = False  # the thread is in run(): it closes the socket
         self._backlog_task: asyncio.Task[None] | None = None
         self.received = 0  # written by the thread only
         self._posted = 0  # received when the thread last asked for a report
@@ -93,8 +94,11 @@ class BodyReceiver:
         with self._turn:  # also keeps the thread from closing the socket meanwhile
             self._stopped = True
             self._turn.notify_all()
-            with contextlib.suppress(OSError):  # closed already by the thread: it is done
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes a receive under way
+            if self._running:  # wake a receive under way; the thread closes the socket
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+            else:  # done, or never started (the writer failed first)
+                self._sock.close()
         if self._backlog_task is not None:
             self._backlog_task.cancel()
 
@@ -122,6 +126,10 @@ class BodyReceiver:
         """Hand the whole body to ``take``, in order; raises ``BodyCut``, ``BodyTooLong``,
         ``BodyStalled`` or ``Stopped``."""
         sock = self._sock
+        with self._turn:
+            if self._stopped:
+                raise Stopped
+            self._running = True
         try:
             if self._head:
                 take(memoryview(self._head))
@@ -134,6 +142,7 @@ class BodyReceiver:
                     raise BodyTooLong("origin sent more bytes than announced")
         finally:
             with self._turn:
+                self._running = False
                 sock.close()
 
     def _receive(self, sock: socket.socket, take: Callable[[memoryview], None]) -> None:

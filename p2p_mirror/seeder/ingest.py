@@ -418,9 +418,9 @@ class Ingest:
 
             try:
                 taken = take_body(resp, 0, layout.size, self.origin.timeout.sock_read or 60.0)
-            except asyncio.IncompleteReadError:
+            except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError):
                 raise IngestError(IngestError.ORIGIN_INCOMPLETE,
-                                  "origin's body is not what aiohttp announced") from None
+                                  "origin's body broke off or did not add up") from None
             self.metrics.inc("origin_bodies_total", reader="aiohttp" if taken is None else "thread")
             if taken is None:  # TLS, chunked or encoded: through aiohttp on the event loop
                 writer = SegmentWriter(layout, hasher, piece, on_segment)
