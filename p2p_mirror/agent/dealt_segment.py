@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2p_mirror.agent.seeder_client import DirectRun
 from p2p_mirror.agent.splice_run import splice_to_file
 from p2p_mirror.core.config import MiB
 from p2p_mirror.core.swarm import Metainfo, Transfer, map_range
+from p2p_mirror.core.taken_body import TakenBody
 
 HASH_MIN = 1 * MiB  # bytes the reader waits for per hand-off to a hashing thread (or the rest)
 
@@ -56,7 +56,7 @@ class DealtSegment:
             os.close(fd)
         self._check_complete()
 
-    async def receive(self, run: DirectRun) -> None:
+    async def receive(self, run: TakenBody) -> None:
         """Write the run from its socket into the file (``splice_to_file``): the bytes
         aiohttp already held, then the rest without passing through Python."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)

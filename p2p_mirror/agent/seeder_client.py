@@ -11,10 +11,9 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -23,6 +22,7 @@ from p2p_mirror.agent.seeder_set import SeederSet
 from p2p_mirror.core import protocol
 from p2p_mirror.core.clusterauth import TOKEN_HEADER
 from p2p_mirror.core.oci import Digest
+from p2p_mirror.core.taken_body import TakenBody, take_body
 
 log = logging.getLogger(__name__)
 TORRENT_ATTEMPTS = 2  # a torrent request whose connection fails is sent again this often
@@ -59,38 +59,12 @@ class SegmentOffer:
         if self.body is not None:
             self.body.close()
 
-    def direct_run(self, size: int) -> DirectRun | None:
-        """The dealt run's ``size`` bytes after the torrent as the bytes aiohttp already
-        holds plus the connection's socket, which aiohttp then reads no more (the response
-        is closed with the offer, never reused). None where the body is not the plain bytes
-        on a plain socket (TLS, a chunked or encoded body, another length): read it with
-        ``inline_run`` then."""
-        resp = self.body
-        assert resp is not None
-        connection = resp.connection
-        headers = resp.headers
-        if (connection is None or connection.transport is None or connection.protocol is None
-                or resp.url.scheme != "http"
-                or connection.transport.get_extra_info("sslcontext") is not None
-                or "Transfer-Encoding" in headers or "Content-Encoding" in headers
-                or resp.content_length != len(self.torrent) + size):  # fmt: skip
-            return None
-        sock = connection.transport.get_extra_info("socket")
-        if sock is None:
-            return None
-        content = resp.content
-        parts = []
-        while part := content.read_nowait():  # a drain may resume the parser and refill it
-            parts.append(part)
-        head = b"".join(parts)
-        try:  # aiohttp's own pause also stops its sock_read timer
-            connection.protocol.pause_reading()
-        except (AssertionError, AttributeError):  # no parser left: stop the transport itself
-            connection.transport.pause_reading()
-        # no await since the drain: nothing more came in
-        if content.total_bytes != len(self.torrent) + len(head) or len(head) > size:
-            raise asyncio.IncompleteReadError(head, size)  # not the stream we drained: give up
-        return DirectRun(head, os.dup(sock.fileno()), size - len(head), self.idle_timeout)
+    def direct_run(self, size: int) -> TakenBody | None:
+        """The dealt run's ``size`` bytes after the torrent taken off aiohttp (``take_body``:
+        the response is closed with the offer, never reused); None where the body is not the
+        plain bytes on a plain socket: read it with ``inline_run`` then."""
+        assert self.body is not None
+        return take_body(self.body, len(self.torrent), size, self.idle_timeout)
 
     def inline_pieces(self, sizes: list[int]) -> AsyncIterator[list[tuple[int, bytes]]]:
         """Batches of (piece, bytes) of the dealt run as it arrives after the torrent."""
@@ -102,23 +76,6 @@ class SegmentOffer:
         delivered it at a time (no copy, no piece boundaries)."""
         assert self.body is not None
         return read_run(self.body.content, size)
-
-
-@dataclass
-class DirectRun:
-    """A dealt run taken off aiohttp: ``head`` (bytes it had received) then ``left`` bytes to
-    receive from ``sock`` (a duplicate of the connection's descriptor, closed by ``close``)."""
-
-    head: bytes
-    sock: int
-    left: int
-    idle_timeout: float
-    _closed: bool = field(default=False, repr=False)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self.sock)
 
 
 class SeederClient:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
 from aiohttp import web
 
@@ -16,11 +17,10 @@ from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError, oci_http_errors, validate_name
 from p2p_mirror.core.origin import error_for_status
 from p2p_mirror.core.service import healthz
-from p2p_mirror.core.swarm import Metainfo, TorrentSession, read_range
+from p2p_mirror.core.swarm import Metainfo, TorrentSession
 from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.ingest import Ingest, IngestError, IngestJob
 
-READ_PIECES = 32  # pieces per read of a dealt run (4 MiB of 128 KiB pieces)
 WRITE_BYTES = 1024 * 1024  # bytes of whole pieces per write of a dealt run (at least one)
 
 
@@ -150,26 +150,26 @@ class SeederAPI:
         slot = (self.dealer.send_queue.slot(lambda: sent, what, _run_bytes(meta, pieces))
                 if pieces else contextlib.nullcontext())  # fmt: skip
         async with slot:
-            for chunk in _chunks(pieces, READ_PIECES):
-                # one read (one thread hand-off) per chunk of the run, not per piece
-                lo, hi = meta.piece_range(chunk[0])[0], meta.piece_range(chunk[-1])[1]
-                try:
-                    data = await asyncio.to_thread(read_range, path, lo, hi)
-                except OSError as e:  # evicted meanwhile
-                    if not resp.prepared:
-                        return OCIError("BLOB_UNKNOWN", f"segment gone: {e}").response()
-                    raise
-                if len(data) != hi - lo:
+            try:
+                file = open(path, "rb")  # noqa: SIM115 - closed below, after the sends
+            except OSError as e:  # evicted meanwhile
+                if not resp.prepared:
+                    return OCIError("BLOB_UNKNOWN", f"segment gone: {e}").response()
+                raise
+            with file:
+                if pieces and os.fstat(file.fileno()).st_size < meta.piece_range(pieces[-1])[1]:
                     raise OSError(f"{path} is shorter than its torrent")
                 if not resp.prepared:
                     await resp.prepare(request)
-                view = memoryview(data)
-                # whole pieces up to WRITE_BYTES a write: the send queue sees progress, in
-                # fewer events than one write per piece
-                per_write = max(1, WRITE_BYTES // (meta.piece_range(chunk[0])[1] - lo))
-                for part in _chunks(chunk, per_write):
+                loop, transport = asyncio.get_running_loop(), request.transport
+                per_write = max(1, WRITE_BYTES // meta.piece_length) if pieces else 1
+                # whole pieces up to WRITE_BYTES a sendfile (page cache -> socket, no copy
+                # through Python): the send queue sees progress at each
+                for part in _chunks(pieces, per_write):
                     start, end = meta.piece_range(part[0])[0], meta.piece_range(part[-1])[1]
-                    await resp.write(view[start - lo : end - lo])
+                    if transport is None or transport.is_closing():
+                        raise ConnectionResetError("the agent closed the connection")
+                    await loop.sendfile(transport, file, start, end - start)
                     sent += end - start
             await resp.write_eof()
         self.metrics.inc("piece_bytes_total", sent)

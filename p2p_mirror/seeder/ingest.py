@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+import aiohttp
+
 from p2p_mirror.core.bounds import TooLarge, check_size, content_length
 from p2p_mirror.core.config import SeederConfig, Upstream, parse_registry_name, upstream_for
 from p2p_mirror.core.diskspace import NoSpace, Reservation
@@ -31,7 +33,9 @@ from p2p_mirror.core.provenance import origin_has_bytes
 from p2p_mirror.core.seeding import SeededBlobs, StoredTorrents
 from p2p_mirror.core.store import BlobLayout, BlobStore
 from p2p_mirror.core.swarm import Metainfo, make_torrent
+from p2p_mirror.core.taken_body import TakenBody, take_body
 from p2p_mirror.seeder import tracker_shard
+from p2p_mirror.seeder.body_receiver import BodyCut, BodyReceiver, BodyStalled, BodyTooLong
 from p2p_mirror.seeder.credentials import RegistryAuth
 from p2p_mirror.seeder.dealing import Dealer
 from p2p_mirror.seeder.link_queue import LinkQueue
@@ -157,6 +161,8 @@ class Ingest:
         self._jobs: dict[Digest, IngestJob] = {}
         metrics.describe("origin_bytes_total", "Blob bytes fetched from origin registries")
         metrics.describe("seed_jobs_total", "Blob seeding jobs by result")
+        metrics.describe("origin_bodies_total", "Origin blob bodies by reader: aiohttp on the "
+                         "event loop, or the segment writer's thread (plain HTTP)")
 
     @property
     def origin_bytes(self) -> int:
@@ -386,7 +392,7 @@ class Ingest:
 
         Returns the last segment's piece hashes, to publish once the digest matched."""
         resp = await self.origin.open_blob(upstream, name, job.digest, send)
-        send_queue = self.dealer.send_queue
+        taken: TakenBody | None = None
         try:
             if resp.status != 200:
                 raise _refused(resp.status)
@@ -397,65 +403,106 @@ class Ingest:
             piece = piece_size_for(layout.segment_size, self.cfg.piece_size)
             publishing: list[asyncio.Task[None]] = []
             last: list[list[bytes]] = []  # the last segment waits for the digest
-
             published = asyncio.Event()  # set as each segment is published
+            receiver: BodyReceiver | None = None
 
             def on_segment(index: int, hashes: list[bytes]) -> None:
                 if index < layout.count - 1:
                     task = asyncio.create_task(self._publish(job, index, hashes))
                     task.add_done_callback(lambda _: published.set())
+                    if receiver is not None:
+                        task.add_done_callback(lambda _: receiver.segment_published())
                     publishing.append(task)
                 else:
                     last.append(hashes)
 
-            writer = SegmentWriter(layout, hasher, piece, on_segment)
-            offset = 0
-            batch: list[bytes] = []
-            batched = 0
             try:
-                async for chunk in resp.content.iter_any():
-                    if offset + len(chunk) > layout.size:
-                        raise IngestError(IngestError.DIGEST_MISMATCH,
-                                          "origin sent more bytes than announced")  # fmt: skip
-                    batch.append(chunk)
-                    batched += len(chunk)
-                    offset += len(chunk)
-                    # a batch that completes a segment goes at once: its torrent is due
-                    segment = offset // layout.segment_size
-                    if (batched >= WRITE_BATCH or offset == layout.size
-                            or segment > (offset - batched) // layout.segment_size):  # fmt: skip
-                        await writer.put(batch)
-                        batch, batched = [], 0
-                    # a segment's bytes are written in the thread; read the next one only once
-                    # it is published, so that the backlog below sees its dealt runs
-                    while (segment > sum(t.done() for t in publishing)
-                           and offset < layout.size and not writer.error):  # fmt: skip
-                        published.clear()
-                        await published.wait()
-                    job._received = offset
-                    self.metrics.inc("origin_bytes_total", len(chunk))
-                    if layout.size - offset <= NEXT_REQUEST_LEAD_BYTES:
+                taken = take_body(resp, 0, layout.size, self.origin.timeout.sock_read or 60.0)
+            except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError):
+                raise IngestError(IngestError.ORIGIN_INCOMPLETE,
+                                  "origin's body broke off or did not add up") from None
+            self.metrics.inc("origin_bodies_total", reader="aiohttp" if taken is None else "thread")
+            if taken is None:  # TLS, chunked or encoded: through aiohttp on the event loop
+                writer = SegmentWriter(layout, hasher, piece, on_segment)
+                reading = self._read(job, layout, resp, writer, publishing, published,
+                                     nearly_done, backlog)  # fmt: skip
+            else:
+                def progress(n: int) -> None:
+                    job._received += n
+                    self.metrics.inc("origin_bytes_total", n)
+                    if layout.size - job._received <= NEXT_REQUEST_LEAD_BYTES:
                         nearly_done()
-                    if backlog is not None and send_queue.queued > backlog:
-                        if batch:  # what came so far may complete a segment: publish it
-                            await writer.put(batch)
-                            batch, batched = [], 0
-                        await send_queue.backlog_below(backlog)
+
+                receiver = BodyReceiver(taken, layout.size, layout.segment_size,
+                                        self.dealer.send_queue, backlog, progress,
+                                        NEXT_REQUEST_LEAD_BYTES)  # fmt: skip
+                writer = SegmentWriter(layout, hasher, piece, on_segment, receiver.run)
+                reading = None
+            try:
+                if reading is not None:
+                    await reading
             finally:
-                await writer.close()
+                try:
+                    await writer.close()
+                finally:
+                    if receiver is not None:
+                        receiver.stop()  # cancelled or failed: the thread gives up
                 done = await asyncio.gather(*publishing, return_exceptions=True)
-            writer.check()
+            _check_writer(writer, layout)
             for result in done:
                 if isinstance(result, BaseException):
                     raise result
         finally:
-            resp.release()
-        if offset != layout.size:
+            if taken is None:
+                resp.release()
+            else:  # aiohttp's connection was read past: never reused
+                taken.close()
+                resp.close()
+        if job._received != layout.size:
             raise IngestError(IngestError.ORIGIN_INCOMPLETE,
-                              f"origin sent {offset} of {layout.size} bytes")  # fmt: skip
+                              f"origin sent {job._received} of {layout.size} bytes")  # fmt: skip
         if hasher.hexdigest() != job.digest.hex:
             raise IngestError(IngestError.DIGEST_MISMATCH, "origin bytes do not match the digest")
         return last[0]
+
+    async def _read(
+        self, job: IngestJob, layout: BlobLayout, resp: aiohttp.ClientResponse,
+        writer: SegmentWriter, publishing: list[asyncio.Task[None]], published: asyncio.Event,
+        nearly_done: Callable[[], None], backlog: int | None,
+    ) -> None:
+        """Read the body through aiohttp on the event loop into ``writer``."""
+        send_queue = self.dealer.send_queue
+        offset = 0
+        batch: list[bytes] = []
+        batched = 0
+        async for chunk in resp.content.iter_any():
+            if offset + len(chunk) > layout.size:
+                raise IngestError(IngestError.DIGEST_MISMATCH,
+                                  "origin sent more bytes than announced")  # fmt: skip
+            batch.append(chunk)
+            batched += len(chunk)
+            offset += len(chunk)
+            # a batch that completes a segment goes at once: its torrent is due
+            segment = offset // layout.segment_size
+            if (batched >= WRITE_BATCH or offset == layout.size
+                    or segment > (offset - batched) // layout.segment_size):  # fmt: skip
+                await writer.put(batch)
+                batch, batched = [], 0
+            # a segment's bytes are written in the thread; read the next one only once
+            # it is published, so that the backlog below sees its dealt runs
+            while (segment > sum(t.done() for t in publishing)
+                   and offset < layout.size and not writer.error):  # fmt: skip
+                published.clear()
+                await published.wait()
+            job._received = offset
+            self.metrics.inc("origin_bytes_total", len(chunk))
+            if layout.size - offset <= NEXT_REQUEST_LEAD_BYTES:
+                nearly_done()
+            if backlog is not None and send_queue.queued > backlog:
+                if batch:  # what came so far may complete a segment: publish it
+                    await writer.put(batch)
+                    batch, batched = [], 0
+                await send_queue.backlog_below(backlog)
 
     async def _publish(self, job: IngestJob, index: int, hashes: list[bytes]) -> None:
         """Make segment ``index``'s torrent (of its pieces' ``hashes``), seed it, and deal it
@@ -476,6 +523,19 @@ class Ingest:
         if waiting:
             job._runs[index] = self.dealer.assign(meta.num_pieces, waiting)
         job._torrent(index).set_result(data)
+
+
+def _check_writer(writer: SegmentWriter, layout: BlobLayout) -> None:
+    """The writer's (and its receives') failure, as the ingest's error."""
+    try:
+        writer.check()
+    except BodyCut as e:
+        raise IngestError(IngestError.ORIGIN_INCOMPLETE,
+                          f"origin sent {e.received} of {layout.size} bytes") from None
+    except BodyTooLong as e:
+        raise IngestError(IngestError.DIGEST_MISMATCH, str(e)) from None
+    except BodyStalled as e:
+        raise IngestError(IngestError.ORIGIN_UNAVAILABLE, str(e)) from None
 
 
 def _refused(status: int) -> IngestError:

@@ -1,8 +1,9 @@
 """Writing an ingested blob into its segment files in a thread of its own.
 
-The event loop only receives from the origin; one long-lived thread per blob writes the
-bytes, updates the blob's digest and hashes each piece (SHA-1) in the same pass, so a
-segment's torrent needs no second read of its file.
+One long-lived thread per blob writes the bytes, updates the blob's digest and hashes each
+piece (SHA-1) in the same pass, so a segment's torrent needs no second read of its file. The
+bytes come either from the event loop (``put``: what aiohttp received) or, on a plain-HTTP
+origin, from the thread's own receives (``receive``: ``body_receiver``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ class SegmentWriter:
     ``on_segment(index, piece_hashes)`` on the event loop as each segment is complete."""
 
     def __init__(self, layout: BlobLayout, hasher, piece_size: int,
-                 on_segment: Callable[[int, list[bytes]], None]) -> None:  # fmt: skip
+                 on_segment: Callable[[int, list[bytes]], None],
+                 receive: Callable[[Callable[[memoryview], None]], None] | None = None,
+                 ) -> None:  # fmt: skip
+        """``receive(take)``, if given, runs in the thread and hands it the whole body
+        through ``take``, in order (``put`` is not used then)."""
         self.layout = layout
+        self._receive = receive
         self.hasher = hasher
         self.piece_size = piece_size
         self.on_segment = on_segment
@@ -52,7 +58,8 @@ class SegmentWriter:
         """Wait until everything queued is written (or the writer failed); if cancelled,
         the thread stops at its next batch instead."""
         try:
-            await self.put(None)  # type: ignore[arg-type]
+            if self._receive is None:
+                await self.put(None)  # type: ignore[arg-type]
             await asyncio.shield(self._done)
         except asyncio.CancelledError:
             self._abandoned.set()
@@ -70,7 +77,7 @@ class SegmentWriter:
         except BaseException as e:  # noqa: BLE001 - reported to the event loop by check()
             self.error = e
             with contextlib.suppress(_Abandoned):
-                while self._next() is not None:  # let put() and close() go on
+                while self._receive is None and self._next() is not None:  # let put() go on
                     pass
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
             self._loop.call_soon_threadsafe(self._done.set_result, None)
@@ -83,39 +90,50 @@ class SegmentWriter:
                 raise _Abandoned
 
     def _write_all(self) -> None:
-        layout, size = self.layout, self.layout.size
-        index, offset = 0, 0
-        fd = os.open(layout.segment_path(0), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        piece, hashes = hashlib.sha1(), []
+        self._index, self._offset = 0, 0
+        self._piece, self._hashes = hashlib.sha1(), []
+        self._fd = self._open(0)
         try:
-            while (batch := self._next()) is not None:
-                for chunk in batch:
-                    self.hasher.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        seg_start = index * layout.segment_size
-                        seg_end = min(seg_start + layout.segment_size, size)
-                        piece_end = min(seg_start + (len(hashes) + 1) * self.piece_size, seg_end)
-                        part = view[: piece_end - offset]
-                        piece.update(part)
-                        _write(fd, part)
-                        offset += len(part)
-                        view = view[len(part) :]
-                        if offset == piece_end:
-                            hashes.append(piece.digest())
-                            piece = hashlib.sha1()
-                        if offset == seg_end and offset < size:
-                            os.close(fd)
-                            fd = -1
-                            self._segment_done(index, hashes)
-                            index, hashes = index + 1, []
-                            fd = os.open(layout.segment_path(index),
-                                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # fmt: skip
+            if self._receive is not None:
+                self._receive(self._take)
+            else:
+                while (batch := self._next()) is not None:
+                    for chunk in batch:
+                        self._take(memoryview(chunk))
         finally:
-            if fd >= 0:
-                os.close(fd)
-        if offset == size:
-            self._segment_done(index, hashes)
+            if self._fd >= 0:
+                os.close(self._fd)
+        if self._offset == self.layout.size:
+            self._segment_done(self._index, self._hashes)
+
+    def _take(self, view: memoryview) -> None:
+        """Write, hash and cut the body's next bytes (in the thread)."""
+        layout, size = self.layout, self.layout.size
+        self.hasher.update(view)
+        while view:
+            seg_start = self._index * layout.segment_size
+            seg_end = min(seg_start + layout.segment_size, size)
+            piece_end = min(seg_start + (len(self._hashes) + 1) * self.piece_size, seg_end)
+            part = view[: piece_end - self._offset]
+            if not part:
+                raise ValueError("more bytes than the blob's size")
+            self._piece.update(part)
+            _write(self._fd, part)
+            self._offset += len(part)
+            view = view[len(part) :]
+            if self._offset == piece_end:
+                self._hashes.append(self._piece.digest())
+                self._piece = hashlib.sha1()
+            if self._offset == seg_end and self._offset < size:
+                os.close(self._fd)
+                self._fd = -1
+                self._segment_done(self._index, self._hashes)
+                self._index, self._hashes = self._index + 1, []
+                self._fd = self._open(self._index)
+
+    def _open(self, index: int) -> int:
+        return os.open(self.layout.segment_path(index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                       0o644)  # fmt: skip
 
     def _segment_done(self, index: int, hashes: list[bytes]) -> None:
         try:

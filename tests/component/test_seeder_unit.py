@@ -18,7 +18,6 @@ from support.roles import running_seeder
 from p2p_mirror.core.metrics import sample_sum
 from p2p_mirror.core.oci import Digest
 from p2p_mirror.core.protocol import (
-    BYTES_CONTENT_TYPE,
     PIECES_HEADER,
     TORRENT_LENGTH_HEADER,
     parse_piece_list,
@@ -365,24 +364,29 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
         assert await asyncio.gather(*runs) == [blob[i * segment : (i + 1) * segment]
                                                for i in range(count)]  # fmt: skip
         assert seeder.origin_bytes == len(blob)
+        # the body was received in the writer's thread, which kept to the backlog too
+        assert seeder.metrics.value("origin_bodies_total", reader="thread") == 1
         await holder
 
 
-async def test_a_dealt_run_goes_out_in_writes_of_whole_pieces(
+async def test_a_dealt_run_goes_out_by_sendfile_in_parts_of_whole_pieces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run is written in parts of whole pieces, at most ``WRITE_BYTES`` each (the send
-    queue sees progress at each), not piece by piece, and the parts are the run's bytes."""
+    """A run goes from the segment file to the socket by sendfile (no copy through Python),
+    in parts of whole pieces, at most ``WRITE_BYTES`` each (the send queue sees progress at
+    each), not piece by piece, and the parts are the run's bytes."""
     origin = HeldOrigin([os.urandom(8 * MiB)], held=0)
     (digest,) = origin.blobs
     origin.release[digest].set()
-    writes: list[int] = []
-    write = web.StreamResponse.write
+    sends: list[tuple[int, int]] = []
+    sendfile = asyncio.BaseEventLoop.sendfile
 
-    async def recording(self: web.StreamResponse, data: bytes | memoryview) -> None:
-        if self.headers.get("Content-Type") == BYTES_CONTENT_TYPE:
-            writes.append(len(data))
-        await write(self, data)
+    async def recording(self: asyncio.BaseEventLoop, transport: asyncio.WriteTransport,
+                        file: object, offset: int = 0, count: int | None = None,
+                        **kw: object) -> int:  # fmt: skip
+        assert count is not None
+        sends.append((offset, count))
+        return await sendfile(self, transport, file, offset, count, **kw)  # type: ignore[arg-type]
 
     async with (
         served(origin) as origin_server,
@@ -395,14 +399,16 @@ async def test_a_dealt_run_goes_out_in_writes_of_whole_pieces(
         assert resp.status == 200
         piece = piece_size_for(segment, SEEDER_PIECE)
         pieces = segment // piece
-        assert pieces * piece > WRITE_BYTES > piece  # several writes of several pieces
-        monkeypatch.setattr(web.StreamResponse, "write", recording)
+        assert pieces * piece > WRITE_BYTES > piece  # several sends of several pieces
+        monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", recording)
         run = await client.get(f"/v1/blobs/{digest}/segments/0/pieces/0",
                                params={"count": str(pieces)})  # fmt: skip
         assert await run.read() == origin.blobs[digest][:segment]
-    assert sum(writes) == segment
-    assert all(n % piece == 0 and n <= WRITE_BYTES for n in writes), writes
-    assert len(writes) < pieces
+    assert sum(count for _, count in sends) == segment
+    assert [offset for offset, _ in sends] == [sum(c for _, c in sends[:i])
+                                               for i in range(len(sends))]  # fmt: skip
+    assert all(n % piece == 0 and n <= WRITE_BYTES for _, n in sends), sends
+    assert len(sends) < pieces
 
 
 async def test_a_failed_job_is_dropped(
