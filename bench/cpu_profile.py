@@ -96,7 +96,8 @@ def pyspy_stacks(path: Path) -> list[tuple[int | None, str, list[str], int]]:
 def thread_names(stacks) -> dict[int, str]:
     names = {}
     for tid, name, _, _ in stacks:
-        if tid is not None:
+        # py-spy leaves a thread's name out of some samples: keep the name it gave
+        if tid is not None and (tid not in names or name != str(tid)):
             names[tid] = re.sub(r"_\d+$", "_N", name)
     return names
 
@@ -170,9 +171,10 @@ def role_tables(directory: Path, role_glob: str) -> list[str]:
             thread_runs[-1][name] += 1
             thread_bucket[name][b] += 1
             total += 1
-        for _, name, frames, n in stacks:
+        for tid, name, frames, n in stacks:
             what = python_function(frames)
             if what is not None:
+                name = names.get(tid, name) if tid is not None else name
                 thread = "libtorrent" if name.isdigit() else re.sub(r"_[0-9]+$", "_N", name)
                 py[f"{thread}: {what}"] += n
                 py_total += n
