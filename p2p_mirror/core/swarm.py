@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # Runs up to this size are read and checked against their pieces' hashes before any flush;
 # larger ones wait for libtorrent's flush instead (a flush per trickled piece cost more).
 VERIFY_MAX = 512 * 1024
+# Each peer connection's kernel receive buffer (the kernel doubles it), and so the most
+# libtorrent reads from one peer at a time.
+RECV_SOCKET_BUFFER = 512 * 1024
 # What libtorrent's bindings raise: RuntimeError (e.g. a handle of a removed torrent),
 # TypeError or ValueError (arguments it cannot convert).
 LIBTORRENT_ERRORS = (RuntimeError, TypeError, ValueError)
@@ -330,13 +333,19 @@ class TorrentSession:
                     | lt.alert_category.storage
                 ),
                 "tick_interval": 100,
-                "max_queued_disk_bytes": 16 * MiB,
                 # One disk I/O thread, not 10: each disk job woke one of ten idle threads
                 # (half of an agent's context switches in a cluster pull); a blob's writes
                 # and reads are page-cache copies one thread keeps up with.
                 "aio_threads": 1,
                 "send_socket_buffer_size": 4 * MiB,
-                "recv_socket_buffer_size": 4 * MiB,
+                # libtorrent drains whatever a peer's socket holds into that peer's receive
+                # buffer (max_peer_recv_buffer_size does not cap it), and hands every block
+                # on to the disk queue past max_queued_disk_bytes: the socket buffer bounds
+                # both, per peer. 512 KiB still holds many round trips of a LAN link.
+                "recv_socket_buffer_size": RECV_SOCKET_BUFFER,
+                # Blocks received and not yet written (libtorrent 2.1 allows 100 MiB): with
+                # each peer's overshoot bounded as above, this bounds the queue.
+                "max_queued_disk_bytes": 4 * MiB,
                 "send_buffer_watermark": 4 * MiB,
                 "upload_rate_limit": upload_rate_limit,
                 "download_rate_limit": download_rate_limit,
