@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import MappingProxyType
 
 import aiohttp
@@ -475,7 +475,7 @@ class Ingest:
         offset = 0
         batch: list[bytes] = []
         batched = 0
-        async for chunk in resp.content.iter_any():
+        async for chunk in _body_chunks(resp, layout.size, self.origin.timeout.sock_read):
             if offset + len(chunk) > layout.size:
                 raise IngestError(IngestError.DIGEST_MISMATCH,
                                   "origin sent more bytes than announced")  # fmt: skip
@@ -536,6 +536,24 @@ def _check_writer(writer: SegmentWriter, layout: BlobLayout) -> None:
         raise IngestError(IngestError.DIGEST_MISMATCH, str(e)) from None
     except BodyStalled as e:
         raise IngestError(IngestError.ORIGIN_UNAVAILABLE, str(e)) from None
+
+
+async def _body_chunks(resp: aiohttp.ClientResponse, size: int,
+                       idle_timeout: float | None) -> AsyncIterator[bytes]:  # fmt: skip
+    """``resp``'s body as aiohttp receives it; a stall or a cut is the ingest's error, named
+    as on the writer thread's path (``_check_writer``)."""
+    received = 0
+    try:
+        async for chunk in resp.content.iter_any():
+            received += len(chunk)
+            yield chunk
+    except TimeoutError:  # aiohttp's sock_read timeout (ServerTimeoutError)
+        raise IngestError(IngestError.ORIGIN_UNAVAILABLE,
+                          f"origin sent nothing for {idle_timeout:g}s "
+                          f"after {received} of {size} bytes") from None  # fmt: skip
+    except aiohttp.ClientPayloadError:
+        raise IngestError(IngestError.ORIGIN_INCOMPLETE,
+                          f"origin sent {received} of {size} bytes") from None  # fmt: skip
 
 
 def _refused(status: int) -> IngestError:
