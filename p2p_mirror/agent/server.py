@@ -15,14 +15,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from p2p_mirror.agent.access import after_other_registry, confirm_source
 from p2p_mirror.agent.blob_download import BlobDownload
-from p2p_mirror.agent.file_sender import FileSender
 from p2p_mirror.agent.node_address import bt_listen_for
 from p2p_mirror.agent.passthrough import StreamAborted, stream_uncached
 from p2p_mirror.agent.pull import BlobPuller
@@ -32,6 +30,7 @@ from p2p_mirror.core.bounds import MAX_MANIFEST_BYTES, TooLarge, check_size, con
 from p2p_mirror.core.clusterauth import SEEDER_API, ClusterAuth
 from p2p_mirror.core.config import AgentConfig, Upstream, parse_registry_name
 from p2p_mirror.core.diskspace import NoSpace, Reservation
+from p2p_mirror.core.file_sender import FileSender, send_file_range
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import (
     Digest,
@@ -432,7 +431,7 @@ class Agent:
                 # opened per call: a fallback to the origin writes the rest into new files
                 try:
                     with open(layout.segment_path(index), "rb") as f:
-                        sent = await _sendfile(transport, sender, f, inner, count)
+                        sent = await send_file_range(transport, sender, f, inner, count)
                 except FileNotFoundError:
                     sent = 0
                 if not sent:
@@ -464,17 +463,6 @@ class Agent:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", self.metrics.handler)
         return app
-
-
-async def _sendfile(transport: asyncio.Transport, sender: FileSender | None, f: BinaryIO,
-                    offset: int, count: int) -> int:
-    """Send ``count`` bytes of ``f`` from ``offset``: through ``sender`` on a plain socket,
-    else (TLS) through asyncio, which copies them through the transport."""
-    if count <= 0:
-        return 0
-    if sender is not None:
-        return await sender.send(f.fileno(), offset, count)
-    return await asyncio.get_running_loop().sendfile(transport, f, offset, count)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -5,7 +5,6 @@ The only place where ingest failures become OCI errors."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 
@@ -13,6 +12,7 @@ from aiohttp import web
 
 from p2p_mirror.core import protocol
 from p2p_mirror.core.clusterauth import SEEDER_API, TOKEN_HEADER, ClusterAuth
+from p2p_mirror.core.file_sender import FileSender, send_file_range
 from p2p_mirror.core.metrics import Metrics
 from p2p_mirror.core.oci import Digest, OCIError, oci_http_errors, validate_name
 from p2p_mirror.core.origin import error_for_status
@@ -161,16 +161,25 @@ class SeederAPI:
                     raise OSError(f"{path} is shorter than its torrent")
                 if not resp.prepared:
                     await resp.prepare(request)
-                loop, transport = asyncio.get_running_loop(), request.transport
+                transport = request.transport
+                sender = None
+                if pieces and transport is not None:
+                    sender = FileSender.for_transport(transport)  # None: TLS, bytes buffered
                 per_write = max(1, WRITE_BYTES // meta.piece_length) if pieces else 1
-                # whole pieces up to WRITE_BYTES a sendfile (page cache -> socket, no copy
-                # through Python): the send queue sees progress at each
-                for part in _chunks(pieces, per_write):
-                    start, end = meta.piece_range(part[0])[0], meta.piece_range(part[-1])[1]
-                    if transport is None or transport.is_closing():
-                        raise ConnectionResetError("the agent closed the connection")
-                    await loop.sendfile(transport, file, start, end - start)
-                    sent += end - start
+                try:
+                    # whole pieces up to WRITE_BYTES a sendfile (page cache -> socket, no copy
+                    # through Python): the send queue sees progress at each
+                    for part in _chunks(pieces, per_write):
+                        start, end = meta.piece_range(part[0])[0], meta.piece_range(part[-1])[1]
+                        if transport is None or transport.is_closing():
+                            raise ConnectionResetError("the agent closed the connection")
+                        if await send_file_range(transport, sender, file, start,
+                                                 end - start) < end - start:  # fmt: skip
+                            raise OSError(f"{path} ended before its pieces")
+                        sent += end - start
+                finally:
+                    if sender is not None:
+                        sender.close()
             await resp.write_eof()
         self.metrics.inc("piece_bytes_total", sent)
         return resp

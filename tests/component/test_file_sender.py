@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from p2p_mirror.agent.file_sender import FileSender
+from p2p_mirror.core.file_sender import FileSender
 
 MiB = 1024 * 1024
 DATA = os.urandom(8 * MiB + 777)

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from support.roles import running_seeder
 
+from p2p_mirror.core.file_sender import FileSender
 from p2p_mirror.core.metrics import sample_sum
 from p2p_mirror.core.oci import Digest
 from p2p_mirror.core.protocol import (
@@ -369,24 +370,34 @@ async def test_the_origin_is_read_only_a_backlog_ahead_of_the_dealt_runs(tmp_pat
         await holder
 
 
+@pytest.mark.parametrize("plain", [True, False], ids=["file-sender", "asyncio-fallback"])
 async def test_a_dealt_run_goes_out_by_sendfile_in_parts_of_whole_pieces(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plain: bool
 ) -> None:
     """A run goes from the segment file to the socket by sendfile (no copy through Python),
     in parts of whole pieces, at most ``WRITE_BYTES`` each (the send queue sees progress at
-    each), not piece by piece, and the parts are the run's bytes."""
+    each), not piece by piece, and the parts are the run's bytes. On a plain connection the
+    parts go through ``FileSender`` (sendfile on the socket, not asyncio's); where it cannot
+    take the connection (TLS, or bytes still buffered: made so here) asyncio's
+    ``loop.sendfile`` sends the same parts."""
     origin = HeldOrigin([os.urandom(8 * MiB)], held=0)
     (digest,) = origin.blobs
     origin.release[digest].set()
     sends: list[tuple[int, int]] = []
-    sendfile = asyncio.BaseEventLoop.sendfile
+    by_asyncio: list[tuple[int, int]] = []
+    sendfile, send = asyncio.BaseEventLoop.sendfile, FileSender.send
 
-    async def recording(self: asyncio.BaseEventLoop, transport: asyncio.WriteTransport,
-                        file: object, offset: int = 0, count: int | None = None,
-                        **kw: object) -> int:  # fmt: skip
+    async def recording_loop(self: asyncio.BaseEventLoop, transport: asyncio.WriteTransport,
+                             file: object, offset: int = 0, count: int | None = None,
+                             **kw: object) -> int:  # fmt: skip
         assert count is not None
+        by_asyncio.append((offset, count))
         sends.append((offset, count))
         return await sendfile(self, transport, file, offset, count, **kw)  # type: ignore[arg-type]
+
+    async def recording_sender(self: FileSender, fd: int, offset: int, count: int) -> int:
+        sends.append((offset, count))
+        return await send(self, fd, offset, count)
 
     async with (
         served(origin) as origin_server,
@@ -400,7 +411,10 @@ async def test_a_dealt_run_goes_out_by_sendfile_in_parts_of_whole_pieces(
         piece = piece_size_for(segment, SEEDER_PIECE)
         pieces = segment // piece
         assert pieces * piece > WRITE_BYTES > piece  # several sends of several pieces
-        monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", recording)
+        monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", recording_loop)
+        monkeypatch.setattr(FileSender, "send", recording_sender)
+        if not plain:
+            monkeypatch.setattr(FileSender, "for_transport", classmethod(lambda cls, t: None))
         run = await client.get(f"/v1/blobs/{digest}/segments/0/pieces/0",
                                params={"count": str(pieces)})  # fmt: skip
         assert await run.read() == origin.blobs[digest][:segment]
@@ -408,7 +422,8 @@ async def test_a_dealt_run_goes_out_by_sendfile_in_parts_of_whole_pieces(
     assert [offset for offset, _ in sends] == [sum(c for _, c in sends[:i])
                                                for i in range(len(sends))]  # fmt: skip
     assert all(n % piece == 0 and n <= WRITE_BYTES for _, n in sends), sends
-    assert len(sends) < pieces
+    assert 1 < len(sends) < pieces
+    assert by_asyncio == ([] if plain else sends)
 
 
 async def test_a_failed_job_is_dropped(

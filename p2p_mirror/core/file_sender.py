@@ -1,14 +1,16 @@
-"""Sending ranges of files to one client connection with sendfile(2), on a duplicate of the
-connection's socket. asyncio's ``loop.sendfile`` spends, per call, a future, a pause and a
-resume of the transport's reading, an ``fstat`` and a seek, and per partial send a writer
-registration and a wake-up of its own: most of the event loop's Python work while a blob
-streams to its client. Here a partial send waits for the socket through one writer kept
-registered while the range goes out."""
+"""Sending ranges of files to one connection with sendfile(2), on a duplicate of the
+connection's socket (the agent's blobs to its clients, the seeder's dealt runs to agents).
+asyncio's ``loop.sendfile`` spends, per call, a future, a pause and a resume of the
+transport's reading, an ``fstat`` and a seek, and per partial send a writer registration
+and a wake-up of its own: most of the event loop's Python work while a blob streams. Here a
+partial send waits for the socket through one writer kept registered while the range goes
+out."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from typing import BinaryIO
 
 
 class FileSender:
@@ -71,3 +73,15 @@ class FileSender:
     def _wake(self) -> None:
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+
+
+async def send_file_range(transport: asyncio.Transport, sender: FileSender | None, f: BinaryIO,
+                          offset: int, count: int) -> int:
+    """Send ``count`` bytes of ``f`` from ``offset``: through ``sender`` on a plain socket,
+    else (TLS, or bytes still buffered) through asyncio, which copies them through the
+    transport."""
+    if count <= 0:
+        return 0
+    if sender is not None:
+        return await sender.send(f.fileno(), offset, count)
+    return await asyncio.get_running_loop().sendfile(transport, f, offset, count)
