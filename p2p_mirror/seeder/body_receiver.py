@@ -47,6 +47,9 @@ class BodyTooLong(Exception):
 class BodyStalled(Exception):
     """The origin sent nothing for its read timeout."""
 
+    def __init__(self, seconds: float, received: int, size: int) -> None:
+        super().__init__(f"origin sent nothing for {seconds:g}s after {received} of {size} bytes")
+
 
 class Stopped(Exception):
     """The ingest stopped (cancelled): the thread gives up."""
@@ -169,8 +172,7 @@ class BodyReceiver:
                 if self._stopped:
                     raise Stopped from None
                 if time.monotonic() - last_byte >= self._idle_timeout:
-                    raise BodyStalled(f"origin sent nothing for {self._idle_timeout:g}s "
-                                      f"after {offset} of {self.size} bytes") from None
+                    raise BodyStalled(self._idle_timeout, offset, self.size) from None
                 continue
             if n == 0:
                 raise Stopped if self._stopped else BodyCut(offset)

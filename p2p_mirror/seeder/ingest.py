@@ -441,6 +441,8 @@ class Ingest:
             try:
                 if reading is not None:
                     await reading
+            except (BodyCut, BodyTooLong, BodyStalled) as e:
+                raise _body_error(e, layout.size) from None
             finally:
                 try:
                     await writer.close()
@@ -459,8 +461,7 @@ class Ingest:
                 taken.close()
                 resp.close()
         if job._received != layout.size:
-            raise IngestError(IngestError.ORIGIN_INCOMPLETE,
-                              f"origin sent {job._received} of {layout.size} bytes")  # fmt: skip
+            raise _body_error(BodyCut(job._received), layout.size)
         if hasher.hexdigest() != job.digest.hex:
             raise IngestError(IngestError.DIGEST_MISMATCH, "origin bytes do not match the digest")
         return last[0]
@@ -475,10 +476,10 @@ class Ingest:
         offset = 0
         batch: list[bytes] = []
         batched = 0
-        async for chunk in _body_chunks(resp, layout.size, self.origin.timeout.sock_read):
+        idle_timeout = self.origin.timeout.sock_read or 60.0
+        async for chunk in _body_chunks(resp, layout.size, idle_timeout):
             if offset + len(chunk) > layout.size:
-                raise IngestError(IngestError.DIGEST_MISMATCH,
-                                  "origin sent more bytes than announced")  # fmt: skip
+                raise BodyTooLong("origin sent more bytes than announced")
             batch.append(chunk)
             batched += len(chunk)
             offset += len(chunk)
@@ -529,31 +530,34 @@ def _check_writer(writer: SegmentWriter, layout: BlobLayout) -> None:
     """The writer's (and its receives') failure, as the ingest's error."""
     try:
         writer.check()
-    except BodyCut as e:
-        raise IngestError(IngestError.ORIGIN_INCOMPLETE,
-                          f"origin sent {e.received} of {layout.size} bytes") from None
-    except BodyTooLong as e:
-        raise IngestError(IngestError.DIGEST_MISMATCH, str(e)) from None
-    except BodyStalled as e:
-        raise IngestError(IngestError.ORIGIN_UNAVAILABLE, str(e)) from None
+    except (BodyCut, BodyTooLong, BodyStalled) as e:
+        raise _body_error(e, layout.size) from None
+
+
+def _body_error(error: BodyCut | BodyTooLong | BodyStalled, size: int) -> IngestError:
+    """A body that failed, from either reader (the writer's thread or aiohttp's), as the
+    ingest's error."""
+    if isinstance(error, BodyCut):
+        return IngestError(IngestError.ORIGIN_INCOMPLETE,
+                           f"origin sent {error.received} of {size} bytes")  # fmt: skip
+    if isinstance(error, BodyTooLong):
+        return IngestError(IngestError.DIGEST_MISMATCH, str(error))
+    return IngestError(IngestError.ORIGIN_UNAVAILABLE, str(error))
 
 
 async def _body_chunks(resp: aiohttp.ClientResponse, size: int,
-                       idle_timeout: float | None) -> AsyncIterator[bytes]:  # fmt: skip
-    """``resp``'s body as aiohttp receives it; a stall or a cut is the ingest's error, named
-    as on the writer thread's path (``_check_writer``)."""
+                       idle_timeout: float) -> AsyncIterator[bytes]:  # fmt: skip
+    """``resp``'s body as aiohttp receives it; a stall or a cut raises what the writer
+    thread's receives raise (``BodyStalled``, ``BodyCut``)."""
     received = 0
     try:
         async for chunk in resp.content.iter_any():
             received += len(chunk)
             yield chunk
     except TimeoutError:  # aiohttp's sock_read timeout (ServerTimeoutError)
-        raise IngestError(IngestError.ORIGIN_UNAVAILABLE,
-                          f"origin sent nothing for {idle_timeout:g}s "
-                          f"after {received} of {size} bytes") from None  # fmt: skip
+        raise BodyStalled(idle_timeout, received, size) from None
     except aiohttp.ClientPayloadError:
-        raise IngestError(IngestError.ORIGIN_INCOMPLETE,
-                          f"origin sent {received} of {size} bytes") from None  # fmt: skip
+        raise BodyCut(received) from None
 
 
 def _refused(status: int) -> IngestError:
